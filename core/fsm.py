@@ -1,0 +1,133 @@
+"""The agent loop's state machine: the one table of states and transitions.
+
+A trigger is an event type. Appending an event is legal only if the table has a row
+for (current state, event type) whose condition holds; anything else is rejected with
+`IllegalTransition`. The table drives a `transitions.Machine` (used to check live
+events and to draw the diagram) and a compiled lookup used by the fold on the hot
+replay path; tests/test_fsm.py proves the two agree on every (state, event) pair.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from transitions import Machine, MachineError
+
+STATES = [
+    "new",             # nothing yet
+    "idle",            # session started, waiting for a goal
+    "planning",        # the orchestrator will ask the model next
+    "awaiting_model",  # a model request is in flight
+    "acting",          # the model answered: run its tool calls, or finish
+    "awaiting_tools",  # tool calls are in flight
+    "done",
+    "failed",
+    "cancelled",
+]
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+LIVE = [s for s in STATES if s not in TERMINAL and s != "new"]
+
+# trigger (event type)   source            dest               condition
+TRANSITIONS: list[tuple[str, str | list[str], str, str | None]] = [
+    ("SessionStarted",   "new",            "idle",            None),
+    ("GoalReceived",     "idle",           "planning",        None),
+    ("ModelRequested",   "planning",       "awaiting_model",  None),
+    ("ModelResponded",   "awaiting_model", "acting",          None),
+    ("ModelFailed",      "awaiting_model", "planning",        None),
+    ("ToolRequested",    "acting",         "awaiting_tools",  None),
+    ("ToolRequested",    "awaiting_tools", "awaiting_tools",  None),
+    ("ToolCompleted",    "awaiting_tools", "planning",        "tools_settled"),
+    ("ToolCompleted",    "awaiting_tools", "awaiting_tools",  None),
+    ("ToolFailed",       "awaiting_tools", "planning",        "tools_settled"),
+    ("ToolFailed",       "awaiting_tools", "awaiting_tools",  None),
+    ("SessionFinished",  "acting",         "done",            None),
+    ("SessionFailed",    LIVE,             "failed",          None),
+    ("SessionCancelled", LIVE,             "cancelled",       None),
+]
+
+# Conditions read the folded state *after* the event's payload was applied to it.
+CONDITIONS: dict[str, Callable[[Any], bool]] = {
+    "tools_settled": lambda state: not state.pending_calls,
+}
+
+
+class IllegalTransition(ValueError):
+    def __init__(self, state: str, event_type: str, seq: int | None = None) -> None:
+        at = f" at seq {seq}" if seq is not None else ""
+        super().__init__(f"event {event_type} is not legal in state {state!r}{at}")
+        self.state, self.event_type, self.seq = state, event_type, seq
+
+
+def _compile() -> dict[tuple[str, str], list[tuple[str, str | None]]]:
+    table: dict[tuple[str, str], list[tuple[str, str | None]]] = {}
+    for trigger, sources, dest, cond in TRANSITIONS:
+        for src in [sources] if isinstance(sources, str) else sources:
+            table.setdefault((src, trigger), []).append((dest, cond))
+    return table
+
+
+_TABLE = _compile()
+
+
+def check_legal(status: str, event_type: str, seq: int | None = None) -> None:
+    """Reject early, before the fold touches anything: no row for (status, event type)."""
+    if (status, event_type) not in _TABLE:
+        raise IllegalTransition(status, event_type, seq)
+
+
+def next_state(state: Any, event_type: str, seq: int | None = None) -> str:
+    """Where `state` (a folded SessionState) goes on `event_type`; raises IllegalTransition."""
+    for dest, cond in _TABLE.get((state.status, event_type), ()):
+        if cond is None or CONDITIONS[cond](state):
+            return dest
+    raise IllegalTransition(state.status, event_type, seq)
+
+
+class _Model:
+    """Adapter so `transitions` can evaluate our conditions against a folded state."""
+
+    def __init__(self, state: Any) -> None:
+        self.session = state
+
+    def __getattr__(self, name: str) -> Any:
+        if name in CONDITIONS:
+            return lambda: CONDITIONS[name](self.session)
+        raise AttributeError(name)
+
+
+def build_machine(state: Any) -> tuple[Machine, _Model]:
+    """A `transitions.Machine` for one folded state, built from the same table."""
+    model = _Model(state)
+    machine = Machine(
+        model=model,
+        states=STATES,
+        initial=state.status,
+        auto_transitions=False,
+        ignore_invalid_triggers=False,
+    )
+    for trigger, sources, dest, cond in TRANSITIONS:
+        machine.add_transition(trigger, sources, dest, conditions=[cond] if cond else [])
+    return machine, model
+
+
+def machine_next_state(state: Any, event_type: str) -> str:
+    """The same question as `next_state`, answered by `transitions` (slower; live checks)."""
+    _, model = build_machine(state)
+    try:
+        moved = model.trigger(event_type)
+    except (MachineError, AttributeError):
+        raise IllegalTransition(state.status, event_type) from None
+    if not moved:
+        raise IllegalTransition(state.status, event_type)
+    return model.state
+
+
+def mermaid() -> str:
+    """The table drawn as a Mermaid state diagram (docs/architecture.md embeds it)."""
+    lines = ["stateDiagram-v2", "    [*] --> new"]
+    for trigger, sources, dest, cond in TRANSITIONS:
+        for src in [sources] if isinstance(sources, str) else sources:
+            label = trigger + (f" [{cond}]" if cond else "")
+            lines.append(f"    {src} --> {dest}: {label}")
+    lines += [f"    {s} --> [*]" for s in sorted(TERMINAL)]
+    return "\n".join(lines)

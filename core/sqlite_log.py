@@ -1,0 +1,193 @@
+"""The embedded default log: one SQLite file (WAL), many sessions, safe with many processes.
+
+Tables: `events` (the log; `gpos` is the global position subscriptions follow),
+`sessions` (next seq per session: the optimistic-concurrency check), `offsets`
+(durable positions of named subscriber groups). Writes take SQLite's write lock with
+BEGIN IMMEDIATE, so the seq check and the insert are one atomic step across processes.
+"""
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import sqlite_utils
+
+from loopstream.core.codec import decode, encode
+from loopstream.core.events import Event, now_ms
+from loopstream.core.log import (
+    ConcurrencyError,
+    Delivery,
+    DuplicateEvent,
+    SessionInfo,
+    check_batch,
+)
+
+
+class SQLiteLog:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = sqlite3.connect(
+            str(self.path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
+        )
+        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+        conn.execute("PRAGMA journal_mode = WAL")
+        # NORMAL in WAL mode: a process crash loses nothing committed; only an OS crash or
+        # power loss may drop the last transactions.
+        conn.execute("PRAGMA synchronous = NORMAL")
+        self.db = sqlite_utils.Database(conn)
+        self._lock = threading.RLock()
+        self._create()
+
+    def _create(self) -> None:
+        with self._lock:
+            self.db.conn.execute("BEGIN IMMEDIATE")
+            try:
+                if "events" not in self.db.table_names():
+                    self.db["events"].create(
+                        {"gpos": int, "session_id": str, "seq": int, "event_id": str,
+                         "type": str, "time_ms": int, "data": bytes},
+                        pk="gpos",
+                    )
+                    self.db["events"].create_index(["session_id", "seq"], unique=True)
+                    self.db["events"].create_index(["event_id"], unique=True)
+                if "sessions" not in self.db.table_names():
+                    self.db["sessions"].create(
+                        {"session_id": str, "created_ms": int, "updated_ms": int,
+                         "next_seq": int, "last_type": str},
+                        pk="session_id",
+                    )
+                if "offsets" not in self.db.table_names():
+                    self.db["offsets"].create({"group_name": str, "gpos": int}, pk="group_name")
+                self.db.conn.execute("COMMIT")
+            except BaseException:
+                self.db.conn.execute("ROLLBACK")
+                raise
+
+    # -- writing -----------------------------------------------------------------
+    def append(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
+        check_batch(session_id, events, expected_seq)
+        rows = [(e.session_id, e.seq, e.event_id, e.type, e.time, encode(e)) for e in events]
+        conn = self.db.conn
+        with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                actual = self._next_seq(session_id)
+                if conn.execute(
+                    "SELECT 1 FROM events WHERE event_id = ?", (events[0].event_id,)
+                ).fetchone():
+                    raise DuplicateEvent(session_id, events[0].event_id, expected_seq, actual)
+                if actual != expected_seq:
+                    raise ConcurrencyError(session_id, expected_seq, actual)
+                conn.executemany(
+                    "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                t = now_ms()
+                conn.execute(
+                    "INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+                    "updated_ms = excluded.updated_ms, next_seq = excluded.next_seq, "
+                    "last_type = excluded.last_type",
+                    (session_id, t, t, expected_seq + len(events), events[-1].type),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+
+    # -- reading -----------------------------------------------------------------
+    def _next_seq(self, session_id: str) -> int:
+        row = self.db.conn.execute(
+            "SELECT next_seq FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return row[0] if row else 0
+
+    def next_seq(self, session_id: str) -> int:
+        with self._lock:
+            return self._next_seq(session_id)
+
+    def read_raw(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[bytes]:
+        hi = to_seq if to_seq is not None else 2**62
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT data FROM events WHERE session_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
+                (session_id, from_seq, hi),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def read(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[Event]:
+        return [decode(b) for b in self.read_raw(session_id, from_seq, to_seq)]
+
+    def sessions(self) -> list[SessionInfo]:
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT session_id, created_ms, updated_ms, next_seq, last_type FROM sessions "
+                "ORDER BY created_ms, session_id"
+            ).fetchall()
+        return [SessionInfo(*r) for r in rows]
+
+    def find_session(self, prefix: str) -> list[str]:
+        """Session ids starting with `prefix` (so users can type a short id)."""
+        with self._lock:
+            rows = self.db.conn.execute(
+                "SELECT session_id FROM sessions WHERE session_id LIKE ? ORDER BY session_id",
+                (prefix.replace("%", "") + "%",),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    # -- subscribing -------------------------------------------------------------
+    def subscribe(self, group: str) -> SQLiteSubscription:
+        return SQLiteSubscription(self, group)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.conn.close()
+
+    def __enter__(self) -> SQLiteLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SQLiteSubscription:
+    """A named group's cursor over the global order of events, stored in `offsets`."""
+
+    def __init__(self, log: SQLiteLog, group: str) -> None:
+        self.log, self.group = log, group
+        with log._lock:
+            row = log.db.conn.execute(
+                "SELECT gpos FROM offsets WHERE group_name = ?", (group,)
+            ).fetchone()
+        self._cursor = row[0] if row else 0  # next poll reads after this position
+
+    def poll(self, max_events: int = 100, timeout: float = 1.0) -> list[Delivery]:
+        deadline = time.monotonic() + timeout
+        while True:
+            with self.log._lock:
+                rows = self.log.db.conn.execute(
+                    "SELECT gpos, data FROM events WHERE gpos > ? ORDER BY gpos LIMIT ?",
+                    (self._cursor, max_events),
+                ).fetchall()
+            if rows:
+                self._cursor = rows[-1][0]
+                return [Delivery(decode(data), gpos) for gpos, data in rows]
+            if time.monotonic() >= deadline:
+                return []
+            time.sleep(0.02)
+
+    def commit(self, delivery: Delivery) -> None:
+        with self.log._lock:
+            self.log.db.conn.execute(
+                "INSERT INTO offsets (group_name, gpos) VALUES (?, ?) ON CONFLICT(group_name) "
+                "DO UPDATE SET gpos = max(gpos, excluded.gpos)",
+                (self.group, delivery.position),
+            )
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,1 @@
+"""loopstream.providers."""

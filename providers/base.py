@@ -1,0 +1,75 @@
+"""The one normalized interface every model provider implements.
+
+The model processor speaks only these types; each provider module translates them
+to and from one wire format (OpenAI-compatible chat completions, Anthropic Messages).
+"""
+from __future__ import annotations
+
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, Field
+
+
+class ToolSpec(BaseModel):
+    """A tool as the model sees it: name, description, JSON schema of its arguments."""
+
+    name: str
+    description: str = ""
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+
+
+class ToolCall(BaseModel):
+    call_id: str
+    name: str
+    arguments: dict[str, Any] = Field(default_factory=dict)
+
+
+class Message(BaseModel):
+    """One turn of the normalized conversation."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    tool_call_id: str | None = None  # role == "tool": which call this answers
+    name: str | None = None  # role == "tool": the tool's name
+
+
+ActionMode = Literal["native", "json_schema", "json_text"]
+
+
+class ModelReply(BaseModel):
+    """What a provider returns. No tool calls means `text` is the final answer."""
+
+    text: str = ""
+    tool_calls: list[ToolCall] = Field(default_factory=list)
+    input_tokens: int = 0
+    output_tokens: int = 0
+    finish_reason: str = ""
+    mode: ActionMode = "native"
+    model: str = ""
+
+
+class ProviderError(Exception):
+    """A failed model call. `retryable` says whether trying again may help."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retryable: bool = False,
+        status: int | None = None,
+        retry_after: float | None = None,
+        kind: str = "provider_error",
+    ) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+        self.status = status
+        self.retry_after = retry_after
+        self.kind = kind
+
+
+class Provider(Protocol):
+    name: str  # "openai", "anthropic", "local", "scripted"
+    model: str
+
+    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply: ...

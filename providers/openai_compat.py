@@ -1,0 +1,182 @@
+"""OpenAI-compatible chat completions (api.openai.com, llama.cpp, vLLM, Ollama, LM Studio, ...)."""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+
+from .actions import action_instructions, action_schema, parse_action_text, render_action, render_final
+from .base import ActionMode, Message, ModelReply, ProviderError, ToolCall, ToolSpec
+from .errors import ProviderConfigError, http_error, transport_error
+
+ACTION_MODES: tuple[str, ...] = ("native", "json_schema", "json_text")
+
+
+class OpenAICompatProvider:
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        model: str,
+        action_mode: ActionMode = "native",
+        timeout: float = 120.0,
+        *,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+        extra_body: dict[str, Any] | None = None,
+        transport: httpx.BaseTransport | None = None,
+        name: str | None = None,
+    ) -> None:
+        if action_mode not in ACTION_MODES:
+            raise ProviderConfigError(f"unknown action mode {action_mode!r}; use one of {', '.join(ACTION_MODES)}")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.action_mode: ActionMode = action_mode
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.extra_body = extra_body or {}
+        if name:
+            self.name = name
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._server = f"OpenAI-compatible server at {self.base_url}"
+
+    def close(self) -> None:
+        self._client.close()
+
+    # ------------------------------------------------------------ request
+
+    def build_request(self, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
+        """The JSON body for /chat/completions (public so tests and traces can inspect it)."""
+        body: dict[str, Any] = {"model": self.model}
+        if self.action_mode == "native":
+            body["messages"] = [_native_message(m) for m in messages]
+            if tools:
+                body["tools"] = [
+                    {"type": "function", "function": {"name": t.name, "description": t.description, "parameters": t.parameters}}
+                    for t in tools
+                ]
+        else:
+            body["messages"] = _json_mode_messages(messages, tools)
+            if self.action_mode == "json_schema":
+                body["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "action", "schema": action_schema(tools)},
+                }
+        if self.temperature is not None:
+            body["temperature"] = self.temperature
+        if self.max_tokens is not None:
+            body["max_tokens"] = self.max_tokens
+        body.update(self.extra_body)
+        return body
+
+    # ------------------------------------------------------------ call
+
+    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+        body = self.build_request(messages, tools)
+        try:
+            response = self._client.post(f"{self.base_url}/chat/completions", json=body)
+        except httpx.HTTPError as exc:
+            raise transport_error(exc, server=self._server) from exc
+        if response.status_code >= 400:
+            raise http_error(response, server=self._server)
+        try:
+            data = response.json()
+            choice = data["choices"][0]
+            message = choice.get("message") or {}
+        except (ValueError, KeyError, IndexError, TypeError) as exc:
+            raise ProviderError(
+                f"{self._server} sent an unreadable reply: {response.text[:200]!r}", retryable=True, kind="bad_response"
+            ) from exc
+        return self.parse_reply(data, choice, message, tools)
+
+    def parse_reply(
+        self, data: dict[str, Any], choice: dict[str, Any], message: dict[str, Any], tools: list[ToolSpec]
+    ) -> ModelReply:
+        text = message.get("content") or ""
+        if isinstance(text, list):  # some servers return content parts
+            text = "".join(p.get("text", "") for p in text if isinstance(p, dict))
+        calls: list[ToolCall] = []
+        if self.action_mode == "native":
+            for i, tc in enumerate(message.get("tool_calls") or []):
+                fn = tc.get("function") or {}
+                calls.append(
+                    ToolCall(call_id=tc.get("id") or f"call_{i}", name=fn.get("name", ""), arguments=_wire_arguments(fn.get("arguments")))
+                )
+            if not calls and tools and text:
+                # Small models behind native endpoints often write the call as JSON text instead.
+                found, rest = parse_action_text(text, tools)
+                if found:
+                    calls, text = found, rest
+        else:
+            calls, text = parse_action_text(text, tools)
+        usage = data.get("usage") or {}
+        return ModelReply(
+            text=text,
+            tool_calls=calls,
+            input_tokens=int(usage.get("prompt_tokens") or 0),
+            output_tokens=int(usage.get("completion_tokens") or 0),
+            finish_reason=str(choice.get("finish_reason") or ""),
+            mode=self.action_mode,
+            model=str(data.get("model") or self.model),
+        )
+
+
+def _wire_arguments(raw: Any) -> dict[str, Any]:
+    if isinstance(raw, dict):
+        return raw
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except (TypeError, ValueError):
+        # Keep the broken text so the tool processor can show the model what it sent.
+        return {"_invalid_json": str(raw)}
+    return value if isinstance(value, dict) else {"input": value}
+
+
+def _native_message(m: Message) -> dict[str, Any]:
+    if m.role == "tool":
+        return {"role": "tool", "tool_call_id": m.tool_call_id or "", "content": m.content}
+    if m.role == "assistant" and m.tool_calls:
+        return {
+            "role": "assistant",
+            "content": m.content or None,
+            "tool_calls": [
+                {"id": c.call_id, "type": "function", "function": {"name": c.name, "arguments": json.dumps(c.arguments)}}
+                for c in m.tool_calls
+            ],
+        }
+    return {"role": m.role, "content": m.content}
+
+
+def _json_mode_messages(messages: list[Message], tools: list[ToolSpec]) -> list[dict[str, Any]]:
+    """History for json modes: instructions in the system message, calls and results as plain text."""
+    instructions = action_instructions(tools)
+    out: list[dict[str, Any]] = []
+    systems = [m.content for m in messages if m.role == "system" and m.content]
+    out.append({"role": "system", "content": "\n\n".join([instructions, *systems])})
+    names = {c.call_id: c.name for m in messages for c in m.tool_calls}
+    for m in messages:
+        if m.role == "system":
+            continue
+        if m.role == "assistant":
+            if m.tool_calls:
+                content = "\n".join(render_action(c) for c in m.tool_calls)
+            else:
+                content = render_final(m.content)
+            out.append({"role": "assistant", "content": content})
+            continue
+        if m.role == "tool":
+            content = f"Result of tool {m.name or names.get(m.tool_call_id or '', 'unknown')} ({m.tool_call_id or '?'}): {m.content}"
+        else:
+            content = m.content
+        # Merge consecutive user turns: many chat templates require strict alternation.
+        if out[-1]["role"] == "user":
+            out[-1]["content"] += "\n\n" + content
+        else:
+            out.append({"role": "user", "content": content})
+    return out
