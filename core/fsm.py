@@ -110,15 +110,15 @@ def build_machine(state: Any) -> tuple[Machine, _Model]:
     return machine, model
 
 
-def machine_next_state(state: Any, event_type: str) -> str:
+def machine_next_state(state: Any, event_type: str, seq: int | None = None) -> str:
     """The same question as `next_state`, answered by `transitions` (slower; live checks)."""
     _, model = build_machine(state)
     try:
         moved = model.trigger(event_type)
     except (MachineError, AttributeError):
-        raise IllegalTransition(state.status, event_type) from None
+        raise IllegalTransition(state.status, event_type, seq) from None
     if not moved:
-        raise IllegalTransition(state.status, event_type)
+        raise IllegalTransition(state.status, event_type, seq)
     return model.state
 
 

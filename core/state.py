@@ -5,9 +5,9 @@ carry each new piece, so a replay reaches the same state without calling anythin
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
@@ -36,9 +36,11 @@ class SessionState:
     consecutive_model_failures: int = 0
     last_model_error: str = ""
     open_request_id: str | None = None
+    open_request_seq: int | None = None
     last_reply_calls: list[ToolCall] = field(default_factory=list)
     last_reply_text: str = ""
     pending_calls: dict[str, ToolCall] = field(default_factory=dict)
+    pending_call_seqs: dict[str, int] = field(default_factory=dict)
     tool_calls: int = 0
     tool_errors: int = 0
     input_tokens: int = 0
@@ -61,8 +63,14 @@ class SequenceGap(ValueError):
     pass
 
 
-def apply(state: SessionState, event: ev.Event) -> SessionState:
-    """Apply one event. Mutates and returns `state` (use `fold` for a fresh one)."""
+Transition = Callable[[SessionState, str, int | None], str]
+
+
+def apply(state: SessionState, event: ev.Event, transition: Transition = next_state) -> SessionState:
+    """Apply one event. Mutates and returns `state` (use `fold` for a fresh one).
+
+    `transition` answers where the FSM goes; the default is the compiled table, the
+    runtime passes the `transitions` machine when it checks events before appending."""
     if event.seq != state.seq + 1:
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
@@ -87,6 +95,7 @@ def apply(state: SessionState, event: ev.Event) -> SessionState:
                 state.step, state.attempt = p.step, 0
             state.attempt = p.attempt
             state.open_request_id = p.request_id
+            state.open_request_seq = event.seq
         case ev.ModelResponded():
             calls = [
                 ToolCall(call_id=c.call_id, name=c.name, arguments=_args(c.arguments_json))
@@ -97,23 +106,26 @@ def apply(state: SessionState, event: ev.Event) -> SessionState:
             state.input_tokens += p.input_tokens
             state.output_tokens += p.output_tokens
             state.consecutive_model_failures = 0
-            state.open_request_id = None
+            state.open_request_id = state.open_request_seq = None
         case ev.ModelFailed():
             state.consecutive_model_failures += 1
             state.last_model_error = p.message
-            state.open_request_id = None
+            state.open_request_id = state.open_request_seq = None
         case ev.ToolRequested():
             state.pending_calls[p.call_id] = ToolCall(
                 call_id=p.call_id, name=p.name, arguments=_args(p.arguments_json)
             )
+            state.pending_call_seqs[p.call_id] = event.seq
             state.tool_calls += 1
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
+            state.pending_call_seqs.pop(p.call_id, None)
             state.messages.append(
                 Message(role="tool", content=p.result, tool_call_id=p.call_id, name=p.name)
             )
         case ev.ToolFailed():
             state.pending_calls.pop(p.call_id, None)
+            state.pending_call_seqs.pop(p.call_id, None)
             state.tool_errors += 1
             state.messages.append(
                 Message(
@@ -131,19 +143,46 @@ def apply(state: SessionState, event: ev.Event) -> SessionState:
             state.error = p.reason
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
-    state.status = next_state(state, event.type, event.seq)
+    state.status = transition(state, event.type, event.seq)
     state.seq = event.seq
     state.last_event_id = event.event_id
     state.updated_ms = event.time
     return state
 
 
-def fold(events: Iterable[ev.Event], state: SessionState | None = None) -> SessionState:
+def clone(state: SessionState) -> SessionState:
+    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated)."""
+    return dataclasses.replace(
+        state,
+        messages=list(state.messages),
+        pending_calls=dict(state.pending_calls),
+        pending_call_seqs=dict(state.pending_call_seqs),
+    )
+
+
+def fold(
+    events: Iterable[ev.Event], state: SessionState | None = None, transition: Transition = next_state
+) -> SessionState:
     """Fold events onto a copy of `state` (or onto a new session)."""
-    out = copy.deepcopy(state) if state is not None else SessionState()
+    out = clone(state) if state is not None else SessionState()
     for event in events:
-        apply(out, event)
+        apply(out, event, transition)
     return out
+
+
+def open_work(state: SessionState) -> list[int]:
+    """Seqs of the events whose handling is still owed: what a restarted runtime redoes.
+
+    planning/acting: the orchestrator must decide from the latest event; awaiting_model:
+    the open ModelRequested; awaiting_tools: each ToolRequested without a result.
+    """
+    if state.status in ("planning", "acting"):
+        return [state.seq]
+    if state.status == "awaiting_model" and state.open_request_seq is not None:
+        return [state.open_request_seq]
+    if state.status == "awaiting_tools":
+        return sorted(state.pending_call_seqs.values())
+    return []
 
 
 def _args(arguments_json: str) -> dict:

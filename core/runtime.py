@@ -1,0 +1,155 @@
+"""The embedded runtime: drives sessions in-process over a log (SQLite by default).
+
+It folds a session, finds the events whose handling is still owed (`open_work`),
+hands each to the processors that handle its type, and appends what they emit with
+optimistic concurrency. Because it works from the folded log, a runtime killed at any
+point and started again continues where the log stands: nothing lost, and the
+deterministic ids make a redone step's events collide with the first copy instead of
+duplicating it.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from loopstream.core import events as ev
+from loopstream.core.codec import REGISTRY
+from loopstream.core.fsm import machine_next_state
+from loopstream.core.log import ConcurrencyError, Log, SessionNotFound
+from loopstream.core.processor import Emit, Processor
+from loopstream.core.state import SessionState, fold, open_work
+
+EventCallback = Callable[[ev.Event], None]
+
+
+class RuntimeStuck(RuntimeError):
+    pass
+
+
+@dataclass
+class SessionConfig:
+    """What a session is started with (recorded in its SessionStarted event)."""
+
+    provider: str
+    model: str
+    tools: list[str]
+    system_prompt: str = ""
+    agent: str = "default"
+    max_steps: int = 12
+    workdir: str = "."
+    extra: dict = field(default_factory=dict)
+
+
+def build_events(
+    state: SessionState, cause: ev.Event | None, emits: Sequence[Emit], actor: str
+) -> list[ev.Event]:
+    """Envelopes for what a handler emitted, with ids derived from the cause."""
+    cause_id = cause.event_id if cause else ""
+    return [
+        ev.Event(
+            event_id=ev.derived_id(state.session_id, cause_id, e.payload.TYPE, e.key),
+            session_id=state.session_id,
+            seq=state.next_seq + i,
+            type=e.payload.TYPE,
+            time=ev.now_ms(),
+            causation_id=cause.event_id if cause else None,
+            correlation_id=state.correlation_id,
+            actor=actor,
+            schema_version=REGISTRY.latest(e.payload.TYPE),
+            payload=e.payload,
+        )
+        for i, e in enumerate(emits)
+    ]
+
+
+class Runtime:
+    def __init__(
+        self, log: Log, processors: Sequence[Processor], on_event: EventCallback | None = None
+    ) -> None:
+        self.log = log
+        self.processors = list(processors)
+        self.on_event = on_event
+
+    # -- starting ------------------------------------------------------------------
+    def start_session(
+        self,
+        goal: str,
+        config: SessionConfig,
+        *,
+        session_id: str | None = None,
+        correlation_id: str | None = None,
+        idempotency_key: str | None = None,
+        actor: str = "cli",
+    ) -> str:
+        if session_id is None and idempotency_key is not None:
+            session_id = ev.derived_id("session", idempotency_key)[:16]  # a repeated key starts nothing new
+        sid = session_id or ev.new_session_id()
+        corr = correlation_id or sid
+        started = ev.SessionStarted(
+            agent=config.agent,
+            provider=config.provider,
+            model=config.model,
+            system_prompt=config.system_prompt,
+            tools=list(config.tools),
+            max_steps=config.max_steps,
+            workdir=config.workdir,
+            config_json=json.dumps(config.extra, sort_keys=True),
+        )
+        goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key)
+        blank = SessionState(session_id=sid, correlation_id=corr)
+        root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)
+        batch = build_events(blank, None, [Emit(started), Emit(goal_ev)], actor)
+        batch = [e.model_copy(update={"event_id": ev.derived_id(root, str(e.seq))}) for e in batch]
+        self._append(blank, batch)
+        return sid
+
+    # -- driving -------------------------------------------------------------------
+    def load(self, session_id: str) -> SessionState:
+        events = self.log.read(session_id)
+        if not events:
+            raise SessionNotFound(session_id)
+        return fold(events)
+
+    def run_session(self, session_id: str, max_events: int = 100_000) -> SessionState:
+        """Drive one session until it is done, failed or cancelled (or waits for input)."""
+        state = self.load(session_id)
+        for _ in range(max_events):
+            if state.terminal:
+                return state
+            work = open_work(state)
+            if not work:
+                return state  # idle: nothing to do until a goal arrives
+            state = self._dispatch(state, work[0])
+        raise RuntimeStuck(f"session {session_id} did not finish within {max_events} dispatches")
+
+    def _dispatch(self, state: SessionState, seq: int) -> SessionState:
+        (event,) = self.log.read(state.session_id, seq, seq)
+        for proc in self.processors:
+            if event.type not in proc.triggers:
+                continue
+            emits = proc.handle(event, state)
+            if emits:
+                return self._commit(state, event, emits, proc.name)
+        raise RuntimeStuck(
+            f"session {state.session_id}: no processor acted on {event.type} (seq {seq}) "
+            f"in state {state.status!r}"
+        )
+
+    def _commit(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
+        return self._append(state, build_events(state, cause, emits, actor))
+
+    def _append(self, state: SessionState, batch: list[ev.Event]) -> SessionState:
+        # Check the batch against the `transitions` machine before it reaches the log:
+        # an illegal event is a bug in a processor and must never be stored.
+        preview = fold(batch, state, transition=machine_next_state)
+        try:
+            self.log.append(state.session_id, batch, state.next_seq)
+        except ConcurrencyError:
+            # Someone else (or an earlier run of this very step) wrote first: continue
+            # from what the log holds now.
+            return fold(self.log.read(state.session_id, state.next_seq), state)
+        if self.on_event:
+            for e in batch:
+                self.on_event(e)
+        return preview

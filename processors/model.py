@@ -1,0 +1,66 @@
+"""The model processor: ModelRequested → one provider call → ModelResponded | ModelFailed.
+
+The context it sends is the conversation folded from the log (the state's messages),
+so nothing but the reply's new text and tool calls is written back.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from loopstream.core import events as ev
+from loopstream.core.processor import Emit
+from loopstream.core.state import SessionState
+from loopstream.providers.base import Provider, ProviderError, ToolSpec
+
+
+class ModelProcessor:
+    name = "model"
+    triggers = frozenset({"ModelRequested"})
+
+    def __init__(self, provider: Provider, tool_specs: list[ToolSpec]) -> None:
+        self.provider = provider
+        self.tool_specs = {t.name: t for t in tool_specs}
+
+    def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
+        req = event.payload
+        assert isinstance(req, ev.ModelRequested)
+        if state.open_request_id != req.request_id:
+            return []  # already answered (a redelivery): nothing to do
+        specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
+        started = time.monotonic()
+        try:
+            reply = self.provider.complete(state.messages, specs)
+        except ProviderError as exc:
+            return [Emit(ev.ModelFailed(
+                request_id=req.request_id,
+                error_kind=exc.kind,
+                message=str(exc),
+                retryable=exc.retryable,
+                status=exc.status,
+                latency_ms=_ms(started),
+            ))]
+        calls = [
+            ev.ToolCallRecord(
+                # Unique per session: the provider's ids may repeat across steps.
+                call_id=f"s{req.step}.{i}.{c.call_id}"[:64],
+                name=c.name,
+                arguments_json=json.dumps(c.arguments, sort_keys=True),
+            )
+            for i, c in enumerate(reply.tool_calls)
+        ]
+        return [Emit(ev.ModelResponded(
+            request_id=req.request_id,
+            text=reply.text,
+            tool_calls=calls,
+            input_tokens=reply.input_tokens,
+            output_tokens=reply.output_tokens,
+            latency_ms=_ms(started),
+            finish_reason=reply.finish_reason,
+            mode=reply.mode,
+            model=reply.model or self.provider.model,
+        ))]
+
+
+def _ms(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)

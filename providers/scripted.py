@@ -1,0 +1,57 @@
+"""A scripted model for tests and benchmarks of the loop (never a user's default).
+
+It answers from a list of replies or a function of the conversation, so a test can
+drive any sequence of tool calls and answers without a model server.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from loopstream.providers.base import Message, ModelReply, ProviderError, ToolCall, ToolSpec
+
+Script = Callable[[list[Message]], ModelReply]
+
+
+class ScriptedProvider:
+    name = "scripted"
+
+    def __init__(self, script: Script | Sequence[ModelReply | ProviderError], model: str = "scripted") -> None:
+        self.model = model
+        self.calls = 0
+        self._script = script
+
+    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+        self.calls += 1
+        if callable(self._script):
+            return self._script(messages)
+        step = sum(1 for m in messages if m.role == "assistant")
+        item = self._script[min(step, len(self._script) - 1)]
+        if isinstance(item, ProviderError):
+            raise item
+        return item
+
+
+def adder_script(tool_steps: int = 1) -> Script:
+    """Calls `add` `tool_steps` times (adding 1 to the last result), then answers with it."""
+
+    def script(messages: list[Message]) -> ModelReply:
+        results = [m.content for m in messages if m.role == "tool"]
+        done = len(results)
+        if done < tool_steps:
+            last = int(results[-1]) if results else 0
+            call = ToolCall(call_id=f"c{done}", name="add", arguments={"a": last, "b": 1})
+            return ModelReply(text="", tool_calls=[call], input_tokens=10 + done, output_tokens=5, mode="native")
+        return ModelReply(text=f"The result is {results[-1] if results else 0}.", input_tokens=10 + done, output_tokens=6)
+
+    return script
+
+
+SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script}
+
+
+def scripted_from_spec(spec: str) -> ScriptedProvider:
+    """`adder` or `adder:5` → the adder script with that many tool steps."""
+    name, _, arg = spec.partition(":")
+    if name not in SCRIPTS:
+        raise ValueError(f"unknown script {name!r}; known: {', '.join(SCRIPTS)}")
+    return ScriptedProvider(SCRIPTS[name](*( [int(arg)] if arg else [])), model=f"scripted:{spec}")

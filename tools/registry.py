@@ -1,0 +1,130 @@
+"""Python functions as tools: `@tool` reads the signature and docstring, pydantic
+validates arguments, and bad arguments come back as a `ToolError` for the model to
+read (the tool processor turns it into a ToolFailed event), never a crash.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from pydantic import BaseModel, ValidationError, create_model
+
+from loopstream.providers.base import ToolSpec
+
+
+class ToolError(Exception):
+    """A failure the model should read: unknown tool, bad arguments, or the tool's own error."""
+
+    def __init__(self, message: str, kind: str = "tool_error") -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ToolContext:
+    """What a tool may know about where it runs. File tools stay inside `workdir`."""
+
+    workdir: Path
+    session_id: str = ""
+
+
+@dataclass
+class Tool:
+    name: str
+    description: str
+    fn: Callable[..., Any]
+    args_model: type[BaseModel]
+    wants_context: bool = False
+    read_only: bool = True  # no side effects outside the process
+    idempotent: bool = True
+
+    def spec(self) -> ToolSpec:
+        schema = self.args_model.model_json_schema()
+        schema.pop("title", None)
+        for prop in schema.get("properties", {}).values():
+            prop.pop("title", None)
+        return ToolSpec(name=self.name, description=self.description, parameters=schema)
+
+    def invoke(self, arguments: dict[str, Any], ctx: ToolContext) -> str:
+        try:
+            args = self.args_model.model_validate(arguments)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
+            )
+            raise ToolError(f"invalid arguments for {self.name}: {problems}", "invalid_arguments") from None
+        kwargs = {k: getattr(args, k) for k in self.args_model.model_fields}
+        if self.wants_context:
+            kwargs["ctx"] = ctx
+        result = self.fn(**kwargs)
+        return result if isinstance(result, str) else json.dumps(result, default=str)
+
+
+def tool(
+    fn: Callable[..., Any] | None = None,
+    *,
+    name: str | None = None,
+    read_only: bool = True,
+    idempotent: bool = True,
+) -> Any:
+    """Declare a Python function as a tool. A parameter named `ctx` receives a ToolContext."""
+
+    def wrap(f: Callable[..., Any]) -> Tool:
+        hints = get_type_hints(f)
+        fields: dict[str, Any] = {}
+        wants_context = False
+        for pname, param in inspect.signature(f).parameters.items():
+            if pname == "ctx":
+                wants_context = True
+                continue
+            annotation = hints.get(pname, Any)
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[pname] = (annotation, default)
+        tool_name = name or f.__name__
+        model = create_model(f"{tool_name}_args", **fields)  # type: ignore[call-overload]
+        doc = inspect.getdoc(f) or ""
+        return Tool(tool_name, doc, f, model, wants_context, read_only, idempotent)
+
+    return wrap(fn) if fn is not None else wrap
+
+
+@dataclass
+class ToolRegistry:
+    tools: dict[str, Tool] = field(default_factory=dict)
+
+    def add(self, *tools: Tool) -> ToolRegistry:
+        for t in tools:
+            self.tools[t.name] = t
+        return self
+
+    def select(self, names: Iterable[str]) -> ToolRegistry:
+        missing = [n for n in names if n not in self.tools]
+        if missing:
+            raise KeyError(f"unknown tool(s): {', '.join(missing)}; known: {', '.join(sorted(self.tools))}")
+        return ToolRegistry({n: self.tools[n] for n in names})
+
+    def specs(self) -> list[ToolSpec]:
+        return [t.spec() for t in self.tools.values()]
+
+    def names(self) -> list[str]:
+        return list(self.tools)
+
+    def call(self, name: str, arguments: dict[str, Any], ctx: ToolContext) -> str:
+        t = self.tools.get(name)
+        if t is None:
+            raise ToolError(
+                f"unknown tool {name!r}; available tools: {', '.join(sorted(self.tools)) or 'none'}",
+                "unknown_tool",
+            )
+        return t.invoke(arguments, ctx)
+
+
+def default_registry() -> ToolRegistry:
+    """The built-in tools: arithmetic and read-only file tools."""
+    from loopstream.tools import arithmetic, files
+
+    return ToolRegistry().add(*arithmetic.TOOLS, *files.TOOLS)
