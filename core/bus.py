@@ -1,0 +1,41 @@
+"""Open the log a command should use: `--bus sqlite:///path.db` / `--db path` (embedded
+default), or `--bus kafka://host:port` (needs the [kafka] extra)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from loopstream.core.log import Log
+
+DEFAULT_DB = Path(".loopstream") / "loopstream.db"
+
+
+class BusError(ValueError):
+    pass
+
+
+def default_db() -> Path:
+    return Path(os.environ.get("LOOPSTREAM_DB") or DEFAULT_DB)
+
+
+def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
+    bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
+    if bus is None or bus.startswith("sqlite://"):
+        path = Path(bus[len("sqlite://"):]) if bus else Path(db) if db else default_db()
+        from loopstream.core.sqlite_log import SQLiteLog
+
+        try:
+            return SQLiteLog(path)
+        except Exception as exc:  # sqlite3 errors for unwritable paths, directories, non-db files
+            raise BusError(f"cannot open the SQLite log at {path}: {exc}") from None
+    if bus.startswith("kafka://"):
+        try:
+            from loopstream.core.kafka_log import KafkaLog
+        except ImportError as exc:
+            raise BusError(f"the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]' ({exc})") from None
+        bootstrap = bus[len("kafka://"):].strip("/")
+        if not bootstrap:
+            raise BusError("a kafka bus needs a broker address: kafka://HOST:PORT")
+        projection = Path(db) if db else default_db().with_name("kafka-projection.db")
+        return KafkaLog(bootstrap, projection_path=projection)
+    raise BusError(f"unknown bus {bus!r}: use sqlite:///PATH or kafka://HOST:PORT")

@@ -1,0 +1,63 @@
+"""One-line, human-readable summaries of events (for `show`, progress and replay)."""
+from __future__ import annotations
+
+import json
+
+from loopstream.core import events as ev
+
+
+def short(text: str, width: int = 80) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _call(name: str, arguments_json: str) -> str:
+    try:
+        args = json.loads(arguments_json)
+        inner = ", ".join(f"{k}={v!r}" for k, v in args.items()) if isinstance(args, dict) else arguments_json
+    except ValueError:
+        inner = arguments_json
+    return f"{name}({inner})"
+
+
+def summarize(event: ev.Event, width: int = 80) -> str:
+    p = event.payload
+    match p:
+        case ev.SessionStarted():
+            s = f"agent={p.agent} provider={p.provider} model={p.model} tools={','.join(p.tools)}"
+        case ev.GoalReceived():
+            s = repr(p.text)
+        case ev.ModelRequested():
+            s = f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "") + f" model={p.model}"
+        case ev.ModelResponded():
+            calls = "; ".join(_call(c.name, c.arguments_json) for c in p.tool_calls)
+            body = f"calls {calls}" if calls else f"says {p.text!r}"
+            s = f"{body} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms, {p.mode})"
+        case ev.ModelFailed():
+            s = f"{p.error_kind}: {p.message}" + (" (retryable)" if p.retryable else "")
+        case ev.ToolRequested():
+            s = _call(p.name, p.arguments_json)
+        case ev.ToolCompleted():
+            s = f"{p.name} → {p.result!r} ({p.latency_ms} ms)"
+        case ev.ToolFailed():
+            s = f"{p.name} {p.error_kind}: {p.message}"
+        case ev.SessionFinished():
+            s = f"answer {p.answer!r} after {p.steps} steps ({p.input_tokens}+{p.output_tokens} tok)"
+        case ev.SessionFailed():
+            s = f"{p.error_kind}: {p.reason}"
+        case ev.SessionCancelled():
+            s = p.reason
+        case _:
+            s = short(json.dumps(p.model_dump(), default=str), width)
+    return short(s, width)
+
+
+STATUS_BY_LAST_TYPE = {
+    "SessionFinished": "done",
+    "SessionFailed": "failed",
+    "SessionCancelled": "cancelled",
+}
+
+
+def status_of(last_type: str) -> str:
+    return STATUS_BY_LAST_TYPE.get(last_type, "running")
