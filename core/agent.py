@@ -1,8 +1,8 @@
 """Assemble a runnable agent: provider + tools + processors over a log."""
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 
 from loopstream.core.log import Log
 from loopstream.core.runtime import EventCallback, Runtime
@@ -10,6 +10,8 @@ from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import Provider
+from loopstream.providers.errors import ProviderConfigError
+from loopstream.providers.factory import make_provider
 from loopstream.tools.registry import ToolRegistry, default_registry
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -32,14 +34,27 @@ def build_runtime(
 
 @contextmanager
 def open_model(provider: str | None, model: str | None, base_url: str | None = None,
-               action_mode: str | None = None) -> Iterator[Provider]:
-    """The provider for a run: `scripted` (tests, benchmarks) or a real one via open_provider."""
+               action_mode: str | None = None,
+               on_local_start: Callable[[], None] | None = None) -> Iterator[Provider]:
+    """The provider for a run: `scripted` (tests, benchmarks) or a real one from the factory.
+
+    `on_local_start` is called once the configuration is known to be valid and the
+    local model server is about to start (so a CLI can say why it is waiting)."""
     if (provider or "").lower() == "scripted":
         from loopstream.providers.scripted import scripted_from_spec
 
-        yield scripted_from_spec(model or "adder")
+        try:
+            yield scripted_from_spec(model or "adder")
+        except ValueError as exc:
+            raise ProviderConfigError(str(exc)) from None
         return
-    from loopstream.providers.factory import open_provider
-
-    with open_provider(model=model, provider=provider, base_url=base_url, action_mode=action_mode) as p:
-        yield p
+    built, context = make_provider(model=model, provider=provider, base_url=base_url, action_mode=action_mode)
+    with ExitStack() as stack:
+        if context is not None:
+            if on_local_start:
+                on_local_start()
+            stack.enter_context(context)
+        close = getattr(built, "close", None)
+        if callable(close):
+            stack.callback(close)
+        yield built

@@ -94,9 +94,8 @@ def run(
         except OSError as exc:
             raise UserError(f"cannot read --system-prompt {system_prompt}: {exc.strerror}") from None
     log = open_log(bus, db)
-    if not quiet:
-        err.print("[dim]starting the model…[/]")
-    with open_model(provider, model, base_url, action_mode) as chosen:
+    announce = None if quiet else lambda: err.print("[dim]starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…[/]")
+    with open_model(provider, model, base_url, action_mode, on_local_start=announce) as chosen:
         runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress)
         config = SessionConfig(
             provider=chosen.name, model=chosen.model, tools=names, system_prompt=prompt,

@@ -1,0 +1,36 @@
+"""Small builders shared by tests (real components only: no fakes of our own parts)."""
+from __future__ import annotations
+
+from loopstream.core import events as ev
+from loopstream.core.codec import REGISTRY
+
+SAMPLE_PAYLOADS: list[ev.Payload] = [
+    ev.SessionStarted(agent="a", provider="scripted", model="m", system_prompt="be brief",
+                      tools=["add", "read_file"], max_steps=5, workdir="/tmp", config_json='{"x": 1}'),
+    ev.GoalReceived(text="What is 2 + 2?", idempotency_key="k1", reply_topic=None),
+    ev.ModelRequested(request_id="r1", step=1, attempt=1, model="m"),
+    ev.ModelResponded(request_id="r1", text="", tool_calls=[
+        ev.ToolCallRecord(call_id="c1", name="add", arguments_json='{"a": 2, "b": 2}')],
+        input_tokens=12, output_tokens=7, latency_ms=30, finish_reason="stop", mode="json_schema", model="m"),
+    ev.ModelFailed(request_id="r1", error_kind="rate_limited", message="429", retryable=True, status=429, latency_ms=5),
+    ev.ToolRequested(call_id="c1", name="add", arguments_json='{"a": 2, "b": 2}', step=1),
+    ev.ToolCompleted(call_id="c1", name="add", result="4", latency_ms=1),
+    ev.ToolFailed(call_id="c1", name="add", error_kind="invalid_arguments", message="a: missing", latency_ms=1),
+    ev.SessionFinished(answer="4", steps=2, input_tokens=30, output_tokens=12),
+    ev.SessionFailed(reason="max steps", error_kind="max_steps"),
+    ev.SessionCancelled(reason="user"),
+]
+
+
+def make_event(payload: ev.Payload, session_id: str = "s1", seq: int = 0, **kw) -> ev.Event:
+    fields = dict(
+        event_id=ev.random_id(), session_id=session_id, seq=seq, type=payload.TYPE, time=ev.now_ms(),
+        causation_id=None, correlation_id=session_id, actor="test",
+        schema_version=REGISTRY.latest(payload.TYPE), payload=payload,
+    )
+    fields.update(kw)
+    return ev.Event(**fields)
+
+
+def goal_events(session_id: str, start: int, n: int) -> list[ev.Event]:
+    return [make_event(ev.GoalReceived(text=f"goal {start + i}"), session_id, start + i) for i in range(n)]
