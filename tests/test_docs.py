@@ -1,0 +1,37 @@
+"""docs/architecture.md stays true: its diagram and event list come from the code."""
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+from loopstream.core import events as ev
+from loopstream.core.fsm import mermaid
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCH = (ROOT / "docs" / "architecture.md").read_text()
+
+
+def between(text: str, name: str) -> str:
+    m = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert m, f"marker {name} missing"
+    return m.group(1)
+
+
+def test_state_diagram_matches_the_table() -> None:
+    assert between(ARCH, "fsm").strip() == f"```mermaid\n{mermaid()}\n```"
+
+
+def test_every_event_type_is_documented() -> None:
+    rows = re.findall(r"^\| (\w+) \|", between(ARCH, "events"), re.M)
+    assert set(rows) - {"event"} == set(ev.PAYLOAD_TYPES)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    command = subprocess.run(
+        ["awk", "/<!-- test-command/{found=1; next} found && /^pip install/{print; exit}", "README.md"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert command and command in readme and "pytest" in command
+    assert "README.md" in (ROOT / ".ci" / "run").read_text()
