@@ -73,6 +73,24 @@ class ModelFailed(Payload):
     retryable: bool
     status: int | None = None
     latency_ms: int
+    retry_after_ms: int | None = None  # v2
+
+
+class RetryScheduled(Payload):
+    TYPE = "RetryScheduled"
+    target: str
+    ref_id: str
+    attempt: int
+    delay_ms: int
+    not_before_ms: int
+    reason: str
+
+
+class ModelFallback(Payload):
+    TYPE = "ModelFallback"
+    from_model: str
+    to_model: str
+    reason: str
 
 
 class ToolRequested(Payload):
@@ -123,6 +141,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
     cls.TYPE: cls
     for cls in (
         SessionStarted, GoalReceived, ModelRequested, ModelResponded, ModelFailed,
+        RetryScheduled, ModelFallback,
         ToolRequested, ToolCompleted, ToolFailed, SessionFinished, SessionFailed,
         SessionCancelled,
     )

@@ -18,6 +18,7 @@ STATES = [
     "idle",            # session started, waiting for a goal
     "planning",        # the orchestrator will ask the model next
     "awaiting_model",  # a model request is in flight
+    "backing_off",     # a failed model call waits for its retry time
     "acting",          # the model answered: run its tool calls, or finish
     "awaiting_tools",  # tool calls are in flight
     "done",
@@ -34,6 +35,9 @@ TRANSITIONS: list[tuple[str, str | list[str], str, str | None]] = [
     ("ModelRequested",   "planning",       "awaiting_model",  None),
     ("ModelResponded",   "awaiting_model", "acting",          None),
     ("ModelFailed",      "awaiting_model", "planning",        None),
+    ("RetryScheduled",   "planning",       "backing_off",     None),
+    ("ModelRequested",   "backing_off",    "awaiting_model",  None),
+    ("ModelFallback",    "planning",       "planning",        None),
     ("ToolRequested",    "acting",         "awaiting_tools",  None),
     ("ToolRequested",    "awaiting_tools", "awaiting_tools",  None),
     ("ToolCompleted",    "awaiting_tools", "planning",        "tools_settled"),
@@ -131,3 +135,19 @@ def mermaid() -> str:
             lines.append(f"    {src} --> {dest}: {label}")
     lines += [f"    {s} --> [*]" for s in sorted(TERMINAL)]
     return "\n".join(lines)
+
+
+def write_docs(path: str) -> None:
+    """Refresh the diagram between the fsm markers of a Markdown file."""
+    import re
+    from pathlib import Path
+
+    doc = Path(path)
+    block = f"<!-- fsm:begin -->\n```mermaid\n{mermaid()}\n```\n<!-- fsm:end -->"
+    doc.write_text(re.sub(r"<!-- fsm:begin -->.*?<!-- fsm:end -->", lambda _: block, doc.read_text(), flags=re.S))
+
+
+if __name__ == "__main__":  # python -m loopstream.core.fsm docs/architecture.md
+    import sys
+
+    write_docs(sys.argv[1]) if len(sys.argv) > 1 else print(mermaid())

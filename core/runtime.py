@@ -10,6 +10,7 @@ duplicating it.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -131,6 +132,9 @@ class Runtime:
             emits = proc.handle(event, state)
             if emits:
                 return self._commit(state, event, emits, proc.name)
+        if state.wake_at_ms is not None:  # backing off: wait for the clock, then decide again
+            time.sleep(max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.001)
+            return state
         raise RuntimeStuck(
             f"session {state.session_id}: no processor acted on {event.type} (seq {seq}) "
             f"in state {state.status!r}"

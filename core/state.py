@@ -33,8 +33,15 @@ class SessionState:
     messages: list[Message] = field(default_factory=list)
     step: int = 0  # model requests made (a retry does not count as a new step)
     attempt: int = 0  # attempt number of the current step's model request
-    consecutive_model_failures: int = 0
+    consecutive_model_failures: int = 0  # on the current model; reset by a reply or a fallback
     last_model_error: str = ""
+    last_model_retryable: bool = True
+    last_retry_after_ms: int | None = None
+    last_failed_request_id: str = ""
+    step_open: bool = False  # a step's model request has not been answered yet
+    retry_scheduled: bool = False  # the current failure already has its RetryScheduled
+    retry_not_before_ms: int | None = None
+    fallbacks_used: list[str] = field(default_factory=list)
     open_request_id: str | None = None
     open_request_seq: int | None = None
     last_reply_calls: list[ToolCall] = field(default_factory=list)
@@ -53,6 +60,11 @@ class SessionState:
     @property
     def next_seq(self) -> int:
         return self.seq + 1
+
+    @property
+    def wake_at_ms(self) -> int | None:
+        """When a session that is waiting on the clock (backing off) can move again."""
+        return self.retry_not_before_ms if self.status == "backing_off" else None
 
     @property
     def terminal(self) -> bool:
@@ -96,6 +108,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.attempt = p.attempt
             state.open_request_id = p.request_id
             state.open_request_seq = event.seq
+            state.step_open = True
+            state.retry_scheduled, state.retry_not_before_ms = False, None
         case ev.ModelResponded():
             calls = [
                 ToolCall(call_id=c.call_id, name=c.name, arguments=_args(c.arguments_json))
@@ -106,11 +120,22 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.input_tokens += p.input_tokens
             state.output_tokens += p.output_tokens
             state.consecutive_model_failures = 0
+            state.step_open = False
             state.open_request_id = state.open_request_seq = None
         case ev.ModelFailed():
             state.consecutive_model_failures += 1
             state.last_model_error = p.message
+            state.last_model_retryable = p.retryable
+            state.last_retry_after_ms = p.retry_after_ms
+            state.last_failed_request_id = p.request_id
             state.open_request_id = state.open_request_seq = None
+        case ev.RetryScheduled():
+            state.retry_scheduled = True
+            state.retry_not_before_ms = p.not_before_ms
+        case ev.ModelFallback():
+            state.fallbacks_used.append(p.to_model)
+            state.model = p.to_model
+            state.consecutive_model_failures = 0
         case ev.ToolRequested():
             state.pending_calls[p.call_id] = ToolCall(
                 call_id=p.call_id, name=p.name, arguments=_args(p.arguments_json)
@@ -157,6 +182,7 @@ def clone(state: SessionState) -> SessionState:
         messages=list(state.messages),
         pending_calls=dict(state.pending_calls),
         pending_call_seqs=dict(state.pending_call_seqs),
+        fallbacks_used=list(state.fallbacks_used),
     )
 
 
@@ -176,7 +202,7 @@ def open_work(state: SessionState) -> list[int]:
     planning/acting: the orchestrator must decide from the latest event; awaiting_model:
     the open ModelRequested; awaiting_tools: each ToolRequested without a result.
     """
-    if state.status in ("planning", "acting"):
+    if state.status in ("planning", "acting", "backing_off"):
         return [state.seq]
     if state.status == "awaiting_model" and state.open_request_seq is not None:
         return [state.open_request_seq]

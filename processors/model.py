@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
@@ -18,9 +19,14 @@ class ModelProcessor:
     name = "model"
     triggers = frozenset({"ModelRequested"})
 
-    def __init__(self, provider: Provider, tool_specs: list[ToolSpec]) -> None:
+    def __init__(self, provider: Provider, tool_specs: list[ToolSpec], fallbacks: Sequence[Provider] = ()) -> None:
         self.provider = provider
+        self.by_model = {p.model: p for p in fallbacks}
         self.tool_specs = {t.name: t for t in tool_specs}
+
+    def provider_for(self, model: str) -> Provider:
+        """The session's current model: the primary, or a fallback after ModelFallback."""
+        return self.by_model.get(model, self.provider) if model != self.provider.model else self.provider
 
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
         req = event.payload
@@ -28,9 +34,10 @@ class ModelProcessor:
         if state.open_request_id != req.request_id:
             return []  # already answered (a redelivery): nothing to do
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
+        provider = self.provider_for(state.model)
         started = time.monotonic()
         try:
-            reply = self.provider.complete(state.messages, specs)
+            reply = provider.complete(state.messages, specs)
         except ProviderError as exc:
             return [Emit(ev.ModelFailed(
                 request_id=req.request_id,
@@ -39,6 +46,7 @@ class ModelProcessor:
                 retryable=exc.retryable,
                 status=exc.status,
                 latency_ms=_ms(started),
+                retry_after_ms=None if exc.retry_after is None else int(exc.retry_after * 1000),
             ))]
         calls = [
             ev.ToolCallRecord(
@@ -58,7 +66,7 @@ class ModelProcessor:
             latency_ms=_ms(started),
             finish_reason=reply.finish_reason,
             mode=reply.mode,
-            model=reply.model or self.provider.model,
+            model=reply.model or provider.model,
         ))]
 
 

@@ -1,7 +1,9 @@
 """The orchestrator: reads the folded state after each event and decides what comes next.
 
 It never calls anything; it only chooses among the FSM's legal moves:
-planning → ModelRequested (or fail on too many steps / model failures);
+planning → ModelRequested; after a failed model call RetryScheduled (backoff), then
+ModelFallback to the next model of the chain, then SessionFailed; a budget exceeded
+(steps, tokens, cost, wall time) → SessionFailed;
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text.
 """
 from __future__ import annotations
@@ -12,6 +14,8 @@ from loopstream.core import events as ev
 from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
+from loopstream.processors import budgets
+from loopstream.processors.retry import retry_delay_ms
 
 DEFAULT_MAX_MODEL_ATTEMPTS = 3
 
@@ -23,30 +27,45 @@ class Orchestrator:
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
         if event.seq != state.seq:
             return []  # decisions are made on the head of the log only, never on a stale event
-        if state.status == "planning":
+        if state.status in ("planning", "backing_off"):
             return self._plan(state)
         if state.status == "acting":
             return self._act(state)
         return []
 
     def _plan(self, state: SessionState) -> list[Emit]:
-        max_attempts = int(state.config.get("max_model_attempts", DEFAULT_MAX_MODEL_ATTEMPTS))
-        if state.consecutive_model_failures >= max_attempts:
-            return [Emit(ev.SessionFailed(
-                reason=f"model failed {state.consecutive_model_failures} times in a row; "
-                f"last error: {state.last_model_error}",
-                error_kind="model_failed",
-            ))]
-        retry = state.consecutive_model_failures > 0
-        step = state.step if retry else state.step + 1
-        if not retry and state.max_steps and step > state.max_steps:
-            return [Emit(ev.SessionFailed(
-                reason=f"step budget exhausted: {state.max_steps} model steps without a final answer",
-                error_kind="max_steps",
-            ))]
-        attempt = state.attempt + 1 if retry else 1
+        now = ev.now_ms()
+        step = state.step if state.step_open else state.step + 1
+        if (stop := budgets.exceeded(state, step if not state.step_open else 0, now)) is not None:
+            return [Emit(stop)]
+        if state.status == "planning" and state.consecutive_model_failures:
+            return self._after_failure(state, now)
+        if state.status == "backing_off" and state.retry_not_before_ms and now < state.retry_not_before_ms:
+            return []  # not yet: the runtime waits until state.wake_at_ms
+        attempt = state.attempt + 1 if state.step_open else 1
         request_id = derived_id(state.session_id, "model", str(step), str(attempt))[:16]
         return [Emit(ev.ModelRequested(request_id=request_id, step=step, attempt=attempt, model=state.model))]
+
+    def _after_failure(self, state: SessionState, now: int) -> list[Emit]:
+        max_attempts = int(state.config.get("max_model_attempts", DEFAULT_MAX_MODEL_ATTEMPTS))
+        delay = None
+        if state.last_model_retryable and state.consecutive_model_failures < max_attempts:
+            delay = retry_delay_ms(state.attempt + 1, state.last_failed_request_id,
+                                   state.last_retry_after_ms, state.config)
+            if delay is not None:
+                return [Emit(ev.RetryScheduled(
+                    target="model", ref_id=state.last_failed_request_id, attempt=state.attempt + 1,
+                    delay_ms=delay, not_before_ms=now + delay,
+                    reason=f"attempt {state.attempt} failed: {state.last_model_error}"[:500],
+                ))]
+        why = (f"{state.model} failed {state.consecutive_model_failures} time(s); last error: "
+               f"{state.last_model_error}")
+        if state.last_retry_after_ms is not None and delay is None and state.last_model_retryable:
+            why += f" (the server asked to wait {state.last_retry_after_ms / 1000:.0f}s, longer than allowed)"
+        chain = [m for m in state.config.get("fallback_models", []) if m not in state.fallbacks_used and m != state.model]
+        if chain:
+            return [Emit(ev.ModelFallback(from_model=state.model, to_model=chain[0], reason=why[:500]))]
+        return [Emit(ev.SessionFailed(reason=f"model failed: {why}", error_kind="model_failed"))]
 
     def _act(self, state: SessionState) -> list[Emit]:
         if state.last_reply_calls:

@@ -24,6 +24,7 @@ def log(tmp_path):
 
 def config(**kw) -> SessionConfig:
     kw.setdefault("tools", ["add", "calculate"])
+    kw.setdefault("extra", {"retry_base_ms": 20, "retry_max_ms": 50})
     return SessionConfig(provider="scripted", model="scripted", **kw)
 
 
@@ -93,7 +94,8 @@ def test_model_failures_are_retried_then_the_session_fails_with_a_reason(log) ->
     # Scripted lists are indexed by assistant turns, so the same failure repeats until a reply lands.
     assert state.status == "failed"
     assert types(log, state.session_id).count("ModelFailed") == 3
-    assert "model failed 3 times in a row" in state.error and "server overloaded" in state.error
+    assert types(log, state.session_id).count("RetryScheduled") == 2
+    assert "model failed: scripted failed 3 time(s); last error: server overloaded" == state.error
 
 
 def test_a_retry_after_one_failure_succeeds(log) -> None:

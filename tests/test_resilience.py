@@ -1,0 +1,156 @@
+"""Retries with backoff and Retry-After, fallback models, and budgets — each an event."""
+from __future__ import annotations
+
+import io
+import time
+
+import pytest
+from fastavro import schemaless_writer
+
+from loopstream.core import events as ev
+from loopstream.core.agent import build_runtime
+from loopstream.core.codec import REGISTRY, decode, encode
+from loopstream.core.runtime import SessionConfig
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import fold
+from loopstream.processors.model import ModelProcessor
+from loopstream.processors.orchestrator import Orchestrator
+from loopstream.processors.retry import backoff_ms, retry_delay_ms
+from loopstream.processors.tools import ToolProcessor
+from loopstream.core.runtime import Runtime
+from loopstream.providers.base import ModelReply, ProviderError
+from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.tools import default_registry
+from tests.helpers import make_event
+
+
+@pytest.fixture
+def log(tmp_path):
+    with SQLiteLog(tmp_path / "r.db") as log:
+        yield log
+
+
+def cfg(**extra) -> SessionConfig:
+    extra.setdefault("retry_base_ms", 10)
+    return SessionConfig(provider="scripted", model="primary", tools=["add"], extra=extra)
+
+
+def failing_then(n_failures: int, error: ProviderError, reply: ModelReply):
+    calls = {"n": 0, "times": []}
+
+    def script(messages):
+        calls["n"] += 1
+        calls["times"].append(time.monotonic())
+        if calls["n"] <= n_failures:
+            raise error
+        return reply
+
+    return script, calls
+
+
+def test_429_twice_then_success_finishes_with_two_retry_events_honouring_retry_after(log) -> None:
+    script, calls = failing_then(2, ProviderError("rate limited", retryable=True, status=429, retry_after=0.2,
+                                                  kind="rate_limited"), ModelReply(text="done"))
+    rt = build_runtime(log, ScriptedProvider(script, model="primary"))
+    state = rt.run_session(rt.start_session("x", cfg()))
+    assert state.status == "done" and state.answer == "done"
+    events = log.read(state.session_id)
+    retries = [e.payload for e in events if e.type == "RetryScheduled"]
+    failures = [e.payload for e in events if e.type == "ModelFailed"]
+    assert len(retries) == 2 and len(failures) == 2
+    assert [r.delay_ms for r in retries] == [200, 200] and [f.retry_after_ms for f in failures] == [200, 200]
+    assert [r.attempt for r in retries] == [2, 3]
+    # The runtime really waited: each retry ran no earlier than the server asked.
+    assert calls["times"][1] - calls["times"][0] >= 0.19 and calls["times"][2] - calls["times"][1] >= 0.19
+    assert [e.payload.attempt for e in events if e.type == "ModelRequested"] == [1, 2, 3]
+
+
+def test_non_retryable_error_is_not_retried(log) -> None:
+    script, calls = failing_then(5, ProviderError("bad key", retryable=False, status=401, kind="auth"),
+                                 ModelReply(text="never"))
+    rt = build_runtime(log, ScriptedProvider(script, model="primary"))
+    state = rt.run_session(rt.start_session("x", cfg()))
+    assert state.status == "failed" and calls["n"] == 1
+    assert state.error == "model failed: primary failed 1 time(s); last error: bad key"
+
+
+def test_retry_after_longer_than_allowed_fails_with_the_reason(log) -> None:
+    script, _ = failing_then(5, ProviderError("slow down", retryable=True, status=429, retry_after=3600),
+                             ModelReply(text="never"))
+    rt = build_runtime(log, ScriptedProvider(script, model="primary"))
+    state = rt.run_session(rt.start_session("x", cfg()))
+    assert state.status == "failed" and "asked to wait 3600s, longer than allowed" in state.error
+
+
+def test_fallback_chain_switches_model_and_records_it(log) -> None:
+    down = ScriptedProvider([ProviderError("overloaded", retryable=True, status=529)], model="primary")
+    backup = ScriptedProvider([ModelReply(text="from backup")], model="backup")
+    registry = default_registry()
+    rt = Runtime(log, [Orchestrator(), ModelProcessor(down, registry.specs(), fallbacks=[backup]),
+                       ToolProcessor(registry)])
+    state = rt.run_session(rt.start_session("x", cfg(fallback_models=["backup"], max_model_attempts=2)))
+    assert state.status == "done" and state.answer == "from backup" and state.model == "backup"
+    types = [e.type for e in log.read(state.session_id)]
+    assert types.count("ModelFailed") == 2 and types.count("RetryScheduled") == 1
+    (fb,) = [e.payload for e in log.read(state.session_id) if e.type == "ModelFallback"]
+    assert (fb.from_model, fb.to_model) == ("primary", "backup") and "overloaded" in fb.reason
+    responded = [e.payload for e in log.read(state.session_id) if e.type == "ModelResponded"]
+    assert responded[0].model == "backup"
+
+
+@pytest.mark.parametrize(("extra", "kind", "text"), [
+    ({"max_tokens": 40}, "budget_tokens", "token budget exhausted: used"),
+    ({"max_cost_usd": 0.0001, "price_per_mtok": {"input": 1000, "output": 1000}}, "budget_cost", "cost budget exhausted"),
+])
+def test_budgets_end_the_session_with_a_reason_event(log, extra, kind, text) -> None:
+    rt = build_runtime(log, ScriptedProvider(adder_script(50)))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
+                                                               max_steps=100, extra=extra)))
+    assert state.status == "failed"
+    last = log.read(state.session_id)[-1]
+    assert last.type == "SessionFailed" and last.payload.error_kind == kind and text in last.payload.reason
+
+
+def test_wall_time_budget(log) -> None:
+    def slow(messages):
+        time.sleep(0.3)
+        return adder_script(50)(messages)
+
+    rt = build_runtime(log, ScriptedProvider(slow))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
+                                                               max_steps=100, extra={"max_wall_seconds": 0.5})))
+    assert state.status == "failed" and "time budget exhausted" in state.error
+
+
+def test_backoff_is_exponential_jittered_capped_and_deterministic() -> None:
+    delays = [backoff_ms(a, "req", base_ms=100, max_ms=1000) for a in range(2, 8)]
+    assert delays == [backoff_ms(a, "req", base_ms=100, max_ms=1000) for a in range(2, 8)]
+    for attempt, d in zip(range(2, 8), delays):
+        step = min(1000, 100 * 2 ** (attempt - 2))
+        assert step / 2 <= d <= step
+    assert backoff_ms(3, "a", base_ms=100) != backoff_ms(3, "b", base_ms=100)
+    assert retry_delay_ms(2, "r", 1500, {}) == 1500
+    assert retry_delay_ms(2, "r", 10**9, {}) is None
+
+
+def test_model_failed_v1_events_still_decode_under_v2() -> None:
+    """Schema evolution: a v1 ModelFailed (no retry_after_ms) read by current code."""
+    v1 = REGISTRY.versions["ModelFailed"][1]
+    buf = io.BytesIO()
+    schemaless_writer(buf, v1, {"request_id": "r", "error_kind": "k", "message": "m", "retryable": True,
+                                "status": None, "latency_ms": 3})
+    modern = make_event(ev.ModelFailed(request_id="r", error_kind="k", message="m", retryable=True, latency_ms=3))
+    envelope = {**modern.model_dump(exclude={"payload"}), "schema_version": 1, "payload": buf.getvalue()}
+    out = io.BytesIO()
+    schemaless_writer(out, REGISTRY.envelope, envelope)
+    back = decode(out.getvalue())
+    assert back.payload == modern.payload and back.payload.retry_after_ms is None
+    assert decode(encode(modern)) == modern
+
+
+def test_fold_is_unchanged_by_where_it_starts(log) -> None:
+    rt = build_runtime(log, ScriptedProvider(adder_script(3)))
+    state = rt.run_session(rt.start_session("x", cfg()))
+    events = log.read(state.session_id)
+    for cut in range(len(events)):
+        assert fold(events[cut:], fold(events[:cut])) == state
