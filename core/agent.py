@@ -1,7 +1,7 @@
 """Assemble a runnable agent: provider + tools + processors over a log."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 from loopstream.core.log import Log
@@ -22,12 +22,16 @@ DEFAULT_SYSTEM_PROMPT = (
 
 
 def build_runtime(
-    log: Log, provider: Provider, registry: ToolRegistry | None = None, on_event: EventCallback | None = None
+    log: Log,
+    provider: Provider,
+    registry: ToolRegistry | None = None,
+    on_event: EventCallback | None = None,
+    fallbacks: Sequence[Provider] = (),
 ) -> Runtime:
     registry = registry or default_registry()
     return Runtime(
         log,
-        [Orchestrator(), ModelProcessor(provider, registry.specs()), ToolProcessor(registry)],
+        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks), ToolProcessor(registry)],
         on_event=on_event,
     )
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -68,6 +68,9 @@ def run(
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text: how the model writes tool calls.")] = None,
     tools: Annotated[Optional[str], typer.Option(help="Comma-separated tool names. Default: all built-in tools.")] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget (input + output) for the session.")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option(min=0.1, help="Wall-time budget for the session.")] = None,
+    fallback_model: Annotated[Optional[list[str]], typer.Option(help="A model to switch to when the current one keeps failing (repeatable, in order).")] = None,
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
     system_prompt: Annotated[Optional[Path], typer.Option(help="File with a system prompt to use instead of the default.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print progress.")] = False,
@@ -95,22 +98,59 @@ def run(
             raise UserError(f"cannot read --system-prompt {system_prompt}: {exc.strerror}") from None
     log = open_log(bus, db)
     announce = None if quiet else lambda: err.print("[dim]starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…[/]")
-    with open_model(provider, model, base_url, action_mode, on_local_start=announce) as chosen:
-        runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress)
+    extra: dict = {}
+    if max_tokens:
+        extra["max_tokens"] = max_tokens
+    if max_seconds:
+        extra["max_wall_seconds"] = max_seconds
+    with ExitStack() as stack:
+        chosen = stack.enter_context(open_model(provider, model, base_url, action_mode, on_local_start=announce))
+        backups = [stack.enter_context(open_model(provider, m, base_url, action_mode)) for m in fallback_model or []]
+        if backups:
+            extra["fallback_models"] = [b.model for b in backups]
+        runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress, fallbacks=backups)
         config = SessionConfig(
             provider=chosen.name, model=chosen.model, tools=names, system_prompt=prompt,
-            max_steps=max_steps, workdir=str(workdir.resolve()),
+            max_steps=max_steps, workdir=str(workdir.resolve()), extra=extra,
         )
         sid = runtime.start_session(goal, config)
         if not quiet:
             err.print(f"[dim]session {sid} · {chosen.name}:{chosen.model} · log {getattr(log, 'path', bus)}[/]")
         state = runtime.run_session(sid)
+    _finish(sid, state)
+
+
+def _finish(sid: str, state) -> None:
+    """Print the outcome of a run: the answer on stdout (exit 0), or the reason (exit 1)."""
     if state.status == "done":
         out.print(state.answer or "", highlight=False)
         err.print(f"[dim]session[/] {sid} [dim]· {state.step} steps · {state.tool_calls} tool calls · "
                   f"{state.input_tokens}+{state.output_tokens} tokens[/]", highlight=False)
         return
     _fail(f"session {sid} {state.status}: {state.error or 'stopped in state ' + state.status}", 1)
+
+
+@app.command()
+def resume(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    model: Annotated[Optional[str], typer.Option(help="Model for the remaining steps (default: as configured by the environment).")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted.")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
+    action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print progress.")] = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
+    from loopstream.core.agent import build_runtime, open_model
+
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    announce = None if quiet else lambda: err.print("[dim]starting the local model…[/]")
+    with open_model(provider, model, base_url, action_mode, on_local_start=announce) as chosen:
+        runtime = build_runtime(log, chosen, on_event=None if quiet else _progress)
+        state = runtime.run_session(sid)
+    _finish(sid, state)
 
 
 @app.command()
@@ -180,7 +220,7 @@ def main() -> None:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
-        err.print("interrupted: the session is in the log; run it again with the same log to continue")
+        err.print("interrupted: every step so far is in the log; `loopstream resume SESSION` continues it")
         sys.exit(130)
 
 

@@ -35,6 +35,10 @@ def summarize(event: ev.Event, width: int = 80) -> str:
             s = f"{body} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms, {p.mode})"
         case ev.ModelFailed():
             s = f"{p.error_kind}: {p.message}" + (" (retryable)" if p.retryable else "")
+        case ev.RetryScheduled():
+            s = f"{p.target} attempt {p.attempt} in {p.delay_ms} ms ({p.reason})"
+        case ev.ModelFallback():
+            s = f"{p.from_model} → {p.to_model} ({p.reason})"
         case ev.ToolRequested():
             s = _call(p.name, p.arguments_json)
         case ev.ToolCompleted():

@@ -84,9 +84,10 @@ def action_instructions(tools: list[ToolSpec]) -> str:
             lines.append(f"  arguments schema: {json.dumps(_tool_arguments_schema(tool), separators=(',', ':'))}")
         lines += [
             "",
-            "Call one tool at a time. Each tool result comes back in a message starting with "
-            '"Result of tool <name> (<call id>):". Use the results, then call another tool or give '
-            "the final answer. Never invent tool results.",
+            (
+                "Call one tool at a time and wait: the user replies with the tool's result. "
+                "Then call another tool or give the final answer. Never make up tool results."
+            ),
         ]
     else:
         lines.append('Format: {"action": "final_answer", "answer": "<your answer>"}')
@@ -268,6 +269,22 @@ def _interpret(obj: Any, tool_names: set[str]) -> tuple[list[tuple[str | None, s
     return None
 
 
+_TRUNCATED_FINAL = re.compile(
+    r'^\s*(?:```[a-zA-Z]*\s*)?\{\s*"action"\s*:\s*"final_answer"\s*,\s*"answer"\s*:\s*"((?:[^"\\]|\\.)*)(?:\\|"\s*)?$', re.DOTALL
+)
+
+
+def _truncated_answer(text: str) -> str | None:
+    """The answer of a final_answer object cut off by the token limit (small models loop)."""
+    m = _TRUNCATED_FINAL.match(text)
+    if not m:
+        return None
+    try:
+        return json.loads(f'"{m.group(1)}"').strip()
+    except ValueError:  # e.g. cut inside a \u escape
+        return m.group(1).strip()
+
+
 def parse_action_text(text: str, tools: list[ToolSpec]) -> tuple[list[ToolCall], str]:
     """Extract tool calls from model text. Returns (calls, remaining final text).
 
@@ -291,7 +308,8 @@ def parse_action_text(text: str, tools: list[ToolSpec]) -> tuple[list[ToolCall],
         if got[1] is not None:
             answers.append(got[1])
     if pos == 0:
-        return [], text.strip()
+        partial = _truncated_answer(text)
+        return [], (partial if partial is not None else text.strip())
     kept.append(text[pos:])
     prose = _EMPTY_FENCE.sub("", _MARKERS.sub("", "".join(kept))).strip()
     if answers and not calls:

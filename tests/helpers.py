@@ -12,7 +12,7 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.ModelResponded(request_id="r1", text="", tool_calls=[
         ev.ToolCallRecord(call_id="c1", name="add", arguments_json='{"a": 2, "b": 2}')],
         input_tokens=12, output_tokens=7, latency_ms=30, finish_reason="stop", mode="json_schema", model="m"),
-    ev.ModelFailed(request_id="r1", error_kind="rate_limited", message="429", retryable=True, status=429, latency_ms=5,
+    ev.ModelFailed(request_id="r1", error_kind="rate_limit", message="429", retryable=True, status=429, latency_ms=5,
                    retry_after_ms=2000),
     ev.RetryScheduled(target="model", ref_id="r1", attempt=2, delay_ms=2000, not_before_ms=1_800_000_000_000,
                       reason="429"),

