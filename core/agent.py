@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 
 from loopstream.core.log import Log
 from loopstream.core.runtime import EventCallback, Runtime
@@ -11,7 +11,7 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
-from loopstream.providers.factory import make_provider
+from loopstream.providers.factory import open_provider
 from loopstream.tools.registry import ToolRegistry, default_registry
 
 DEFAULT_SYSTEM_PROMPT = (
@@ -48,17 +48,11 @@ def open_model(provider: str | None, model: str | None, base_url: str | None = N
         from loopstream.providers.scripted import scripted_from_spec
 
         try:
-            yield scripted_from_spec(model or "adder")
+            scripted = scripted_from_spec(model or "adder")
         except ValueError as exc:
             raise ProviderConfigError(str(exc)) from None
+        yield scripted
         return
-    built, context = make_provider(model=model, provider=provider, base_url=base_url, action_mode=action_mode)
-    with ExitStack() as stack:
-        if context is not None:
-            if on_local_start:
-                on_local_start()
-            stack.enter_context(context)
-        close = getattr(built, "close", None)
-        if callable(close):
-            stack.callback(close)
+    with open_provider(model=model, provider=provider, base_url=base_url, action_mode=action_mode,
+                       on_local_start=on_local_start) as built:
         yield built

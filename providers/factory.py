@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from typing import Any
 
@@ -128,11 +128,17 @@ def open_provider(
     *,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
+    on_local_start: Callable[[], None] | None = None,
 ) -> Iterator[Provider]:
-    """Yield a ready provider; starts and stops the local model server when that is the choice."""
+    """Yield a ready provider; starts and stops the local model server when that is the choice.
+
+    `on_local_start` is called once the configuration is known to be valid and the local
+    server is about to start (so a CLI can say why it is waiting)."""
     built, context = make_provider(model, provider, base_url, action_mode, timeout=timeout, env=env)
     with ExitStack() as stack:
         if context is not None:
+            if on_local_start is not None:
+                on_local_start()
             stack.enter_context(context)
         close = getattr(built, "close", None)
         if callable(close):

@@ -104,7 +104,7 @@ def test_a_retry_after_one_failure_succeeds(log) -> None:
     def script(messages):
         calls["n"] += 1
         if calls["n"] == 1:
-            raise ProviderError("rate limited", retryable=True, status=429, kind="rate_limited")
+            raise ProviderError("rate limited", retryable=True, status=429, kind="rate_limit")
         return reply_with(text="42")
 
     rt = build_runtime(log, ScriptedProvider(script))

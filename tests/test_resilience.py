@@ -50,7 +50,7 @@ def failing_then(n_failures: int, error: ProviderError, reply: ModelReply):
 
 def test_429_twice_then_success_finishes_with_two_retry_events_honouring_retry_after(log) -> None:
     script, calls = failing_then(2, ProviderError("rate limited", retryable=True, status=429, retry_after=0.2,
-                                                  kind="rate_limited"), ModelReply(text="done"))
+                                                  kind="rate_limit"), ModelReply(text="done"))
     rt = build_runtime(log, ScriptedProvider(script, model="primary"))
     state = rt.run_session(rt.start_session("x", cfg()))
     assert state.status == "done" and state.answer == "done"
