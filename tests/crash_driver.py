@@ -1,0 +1,59 @@
+"""Runs one scripted session in its own process and SIGKILLs itself at a chosen point.
+
+python -m tests.crash_driver DB SESSION_ID start|resume [--kill-after-events N] [--kill-in-model-call K]
+
+--kill-after-events N: die right after the N-th event this process appended (an event boundary).
+--kill-in-model-call K: die inside the K-th model call, before its reply is appended.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+
+from loopstream.core.agent import build_runtime
+from loopstream.core.runtime import SessionConfig
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.providers.scripted import ScriptedProvider, adder_script
+
+TOOL_STEPS = 3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("db")
+    ap.add_argument("session_id")
+    ap.add_argument("mode", choices=["start", "resume"])
+    ap.add_argument("--kill-after-events", type=int, default=0)
+    ap.add_argument("--kill-in-model-call", type=int, default=0)
+    args = ap.parse_args()
+
+    appended = 0
+
+    def on_event(_event) -> None:
+        nonlocal appended
+        appended += 1
+        if appended == args.kill_after_events:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    inner = adder_script(TOOL_STEPS)
+    calls = 0
+
+    def script(messages):
+        nonlocal calls
+        calls += 1
+        if calls == args.kill_in_model_call:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return inner(messages)
+
+    log = SQLiteLog(args.db)
+    runtime = build_runtime(log, ScriptedProvider(script), on_event=on_event)
+    if args.mode == "start":
+        runtime.start_session("count", SessionConfig(provider="scripted", model="s", tools=["add"]),
+                              session_id=args.session_id)
+    state = runtime.run_session(args.session_id)
+    print(state.status)
+
+
+if __name__ == "__main__":
+    main()
