@@ -3,9 +3,9 @@
 Contract (tests/log_conformance.py checks it against each backend):
 - `append(session_id, events, expected_seq)`: the events must carry seqs expected_seq,
   expected_seq+1, …; if the session's next seq is not `expected_seq`, nothing is written
-  and `ConcurrencyError` is raised. If the first event's id is already stored, nothing is
-  written and `DuplicateEvent` is raised (a retried handler wrote the same fact again).
-  A batch is atomic.
+  and `ConcurrencyError` is raised. If an event's id is already stored (the first event's,
+  typically), nothing is written and `DuplicateEvent` is raised (a retried handler wrote
+  the same fact again); the duplicate check comes before the seq check. A batch is atomic.
 - `read(session_id, from_seq=0, to_seq=None)`: events in seq order, `to_seq` inclusive.
 - `read_raw(...)`: the same as stored bytes (for hashing and copying).
 - `sessions()`: one `SessionInfo` per session.
@@ -89,3 +89,5 @@ def check_batch(session_id: str, events: Sequence[Event], expected_seq: int) -> 
             raise ValueError(f"event {e.event_id} belongs to session {e.session_id}, not {session_id}")
         if e.seq != expected_seq + i:
             raise ValueError(f"event {e.event_id} has seq {e.seq}, expected {expected_seq + i}")
+    if len({e.event_id for e in events}) != len(events):
+        raise ValueError("a batch repeats an event id")

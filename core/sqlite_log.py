@@ -76,10 +76,13 @@ class SQLiteLog:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 actual = self._next_seq(session_id)
-                if conn.execute(
-                    "SELECT 1 FROM events WHERE event_id = ?", (events[0].event_id,)
-                ).fetchone():
-                    raise DuplicateEvent(session_id, events[0].event_id, expected_seq, actual)
+                ids = [e.event_id for e in events]
+                dup = conn.execute(
+                    f"SELECT event_id FROM events WHERE event_id IN ({','.join('?' * len(ids))}) LIMIT 1",
+                    ids,
+                ).fetchone()
+                if dup:  # any id of the batch, not only the first: the batch stays atomic
+                    raise DuplicateEvent(session_id, dup[0], expected_seq, actual)
                 if actual != expected_seq:
                     raise ConcurrencyError(session_id, expected_seq, actual)
                 conn.executemany(

