@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 from loopstream.core.log import Log
 from loopstream.core.runtime import EventCallback, Runtime
+from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
@@ -27,11 +28,13 @@ def build_runtime(
     registry: ToolRegistry | None = None,
     on_event: EventCallback | None = None,
     fallbacks: Sequence[Provider] = (),
+    summarize_with_model: bool = True,
 ) -> Runtime:
     registry = registry or default_registry()
     return Runtime(
         log,
-        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks), ToolProcessor(registry)],
+        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks), ToolProcessor(registry, reviewer=provider),
+         CompactionProcessor(provider if summarize_with_model else None)],
         on_event=on_event,
     )
 

@@ -33,9 +33,13 @@ def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
             from loopstream.core.kafka_log import KafkaLog
         except ImportError as exc:
             raise BusError(f"the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]' ({exc})") from None
-        bootstrap = bus[len("kafka://"):].strip("/")
-        if not bootstrap:
-            raise BusError("a kafka bus needs a broker address: kafka://HOST:PORT")
-        projection = Path(db) if db else default_db().with_name("kafka-projection.db")
-        return KafkaLog(bootstrap, projection_path=projection)
+        from loopstream.core.contract import ContractError, parse_kafka_url
+
+        try:  # kafka://HOST:PORT[?prefix=NAME&librdkafka.setting=V]: see core/contract.py
+            url = parse_kafka_url(bus)
+        except ContractError as exc:
+            raise BusError(str(exc)) from None
+        projection = Path(db) if db else default_db().with_name(url.projection_name)
+        return KafkaLog(url.bootstrap, topic=url.events_topic, projection_path=projection,
+                        consumer_config=url.consumer_config or None)
     raise BusError(f"unknown bus {bus!r}: use sqlite:///PATH or kafka://HOST:PORT")

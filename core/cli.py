@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import getpass
+import json
 import sys
+import time
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Annotated, Optional
@@ -70,8 +73,11 @@ def run(
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget (input + output) for the session.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option(min=0.1, help="Wall-time budget for the session.")] = None,
+    policy: Annotated[Optional[Path], typer.Option(help="TOML policy file: permission rules (allow/deny/ask per tool and argument) and guardrails.")] = None,
+    context_budget: Annotated[Optional[int], typer.Option(min=64, help="Context size in tokens above which older turns are summarized (compaction).")] = None,
     fallback_model: Annotated[Optional[list[str]], typer.Option(help="A model to switch to when the current one keeps failing (repeatable, in order).")] = None,
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
     system_prompt: Annotated[Optional[Path], typer.Option(help="File with a system prompt to use instead of the default.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print progress.")] = False,
     db: DbOpt = None,
@@ -82,8 +88,9 @@ def run(
     from loopstream.core.runtime import SessionConfig
     from loopstream.tools.registry import default_registry
 
-    registry = default_registry()
+    registry = default_registry(allow_writes=allow_writes)
     names = [t.strip() for t in tools.split(",") if t.strip()] if tools else registry.names()
+    _need_writes(names, allow_writes)
     try:
         registry = registry.select(names)
     except KeyError as exc:
@@ -103,6 +110,18 @@ def run(
         extra["max_tokens"] = max_tokens
     if max_seconds:
         extra["max_wall_seconds"] = max_seconds
+    if context_budget:
+        extra["context_budget_tokens"] = context_budget
+    if policy is not None:
+        from loopstream.processors.guardrails import GuardrailError
+        from loopstream.tools.permissions import PolicyError, load_policy
+
+        try:
+            extra.update(load_policy(policy))
+        except (PolicyError, GuardrailError) as exc:
+            raise UserError(str(exc)) from None
+    if allow_writes and (excluded := _log_inside(log, workdir)):
+        extra["checkpoint_exclude"] = excluded  # never snapshot (nor restore) the log itself
     with ExitStack() as stack:
         chosen = stack.enter_context(open_model(provider, model, base_url, action_mode, on_local_start=announce))
         backups = [stack.enter_context(open_model(provider, m, base_url, action_mode)) for m in fallback_model or []]
@@ -116,8 +135,28 @@ def run(
         sid = runtime.start_session(goal, config)
         if not quiet:
             err.print(f"[dim]session {sid} · {chosen.name}:{chosen.model} · log {getattr(log, 'path', bus)}[/]")
-        state = runtime.run_session(sid)
+        state = _drive(runtime, sid, quiet)
     _finish(sid, state)
+
+
+def _drive(runtime, sid: str, quiet: bool):
+    """Run a session; while it waits for a person's approval, say how to give it and wait
+    for `loopstream approve` / `deny` from another process (Ctrl-C leaves it resumable)."""
+    shown: set[str] = set()
+    while True:
+        state = runtime.run_session(sid)
+        if state.status != "awaiting_approval":
+            return state
+        for call_id, reason in state.open_approvals.items():
+            if call_id not in shown:
+                shown.add(call_id)
+                call = state.pending_calls.get(call_id)
+                what = f"{call.name}({json.dumps(call.arguments)})" if call else call_id
+                err.print(f"[bold yellow]waiting for approval[/] of {what} ({reason})\n"
+                          f"  approve: loopstream approve {sid} {call_id}\n"
+                          f"  deny:    loopstream deny {sid} {call_id} --reason '…'", highlight=False)
+        while runtime.load(sid).status == "awaiting_approval":
+            time.sleep(0.3)
 
 
 def _finish(sid: str, state) -> None:
@@ -130,6 +169,26 @@ def _finish(sid: str, state) -> None:
     _fail(f"session {sid} {state.status}: {state.error or 'stopped in state ' + state.status}", 1)
 
 
+def _need_writes(names: list[str], allow_writes: bool) -> None:
+    from loopstream.tools.workspace import TOOLS as SIDE_EFFECT_TOOLS
+
+    asked = [n for n in names if n in {t.name for t in SIDE_EFFECT_TOOLS}]
+    if asked and not allow_writes:
+        raise UserError(f"{', '.join(asked)} change the workspace: pass --allow-writes to enable them")
+
+
+def _log_inside(log: Log, workdir: Path) -> list[str]:
+    """gitignore patterns for the SQLite log's files when they live inside `workdir`."""
+    path = getattr(log, "path", None)
+    if path is None:
+        return []
+    path, root = Path(path).resolve(), workdir.resolve()
+    if root not in path.parents or path.relative_to(root).parts[0] == ".loopstream":  # never snapshotted anyway
+        return []
+    rel = path.relative_to(root).as_posix()
+    return [f"/{rel}", f"/{rel}-wal", f"/{rel}-shm", f"/{rel}-journal"]
+
+
 @app.command()
 def resume(
     session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
@@ -137,20 +196,120 @@ def resume(
     provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted.")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Needed when the session was started with write_file, edit_file or shell.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print progress.")] = False,
     db: DbOpt = None,
     bus: BusOpt = None,
 ) -> None:
     """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
     from loopstream.core.agent import build_runtime, open_model
+    from loopstream.tools.registry import default_registry
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
+    started = [e.payload for e in log.read(sid, 0, 0) if isinstance(e.payload, ev.SessionStarted)]
+    _need_writes(list(started[0].tools) if started else [], allow_writes)
     announce = None if quiet else lambda: err.print("[dim]starting the local model…[/]")
     with open_model(provider, model, base_url, action_mode, on_local_start=announce) as chosen:
-        runtime = build_runtime(log, chosen, on_event=None if quiet else _progress)
-        state = runtime.run_session(sid)
+        runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes),
+                                on_event=None if quiet else _progress)
+        state = _drive(runtime, sid, quiet)
     _finish(sid, state)
+
+
+@app.command()
+def rollback(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    to: Annotated[int, typer.Option("--to", min=0, help="Event seq: restore the workspace as it was right after it.")],
+    workdir: Annotated[Optional[Path], typer.Option(help="Where the workspace is now, if it moved since the run.")] = None,
+    no_fork: Annotated[bool, typer.Option("--no-fork", help="Only restore the files; start no new session.")] = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Restore a session's workspace as it was right after event SEQ (from the checkpoints taken
+    before each write; the current files are checkpointed first) and fork a new session from SEQ."""
+    from loopstream.tools.checkpoint import CheckpointError
+    from loopstream.tools.rollback import RollbackError
+    from loopstream.tools.rollback import rollback as roll_back
+
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    try:
+        result = roll_back(log, sid, to, workdir=workdir, fork_session=not no_fork)
+    except (RollbackError, CheckpointError) as exc:
+        raise UserError(str(exc)) from None
+    out.print(result.describe(), highlight=False)
+    if result.fork_session_id:
+        err.print(f"[dim]continue it with:[/] loopstream resume {result.fork_session_id} --allow-writes",
+                  highlight=False)
+
+
+def _decide(session: str, call_id: Optional[str], approved: bool, reason: str,
+            db: Optional[Path], bus: Optional[str]) -> None:
+    from loopstream.core.runtime import Runtime
+
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    runtime = Runtime(log, [])
+    state = runtime.load(sid)
+    if not state.open_approvals:
+        raise UserError(f"session {sid} is not waiting for an approval (it is {state.status})")
+    if call_id is None:
+        if len(state.open_approvals) > 1:
+            raise UserError(f"session {sid} waits on several calls; name one: {', '.join(state.open_approvals)}")
+        call_id = next(iter(state.open_approvals))
+    if call_id not in state.open_approvals:
+        raise UserError(f"call {call_id!r} is not waiting for approval; waiting: {', '.join(state.open_approvals)}")
+    by = f"person:{getpass.getuser()}"
+    runtime.record(sid, [ev.ApprovalDecided(call_id=call_id, approved=approved, by=by, reason=reason)],
+                   actor=by, key=call_id)
+    verb = "approved" if approved else "denied"
+    out.print(f"{verb} {call_id} of session {sid}; a waiting `loopstream run` continues by itself, "
+              f"otherwise: loopstream resume {sid}", highlight=False)
+
+
+@app.command()
+def approve(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    call_id: Annotated[Optional[str], typer.Argument(help="The tool call to approve (default: the only one waiting).")] = None,
+    note: Annotated[str, typer.Option(help="Why, for the record.")] = "",
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Approve a tool call that a permission rule sent to a person (works from any process)."""
+    _decide(session, call_id, True, note, db, bus)
+
+
+@app.command()
+def deny(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    call_id: Annotated[Optional[str], typer.Argument(help="The tool call to deny (default: the only one waiting).")] = None,
+    reason: Annotated[str, typer.Option(help="Told to the model.")] = "",
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Deny a tool call waiting for approval; the model is told and continues without it."""
+    _decide(session, call_id, False, reason, db, bus)
+
+
+@app.command()
+def cancel(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    reason: Annotated[str, typer.Option(help="Recorded in the SessionCancelled event.")] = "cancelled by a person",
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Cancel a session that has not ended."""
+    from loopstream.core.runtime import Runtime
+
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    runtime = Runtime(log, [])
+    if (state := runtime.load(sid)).terminal:
+        raise UserError(f"session {sid} already ended ({state.status})")
+    by = f"person:{getpass.getuser()}"
+    runtime.record(sid, [ev.SessionCancelled(reason=reason)], actor=by)
+    out.print(f"cancelled session {sid}")
 
 
 @app.command()
@@ -196,6 +355,100 @@ def show(
         table.add_row(str(e.seq), _time(e.time), e.type, e.actor, summarize(e, width))
     out.print(f"session {sid}", highlight=False)
     out.print(table)
+
+
+@app.command()
+def worker(
+    role: Annotated[str, typer.Option(help="orchestrator | model | tool | all (one consumer group each).")] = "all",
+    bus: BusOpt = None,
+    db: DbOpt = None,
+    model: Annotated[Optional[str], typer.Option(help="Model for the model role (as for `run`); recorded in sessions the orchestrator starts.")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted (as for `run`).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
+    action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
+    group_prefix: Annotated[Optional[str], typer.Option(help="Consumer groups are PREFIX.<role> (default: the bus's topic prefix, `loopstream`).")] = None,
+    concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once (threads).")] = 8,
+    agents: Annotated[Optional[Path], typer.Option(help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print each appended event.")] = False,
+) -> None:
+    """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
+    docs/architecture.md#kafka). The orchestrator role also takes goals and publishes results."""
+    import logging
+
+    from loopstream.core import roles
+    from loopstream.core.contract import ContractError
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"%(asctime)s {role} %(levelname)s %(message)s")
+    logging.getLogger("loopstream").setLevel(logging.WARNING if quiet else logging.INFO)
+
+    def show_event(e: ev.Event) -> None:
+        err.print(f"  [dim]{e.session_id[:8]}[/] {e.seq:>3} {e.type:<16} {summarize(e, 90)}", highlight=False)
+
+    def ready(w, intake) -> None:
+        err.print(f"[dim]worker {w.group}: {', '.join(p.name for p in w.processors)}"
+                  f"{' + goal intake ' + intake.group if intake else ''}[/]", highlight=False)
+
+    opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
+                               action_mode=action_mode, group_prefix=group_prefix, concurrency=concurrency,
+                               agents_file=agents, on_event=None if quiet else show_event)
+    try:
+        w = roles.run_role(opts, on_ready=ready)
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
+    err.print(f"[dim]worker {w.group} stopped: {w.stats.snapshot()}[/]", highlight=False)
+
+
+@app.command()
+def submit(
+    goal: Annotated[str, typer.Argument(help="What the agent should do.")],
+    bus: BusOpt = None,
+    db: DbOpt = None,
+    agent: Annotated[str, typer.Option(help="Agent configuration the workers know.")] = "default",
+    wait: Annotated[bool, typer.Option("--wait", help="Wait for the result and print the answer.")] = False,
+    timeout: Annotated[float, typer.Option(min=0.1, help="Seconds --wait waits.")] = 300.0,
+    idempotency_key: Annotated[Optional[str], typer.Option(help="The same key never starts a second session (default: random).")] = None,
+    correlation_id: Annotated[Optional[str], typer.Option(help="Correlation id for the session's events and updates (default: the key).")] = None,
+    reply_topic: Annotated[Optional[str], typer.Option(help="Topic for the updates (default: <prefix>.results).")] = None,
+    progress: Annotated[bool, typer.Option("--progress", help="Ask for per-step progress updates (printed with --wait).")] = False,
+    model: Annotated[Optional[str], typer.Option(help="SQLite bus only: model recorded in the session.")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="SQLite bus only: provider recorded in the session.")] = None,
+) -> None:
+    """Hand GOAL to the workers: a Goal record on the goals topic (Kafka), or a new session in
+    the log (SQLite). Prints the session id, or with --wait the answer."""
+    import os
+
+    from loopstream.core import roles
+    from loopstream.core.contract import ContractError, Goal
+
+    bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
+    record = Goal(goal=goal, agent=agent, idempotency_key=idempotency_key, correlation_id=correlation_id,
+                  reply_topic=reply_topic, progress=progress)
+    try:
+        if bus and bus.startswith("kafka://"):
+            def on_progress(u) -> None:
+                err.print(f"  [dim]{u.seq:>3} {u.event_type:<16}[/] {u.detail or ''}", highlight=False)
+
+            done = roles.submit_goal(bus, record, wait=wait, timeout=timeout, on_progress=on_progress)
+            sid, result = done.session_id, done.result
+            status, answer, error = (result.status, result.answer, result.error) if result else ("", None, None)
+        else:
+            log = open_log(bus, db)
+            config = roles.default_agents(provider or "any", model or "default").get(agent)
+            if config is None:
+                raise UserError(f"unknown agent {agent!r} (a SQLite submit knows `default` only)")
+            sid = roles.start_local(log, record, config)
+            state = roles.wait_local(log, sid, timeout) if wait else None
+            status, answer, error = (state.status, state.answer, state.error) if state else ("", None, None)
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
+    if not wait:
+        out.print(sid, highlight=False)
+        return
+    if status == "done":
+        out.print(answer or "", highlight=False)
+        err.print(f"[dim]session[/] {sid}", highlight=False)
+        return
+    _fail(f"session {sid} {status}: {error or ''}", 1)
 
 
 def _time(ms: int, date: bool = False) -> str:

@@ -39,6 +39,16 @@ def summarize(event: ev.Event, width: int = 80) -> str:
             s = f"{p.target} attempt {p.attempt} in {p.delay_ms} ms ({p.reason})"
         case ev.ModelFallback():
             s = f"{p.from_model} → {p.to_model} ({p.reason})"
+        case ev.CompactionRequested():
+            s = f"events {p.from_seq}-{p.to_seq} (~{p.estimated_tokens} tok > budget {p.budget_tokens})"
+        case ev.ContextCompacted():
+            s = f"events {p.from_seq}-{p.to_seq} → {p.method} summary ({p.tokens_before} → {p.tokens_after} tok)"
+        case ev.GuardrailTripped():
+            s = f"{p.stage} {p.action}: {p.message} [{p.rule}]"
+        case ev.ApprovalRequested():
+            s = f"{_call(p.name, p.arguments_json)} waits for a person ({p.reason}); call {p.call_id}"
+        case ev.ApprovalDecided():
+            s = f"{'approved' if p.approved else 'denied'} {p.call_id} by {p.by}" + (f": {p.reason}" if p.reason else "")
         case ev.ToolRequested():
             s = _call(p.name, p.arguments_json)
         case ev.ToolCompleted():
@@ -60,6 +70,7 @@ STATUS_BY_LAST_TYPE = {
     "SessionFinished": "done",
     "SessionFailed": "failed",
     "SessionCancelled": "cancelled",
+    "ApprovalRequested": "awaiting approval",
 }
 
 

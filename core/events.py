@@ -137,13 +137,82 @@ class SessionCancelled(Payload):
     reason: str
 
 
+class SessionForked(Payload):
+    TYPE = "SessionForked"
+    parent_session_id: str
+    parent_seq: int
+    parent_event_hash: str
+    reason: str
+    overrides_json: str = "{}"
+    acknowledged_side_effects_json: str = "[]"
+
+
+class UserMessage(Payload):
+    TYPE = "UserMessage"
+    text: str
+
+
+class CompactionRequested(Payload):
+    TYPE = "CompactionRequested"
+    request_id: str
+    from_seq: int
+    to_seq: int
+    estimated_tokens: int
+    budget_tokens: int
+
+
+class ContextCompacted(Payload):
+    TYPE = "ContextCompacted"
+    request_id: str
+    from_seq: int
+    to_seq: int
+    summary: str
+    method: str
+    tokens_before: int
+    tokens_after: int
+
+
+class WorkspaceCheckpointed(Payload):
+    TYPE = "WorkspaceCheckpointed"
+    call_id: str
+    commit: str
+    workdir: str
+    files_changed: int
+
+
+class GuardrailTripped(Payload):
+    TYPE = "GuardrailTripped"
+    stage: str
+    rule: str
+    message: str
+    action: str
+    call_id: str | None = None
+
+
+class ApprovalRequested(Payload):
+    TYPE = "ApprovalRequested"
+    call_id: str
+    name: str
+    arguments_json: str
+    reason: str
+
+
+class ApprovalDecided(Payload):
+    TYPE = "ApprovalDecided"
+    call_id: str
+    approved: bool
+    by: str
+    reason: str
+
+
 PAYLOAD_TYPES: dict[str, type[Payload]] = {
     cls.TYPE: cls
     for cls in (
         SessionStarted, GoalReceived, ModelRequested, ModelResponded, ModelFailed,
-        RetryScheduled, ModelFallback,
+        RetryScheduled, ModelFallback, CompactionRequested, ContextCompacted,
+        GuardrailTripped, ApprovalRequested, ApprovalDecided,
         ToolRequested, ToolCompleted, ToolFailed, SessionFinished, SessionFailed,
-        SessionCancelled,
+        SessionCancelled, SessionForked, UserMessage, WorkspaceCheckpointed,
     )
 }
 
@@ -163,6 +232,7 @@ class Event(BaseModel):
     actor: str
     schema_version: int
     payload: Payload
+    chain_hash: bytes | None = None  # see schemas/envelope.avsc and codec.seal
 
 
 def now_ms() -> int:

@@ -19,8 +19,10 @@ STATES = [
     "planning",        # the orchestrator will ask the model next
     "awaiting_model",  # a model request is in flight
     "backing_off",     # a failed model call waits for its retry time
+    "compacting",      # the context is over budget: older turns are being summarized
     "acting",          # the model answered: run its tool calls, or finish
     "awaiting_tools",  # tool calls are in flight
+    "awaiting_approval",  # a tool call waits for a person's approve / deny
     "done",
     "failed",
     "cancelled",
@@ -38,20 +40,43 @@ TRANSITIONS: list[tuple[str, str | list[str], str, str | None]] = [
     ("RetryScheduled",   "planning",       "backing_off",     None),
     ("ModelRequested",   "backing_off",    "awaiting_model",  None),
     ("ModelFallback",    "planning",       "planning",        None),
+    ("GuardrailTripped", "planning",       "planning",        None),  # input: SessionFailed follows
+    ("GuardrailTripped", "acting",         "planning",        None),  # output: the model is told
+    ("GuardrailTripped", "awaiting_tools", "planning",        "tools_settled"),  # a blocked call settles
+    ("GuardrailTripped", "awaiting_tools", "awaiting_tools",  None),
+    ("GuardrailTripped", "awaiting_approval", "awaiting_approval", None),
+    ("ApprovalRequested", ["awaiting_tools", "awaiting_approval"], "awaiting_approval", None),
+    ("ApprovalDecided",  "awaiting_approval", "awaiting_tools", "no_open_approvals"),
+    ("ApprovalDecided",  "awaiting_approval", "awaiting_approval", None),
+    ("ToolCompleted",    "awaiting_approval", "awaiting_approval", None),
+    ("ToolFailed",       "awaiting_approval", "awaiting_approval", None),
+    ("CompactionRequested", "planning",    "compacting",      None),
+    ("ContextCompacted", "compacting",     "planning",        None),
     ("ToolRequested",    "acting",         "awaiting_tools",  None),
     ("ToolRequested",    "awaiting_tools", "awaiting_tools",  None),
     ("ToolCompleted",    "awaiting_tools", "planning",        "tools_settled"),
     ("ToolCompleted",    "awaiting_tools", "awaiting_tools",  None),
     ("ToolFailed",       "awaiting_tools", "planning",        "tools_settled"),
     ("ToolFailed",       "awaiting_tools", "awaiting_tools",  None),
+    # The workspace was snapshotted before a side-effect tool runs (loopstream.tools.checkpoint).
+    ("WorkspaceCheckpointed", "awaiting_tools", "awaiting_tools", None),
+    ("WorkspaceCheckpointed", "awaiting_approval", "awaiting_approval", None),  # another call waits for a person
     ("SessionFinished",  "acting",         "done",            None),
     ("SessionFailed",    LIVE,             "failed",          None),
     ("SessionCancelled", LIVE,             "cancelled",       None),
+    # A fork continues from the state its copied prefix folds to, whichever live state that
+    # is (loopstream.replay.fork): one self-transition per live state.
+    *[("SessionForked", s, s, None) for s in LIVE],
+    # A person adds a message while neither the model nor a tool call is owed an answer.
+    ("UserMessage",      ["idle", "planning"], "planning",    None),
+    ("UserMessage",      "acting",         "planning",        "reply_without_calls"),
 ]
 
 # Conditions read the folded state *after* the event's payload was applied to it.
 CONDITIONS: dict[str, Callable[[Any], bool]] = {
     "tools_settled": lambda state: not state.pending_calls,
+    "no_open_approvals": lambda state: not state.open_approvals,
+    "reply_without_calls": lambda state: not state.last_reply_calls,
 }
 
 

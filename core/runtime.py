@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
-from loopstream.core.codec import REGISTRY
+from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.fsm import machine_next_state
-from loopstream.core.log import ConcurrencyError, Log, SessionNotFound
+from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, SessionNotFound
 from loopstream.core.processor import Emit, Processor
+from loopstream.core.secrets import Secrets, redact
 from loopstream.core.state import SessionState, fold, open_work
 
 EventCallback = Callable[[ev.Event], None]
@@ -43,11 +44,15 @@ class SessionConfig:
 
 
 def build_events(
-    state: SessionState, cause: ev.Event | None, emits: Sequence[Emit], actor: str
+    state: SessionState, cause: ev.Event | None, emits: Sequence[Emit], actor: str,
+    secrets: Secrets = (),
 ) -> list[ev.Event]:
-    """Envelopes for what a handler emitted, with ids derived from the cause."""
+    """Envelopes for what a handler emitted, with ids derived from the cause.
+
+    Every payload passes `core.secrets.redact` here (secret-looking env vars,
+    LOOPSTREAM_SECRETS, and `secrets`), so no secret value reaches the log."""
     cause_id = cause.event_id if cause else ""
-    return [
+    return chain(state, [
         ev.Event(
             event_id=ev.derived_id(state.session_id, cause_id, e.payload.TYPE, e.key),
             session_id=state.session_id,
@@ -58,16 +63,25 @@ def build_events(
             correlation_id=state.correlation_id,
             actor=actor,
             schema_version=REGISTRY.latest(e.payload.TYPE),
-            payload=e.payload,
+            payload=redact(e.payload, secrets),
         )
         for i, e in enumerate(emits)
-    ]
+    ])
+
+
+def chain(state: SessionState, events: list[ev.Event]) -> list[ev.Event]:
+    """Link the events that follow `state` into the session's hash chain (codec.seal)."""
+    if state.seq >= 0 and state.chain_head is None:
+        return events  # a session written before chaining stays unchained
+    return seal(events, state.chain_head)
 
 
 class Runtime:
     def __init__(
-        self, log: Log, processors: Sequence[Processor], on_event: EventCallback | None = None
+        self, log: Log, processors: Sequence[Processor], on_event: EventCallback | None = None,
+        *, secrets: Secrets = (),
     ) -> None:
+        self.secrets = secrets if isinstance(secrets, Mapping) else tuple(secrets)  # redacted on top of the env's
         self.log = log
         self.processors = list(processors)
         self.on_event = on_event
@@ -82,6 +96,7 @@ class Runtime:
         correlation_id: str | None = None,
         idempotency_key: str | None = None,
         actor: str = "cli",
+        reply_topic: str | None = None,
     ) -> str:
         if session_id is None and idempotency_key is not None:
             session_id = ev.derived_id("session", idempotency_key)[:16]  # a repeated key starts nothing new
@@ -97,11 +112,11 @@ class Runtime:
             workdir=config.workdir,
             config_json=json.dumps(config.extra, sort_keys=True),
         )
-        goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key)
+        goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         blank = SessionState(session_id=sid, correlation_id=corr)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)
-        batch = build_events(blank, None, [Emit(started), Emit(goal_ev)], actor)
-        batch = [e.model_copy(update={"event_id": ev.derived_id(root, str(e.seq))}) for e in batch]
+        batch = build_events(blank, None, [Emit(started), Emit(goal_ev)], actor, self.secrets)
+        batch = chain(blank, [e.model_copy(update={"event_id": ev.derived_id(root, str(e.seq))}) for e in batch])
         self._append(blank, batch)
         return sid
 
@@ -124,6 +139,28 @@ class Runtime:
             state = self._dispatch(state, work[0])
         raise RuntimeStuck(f"session {session_id} did not finish within {max_events} dispatches")
 
+    def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "",
+               attempts: int = 10) -> SessionState:
+        """Append what a person or another system decided (approve, deny, cancel) at the
+        session's head, from any process: if the log moves on meanwhile, check again on the
+        new head. An event that is illegal there raises IllegalTransition."""
+        for _ in range(attempts):
+            state = self.load(session_id)
+            (head,) = self.log.read(session_id, state.seq, state.seq)
+            batch = build_events(state, head, [Emit(p, key=key) for p in payloads], actor, self.secrets)
+            preview = fold(batch, state, transition=machine_next_state)
+            try:
+                self.log.append(session_id, batch, state.next_seq)
+            except DuplicateEvent:
+                return self.load(session_id)  # the same decision was already recorded
+            except ConcurrencyError:
+                continue
+            if self.on_event:
+                for e in batch:
+                    self.on_event(e)
+            return preview
+        raise ConcurrencyError(session_id, -1, -1)
+
     def _dispatch(self, state: SessionState, seq: int) -> SessionState:
         (event,) = self.log.read(state.session_id, seq, seq)
         for proc in self.processors:
@@ -141,7 +178,7 @@ class Runtime:
         )
 
     def _commit(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
-        return self._append(state, build_events(state, cause, emits, actor))
+        return self._append(state, build_events(state, cause, emits, actor, self.secrets))
 
     def _append(self, state: SessionState, batch: list[ev.Event]) -> SessionState:
         # Check the batch against the `transitions` machine before it reaches the log:

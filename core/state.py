@@ -48,6 +48,12 @@ class SessionState:
     last_reply_text: str = ""
     pending_calls: dict[str, ToolCall] = field(default_factory=dict)
     pending_call_seqs: dict[str, int] = field(default_factory=dict)
+    # call id -> seq of its WorkspaceCheckpointed: the workspace was snapshotted, the side-effect
+    # tool runs next (open_work points at this seq instead of the ToolRequested).
+    checkpointed_calls: dict[str, int] = field(default_factory=dict)
+    open_approvals: dict[str, str] = field(default_factory=dict)  # call id -> why a person must decide
+    approvals: dict[str, bool] = field(default_factory=dict)  # call id -> a person's decision
+    guardrail_trips: int = 0
     tool_calls: int = 0
     tool_errors: int = 0
     input_tokens: int = 0
@@ -56,6 +62,10 @@ class SessionState:
     error: str | None = None
     started_ms: int = 0
     updated_ms: int = 0
+    open_compaction_id: str | None = None
+    open_compaction_seq: int | None = None
+    compactions: int = 0
+    chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
 
     @property
     def next_seq(self) -> int:
@@ -98,10 +108,10 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.config = json.loads(p.config_json or "{}")
             if p.system_prompt:
-                state.messages.append(Message(role="system", content=p.system_prompt))
+                state.messages.append(Message(role="system", content=p.system_prompt, seq=event.seq))
         case ev.GoalReceived():
             state.goal = state.goal or p.text
-            state.messages.append(Message(role="user", content=p.text))
+            state.messages.append(Message(role="user", content=p.text, seq=event.seq))
         case ev.ModelRequested():
             if p.step != state.step:
                 state.step, state.attempt = p.step, 0
@@ -115,7 +125,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 ToolCall(call_id=c.call_id, name=c.name, arguments=_args(c.arguments_json))
                 for c in p.tool_calls
             ]
-            state.messages.append(Message(role="assistant", content=p.text, tool_calls=calls))
+            state.messages.append(Message(role="assistant", content=p.text, tool_calls=calls, seq=event.seq))
             state.last_reply_calls, state.last_reply_text = calls, p.text
             state.input_tokens += p.input_tokens
             state.output_tokens += p.output_tokens
@@ -145,12 +155,14 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
             state.pending_call_seqs.pop(p.call_id, None)
+            state.checkpointed_calls.pop(p.call_id, None)
             state.messages.append(
-                Message(role="tool", content=p.result, tool_call_id=p.call_id, name=p.name)
+                Message(role="tool", content=p.result, tool_call_id=p.call_id, name=p.name, seq=event.seq)
             )
         case ev.ToolFailed():
             state.pending_calls.pop(p.call_id, None)
             state.pending_call_seqs.pop(p.call_id, None)
+            state.checkpointed_calls.pop(p.call_id, None)
             state.tool_errors += 1
             state.messages.append(
                 Message(
@@ -158,21 +170,89 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                     content=f"ERROR ({p.error_kind}): {p.message}",
                     tool_call_id=p.call_id,
                     name=p.name,
+                    seq=event.seq,
                 )
             )
+        case ev.CompactionRequested():
+            state.open_compaction_id = p.request_id
+            state.open_compaction_seq = event.seq
+        case ev.ContextCompacted():
+            state.messages = compacted(state.messages, p.from_seq, p.to_seq, p.summary)
+            state.compactions += 1
+            state.open_compaction_id = state.open_compaction_seq = None
+        case ev.GuardrailTripped():
+            state.guardrail_trips += 1
+            note = f"BLOCKED by guardrail ({p.rule}): {p.message}"
+            if p.call_id is not None and p.call_id in state.pending_calls:
+                name = state.pending_calls.pop(p.call_id).name
+                state.pending_call_seqs.pop(p.call_id, None)
+                state.messages.append(Message(role="tool", content=note, tool_call_id=p.call_id, name=name,
+                                              seq=event.seq))
+            elif p.stage == "output" and p.action == "tell_model":
+                state.messages.append(Message(role="user", content=note, seq=event.seq))
+        case ev.ApprovalRequested():
+            state.open_approvals[p.call_id] = p.reason
+        case ev.ApprovalDecided():
+            state.open_approvals.pop(p.call_id, None)
+            state.approvals[p.call_id] = p.approved
+            if p.call_id in state.pending_call_seqs:
+                state.pending_call_seqs[p.call_id] = event.seq  # the tool processor acts on the decision
         case ev.SessionFinished():
             state.answer = p.answer
         case ev.SessionFailed():
             state.error = p.reason
         case ev.SessionCancelled():
             state.error = p.reason
+        case ev.SessionForked():
+            _apply_overrides(state, json.loads(p.overrides_json or "{}"))
+        case ev.UserMessage():
+            state.messages.append(Message(role="user", content=p.text, seq=event.seq))
+        case ev.WorkspaceCheckpointed():
+            if p.call_id in state.pending_calls:
+                state.checkpointed_calls[p.call_id] = event.seq
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
     state.status = transition(state, event.type, event.seq)
     state.seq = event.seq
     state.last_event_id = event.event_id
     state.updated_ms = event.time
+    state.chain_head = event.chain_hash
     return state
+
+
+def _apply_overrides(state: SessionState, overrides: dict) -> None:
+    """A fork's changes to what the session runs with; they take effect from its next step."""
+    if "model" in overrides:
+        state.model = overrides["model"]
+    if "provider" in overrides:
+        state.provider = overrides["provider"]
+    if "tools" in overrides:
+        state.tools = list(overrides["tools"])
+    if "max_steps" in overrides:
+        state.max_steps = int(overrides["max_steps"])
+    if "system_prompt" in overrides:  # replaces the system message in place (same seq)
+        has_system = bool(state.messages) and state.messages[0].role == "system"
+        prompt = overrides["system_prompt"]
+        if has_system and prompt:
+            state.messages[0] = Message(role="system", content=prompt, seq=state.messages[0].seq)
+        elif has_system:
+            del state.messages[0]
+        elif prompt:
+            state.messages.insert(0, Message(role="system", content=prompt, seq=0))
+
+
+def summary_message(summary: str, from_seq: int, to_seq: int) -> Message:
+    """How a compacted range appears to the model; its seq is the range's start, so the
+    messages stay in seq order and a later compaction can include this summary."""
+    return Message(role="user", content=f"[Summary of earlier steps, events {from_seq}-{to_seq}]\n{summary}",
+                   seq=from_seq)
+
+
+def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str) -> list[Message]:
+    """`messages` with those from seq `from_seq` to `to_seq` replaced by one summary."""
+    before = [m for m in messages if m.seq is None or m.seq < from_seq]
+    after = [m for m in messages if m.seq is not None and m.seq > to_seq]
+    return before + [summary_message(summary, from_seq, to_seq)] + after
 
 
 def clone(state: SessionState) -> SessionState:
@@ -182,7 +262,10 @@ def clone(state: SessionState) -> SessionState:
         messages=list(state.messages),
         pending_calls=dict(state.pending_calls),
         pending_call_seqs=dict(state.pending_call_seqs),
+        checkpointed_calls=dict(state.checkpointed_calls),
         fallbacks_used=list(state.fallbacks_used),
+        open_approvals=dict(state.open_approvals),
+        approvals=dict(state.approvals),
     )
 
 
@@ -200,14 +283,24 @@ def open_work(state: SessionState) -> list[int]:
     """Seqs of the events whose handling is still owed: what a restarted runtime redoes.
 
     planning/acting: the orchestrator must decide from the latest event; awaiting_model:
-    the open ModelRequested; awaiting_tools: each ToolRequested without a result.
+    the open ModelRequested; awaiting_tools/approval: each ToolRequested without a result
+    and not waiting for a person (after a decision: the ApprovalDecided), except
+    that a call whose workspace checkpoint is taken is owed by its WorkspaceCheckpointed,
+    and those come first: a side-effect tool runs right after its own checkpoint, so each
+    checkpoint holds the workspace exactly as the events before it left it.
     """
     if state.status in ("planning", "acting", "backing_off"):
         return [state.seq]
     if state.status == "awaiting_model" and state.open_request_seq is not None:
         return [state.open_request_seq]
-    if state.status == "awaiting_tools":
-        return sorted(state.pending_call_seqs.values())
+    if state.status == "compacting" and state.open_compaction_seq is not None:
+        return [state.open_compaction_seq]
+    if state.status in ("awaiting_tools", "awaiting_approval"):
+        checkpointed = sorted(state.checkpointed_calls.values())
+        return checkpointed + sorted(
+            s for c, s in state.pending_call_seqs.items()
+            if c not in state.checkpointed_calls and c not in state.open_approvals  # those wait for a person
+        )
     return []
 
 

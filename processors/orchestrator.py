@@ -4,6 +4,7 @@ It never calls anything; it only chooses among the FSM's legal moves:
 planning → ModelRequested; after a failed model call RetryScheduled (backoff), then
 ModelFallback to the next model of the chain, then SessionFailed; a budget exceeded
 (steps, tokens, cost, wall time) → SessionFailed;
+a context over its token budget → CompactionRequested (the compaction processor answers);
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text.
 """
 from __future__ import annotations
@@ -15,9 +16,13 @@ from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.processors import budgets
+from loopstream.processors.guardrails import check_input, check_output
+from loopstream.processors.compaction import DEFAULT_KEEP_RECENT, compaction_range
 from loopstream.processors.retry import retry_delay_ms
+from loopstream.providers.tokens import estimate_tokens
 
 DEFAULT_MAX_MODEL_ATTEMPTS = 3
+DEFAULT_MAX_OUTPUT_RETRIES = 2
 
 
 class Orchestrator:
@@ -27,6 +32,10 @@ class Orchestrator:
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
         if event.seq != state.seq:
             return []  # decisions are made on the head of the log only, never on a stale event
+        guard = state.config.get("guardrails")
+        if guard and event.type in ("GoalReceived", "UserMessage") and (trip := check_input(guard, event.payload.text)):
+            return [Emit(trip), Emit(ev.SessionFailed(reason=f"input blocked by guardrail {trip.rule}",
+                                                      error_kind="guardrail"))]
         if state.status in ("planning", "backing_off"):
             return self._plan(state)
         if state.status == "acting":
@@ -42,9 +51,26 @@ class Orchestrator:
             return self._after_failure(state, now)
         if state.status == "backing_off" and state.retry_not_before_ms and now < state.retry_not_before_ms:
             return []  # not yet: the runtime waits until state.wake_at_ms
+        if state.status == "planning" and (compact := self._compaction(state)) is not None:
+            return [Emit(compact)]
         attempt = state.attempt + 1 if state.step_open else 1
         request_id = derived_id(state.session_id, "model", str(step), str(attempt))[:16]
         return [Emit(ev.ModelRequested(request_id=request_id, step=step, attempt=attempt, model=state.model))]
+
+    def _compaction(self, state: SessionState) -> ev.CompactionRequested | None:
+        budget = state.config.get("context_budget_tokens")
+        if not budget:
+            return None
+        estimated = estimate_tokens(state.messages, state.provider)
+        if estimated <= int(budget):
+            return None
+        span = compaction_range(state.messages, int(state.config.get("compaction_keep_recent", DEFAULT_KEEP_RECENT)))
+        if span is None:
+            return None  # nothing left to compact: go on over budget rather than stop
+        return ev.CompactionRequested(
+            request_id=derived_id(state.session_id, "compact", str(state.seq))[:16],
+            from_seq=span[0], to_seq=span[1], estimated_tokens=estimated, budget_tokens=int(budget),
+        )
 
     def _after_failure(self, state: SessionState, now: int) -> list[Emit]:
         max_attempts = int(state.config.get("max_model_attempts", DEFAULT_MAX_MODEL_ATTEMPTS))
@@ -81,8 +107,16 @@ class Orchestrator:
                 )
                 for call in state.last_reply_calls
             ]
+        answer = state.last_reply_text.strip()
+        guard = state.config.get("guardrails")
+        if guard and (trip := check_output(guard, answer)):
+            tries = int(guard.get("max_output_retries", DEFAULT_MAX_OUTPUT_RETRIES))
+            if trip.action == "stop" or state.guardrail_trips >= tries:
+                return [Emit(trip), Emit(ev.SessionFailed(
+                    reason=f"output blocked by guardrail {trip.rule}: {trip.message}", error_kind="guardrail"))]
+            return [Emit(trip)]  # the fold tells the model why; it answers again
         return [Emit(ev.SessionFinished(
-            answer=state.last_reply_text.strip(),
+            answer=answer,
             steps=state.step,
             input_tokens=state.input_tokens,
             output_tokens=state.output_tokens,

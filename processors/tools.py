@@ -2,6 +2,16 @@
 
 Unknown tools, invalid arguments and exceptions inside a tool all become ToolFailed
 events the model reads on its next step; none of them stops the loop.
+
+Before a call runs it passes a gate: guardrails (deny patterns, an optional reviewer
+model) may block it (GuardrailTripped), and permission rules may deny it (ToolFailed
+permission_denied) or ask a person (ApprovalRequested; the session waits in
+awaiting_approval until an ApprovalDecided, written by `loopstream approve` / `deny`).
+
+A side-effect tool (`read_only=False`) takes two steps: on its ToolRequested the
+processor snapshots the workspace and emits WorkspaceCheckpointed (nothing else), and
+on that event it runs the tool. So the checkpoint is in the log before the tool
+changes anything, and each step stays a plain handler (event in, events out).
 """
 from __future__ import annotations
 
@@ -12,6 +22,10 @@ from pathlib import Path
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
+from loopstream.processors.guardrails import check_tool_call
+from loopstream.providers.base import Provider, ToolCall
+from loopstream.tools.checkpoint import CheckpointError, Workspace
+from loopstream.tools.permissions import decide
 from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry
 
 MAX_RESULT_CHARS = 16_000
@@ -19,41 +33,111 @@ MAX_RESULT_CHARS = 16_000
 
 class ToolProcessor:
     name = "tools"
-    triggers = frozenset({"ToolRequested"})
+    triggers = frozenset({"ToolRequested", "WorkspaceCheckpointed", "ApprovalDecided"})
 
-    def __init__(self, registry: ToolRegistry) -> None:
+    def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None) -> None:
         self.registry = registry
+        self.checkpoints = checkpoints  # snapshot the workspace before each side-effect tool
+        self.reviewer = reviewer  # the model that reviews tool calls when a guardrail asks for it
 
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
-        req = event.payload
+        p = event.payload
+        if isinstance(p, ev.WorkspaceCheckpointed):  # step 2 of a side-effect tool
+            call = state.pending_calls.get(p.call_id)
+            if call is None:
+                return []  # already settled (a redelivery)
+            return [self._run(call.call_id, call.name, call.arguments, state, time.monotonic())]
+        if isinstance(p, ev.ApprovalDecided):  # a person answered: run it, or tell the model
+            call = state.pending_calls.get(p.call_id)
+            if call is None or p.call_id in state.checkpointed_calls or p.call_id in state.open_approvals:
+                return []
+            if not p.approved:
+                return [self._failed(call.call_id, call.name, "denied_by_user",
+                                     f"{p.by} denied this call" + (f": {p.reason}" if p.reason else ""),
+                                     time.monotonic())]
+            return self._proceed(call.call_id, call.name, call.arguments, state, time.monotonic())
+        req = p
         assert isinstance(req, ev.ToolRequested)
-        if req.call_id not in state.pending_calls:
-            return []  # already settled (a redelivery)
+        if (req.call_id not in state.pending_calls or req.call_id in state.checkpointed_calls
+                or req.call_id in state.approvals or req.call_id in state.open_approvals):
+            return []  # already settled (a redelivery), or a later event of this call carries it on
         started = time.monotonic()
-        # Only the tools this session was started with are callable.
-        allowed = self.registry.select([n for n in state.tools if n in self.registry.tools])
         try:
             arguments = json.loads(req.arguments_json)
-            if not isinstance(arguments, dict):
-                raise ToolError("tool arguments must be a JSON object", "invalid_arguments")
-            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
-            result = allowed.call(req.name, arguments, ctx)
-        except ToolError as exc:
-            return [self._failed(req, exc.kind, str(exc), started)]
         except ValueError as exc:
-            return [self._failed(req, "invalid_arguments", f"arguments are not JSON: {exc}", started)]
+            return [self._failed(req.call_id, req.name, "invalid_arguments", f"arguments are not JSON: {exc}", started)]
+        if not isinstance(arguments, dict):
+            return [self._failed(req.call_id, req.name, "invalid_arguments",
+                                 "tool arguments must be a JSON object", started)]
+        if (gated := self._gate(req, arguments, state, started)) is not None:
+            return gated
+        return self._proceed(req.call_id, req.name, arguments, state, started)
+
+    def _gate(self, req: ev.ToolRequested, arguments: dict, state: SessionState, started: float) -> list[Emit] | None:
+        """Guardrails, then permission rules: block, deny, ask a person — or None to go on."""
+        guard = state.config.get("guardrails")
+        if guard:
+            call = ToolCall(call_id=req.call_id, name=req.name, arguments=arguments)
+            if (trip := check_tool_call(guard, call, state.goal, self.reviewer)) is not None:
+                stop = [Emit(ev.SessionFailed(reason=f"tool call {req.name} blocked by guardrail {trip.rule}",
+                                              error_kind="guardrail"))] if trip.action == "stop" else []
+                return [Emit(trip, key=req.call_id), *stop]
+        permissions = state.config.get("permissions")
+        if permissions:
+            decision = decide(permissions, req.name, arguments)
+            if decision.action == "deny":
+                return [self._failed(req.call_id, req.name, "permission_denied",
+                                     f"not allowed by policy: {decision.reason}", started)]
+            if decision.action == "ask":
+                return [Emit(ev.ApprovalRequested(call_id=req.call_id, name=req.name,
+                                                  arguments_json=req.arguments_json, reason=decision.reason),
+                             key=req.call_id)]
+        return None
+
+    def _proceed(self, call_id: str, name: str, arguments: dict, state: SessionState, started: float) -> list[Emit]:
+        """Run a read-only tool now; checkpoint the workspace first for a side-effect tool."""
+        tool = self._allowed(state).tools.get(name)
+        if self.checkpoints and tool is not None and not tool.read_only:
+            try:
+                tool.validate(arguments)  # bad arguments fail now: no checkpoint for a call that cannot run
+            except ToolError as exc:
+                return [self._failed(call_id, name, exc.kind, str(exc), started)]
+            return [self._checkpoint(call_id, name, state, started)]
+        return [self._run(call_id, name, arguments, state, started)]
+
+    def _allowed(self, state: SessionState) -> ToolRegistry:
+        # Only the tools this session was started with are callable.
+        return self.registry.select([n for n in state.tools if n in self.registry.tools])
+
+    def _checkpoint(self, call_id: str, name: str, state: SessionState, started: float) -> Emit:
+        workspace = Workspace(state.workdir or ".", exclude=state.config.get("checkpoint_exclude", ()))
+        try:
+            snap = workspace.snapshot(f"before {name} (session {state.session_id}, call {call_id})")
+        except CheckpointError as exc:
+            return self._failed(call_id, name, "checkpoint_failed",
+                                f"{name} did not run: the workspace could not be checkpointed first: {exc}",
+                                started)
+        return Emit(ev.WorkspaceCheckpointed(
+            call_id=call_id, commit=snap.commit, workdir=str(workspace.workdir),
+            files_changed=snap.files_changed,
+        ), key=call_id)
+
+    def _run(self, call_id: str, name: str, arguments: dict, state: SessionState, started: float) -> Emit:
+        try:
+            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
+            result = self._allowed(state).call(name, arguments, ctx)
+        except ToolError as exc:
+            return self._failed(call_id, name, exc.kind, str(exc), started)
         except Exception as exc:  # a bug in a user's tool must reach the model, not kill the loop
-            return [self._failed(req, "tool_exception", f"{type(exc).__name__}: {exc}", started)]
+            return self._failed(call_id, name, "tool_exception", f"{type(exc).__name__}: {exc}", started)
         if len(result) > MAX_RESULT_CHARS:
             result = result[:MAX_RESULT_CHARS] + f"\n…(truncated {len(result) - MAX_RESULT_CHARS} chars)"
-        return [Emit(ev.ToolCompleted(
-            call_id=req.call_id, name=req.name, result=result, latency_ms=_ms(started)
-        ))]
+        return Emit(ev.ToolCompleted(call_id=call_id, name=name, result=result, latency_ms=_ms(started)))
 
     @staticmethod
-    def _failed(req: ev.ToolRequested, kind: str, message: str, started: float) -> Emit:
+    def _failed(call_id: str, name: str, kind: str, message: str, started: float) -> Emit:
         return Emit(ev.ToolFailed(
-            call_id=req.call_id, name=req.name, error_kind=kind, message=message, latency_ms=_ms(started)
+            call_id=call_id, name=name, error_kind=kind, message=message, latency_ms=_ms(started)
         ))
 
 

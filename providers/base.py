@@ -32,6 +32,7 @@ class Message(BaseModel):
     tool_calls: list[ToolCall] = Field(default_factory=list)
     tool_call_id: str | None = None  # role == "tool": which call this answers
     name: str | None = None  # role == "tool": the tool's name
+    seq: int | None = None  # the log event this message came from (compaction names seq ranges)
 
 
 ActionMode = Literal["native", "json_schema", "json_text"]

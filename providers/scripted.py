@@ -32,16 +32,17 @@ class ScriptedProvider:
 
 
 def adder_script(tool_steps: int = 1) -> Script:
-    """Calls `add` `tool_steps` times (adding 1 to the last result), then answers with it."""
+    """Calls `add` (adding 1 to the last result) until the result reaches `tool_steps`,
+    then answers with it. It reads only the latest tool result, so it keeps counting
+    correctly when older turns were compacted away."""
 
     def script(messages: list[Message]) -> ModelReply:
         results = [m.content for m in messages if m.role == "tool"]
-        done = len(results)
+        done = int(results[-1]) if results else 0
         if done < tool_steps:
-            last = int(results[-1]) if results else 0
-            call = ToolCall(call_id=f"c{done}", name="add", arguments={"a": last, "b": 1})
+            call = ToolCall(call_id=f"c{done}", name="add", arguments={"a": done, "b": 1})
             return ModelReply(text="", tool_calls=[call], input_tokens=10 + done, output_tokens=5, mode="native")
-        return ModelReply(text=f"The result is {results[-1] if results else 0}.", input_tokens=10 + done, output_tokens=6)
+        return ModelReply(text=f"The result is {done}.", input_tokens=10 + done, output_tokens=6)
 
     return script
 

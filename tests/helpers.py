@@ -23,6 +23,16 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.SessionFinished(answer="4", steps=2, input_tokens=30, output_tokens=12),
     ev.SessionFailed(reason="max steps", error_kind="max_steps"),
     ev.SessionCancelled(reason="user"),
+    ev.SessionForked(parent_session_id="p1", parent_seq=4, parent_event_hash="ab" * 32, reason="try another model",
+                     overrides_json='{"model": "small"}', acknowledged_side_effects_json="[]"),
+    ev.UserMessage(text="Now add 3."),
+    ev.WorkspaceCheckpointed(call_id="c1", commit="ab" * 20, workdir="/tmp", files_changed=2),
+    ev.CompactionRequested(request_id="k1", from_seq=3, to_seq=20, estimated_tokens=900, budget_tokens=800),
+    ev.ContextCompacted(request_id="k1", from_seq=3, to_seq=20, summary="added twice", method="model",
+                        tokens_before=900, tokens_after=300),
+    ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
+    ev.ApprovalRequested(call_id="c1", name="add", arguments_json='{"a": 1}', reason="rule 1: ask add"),
+    ev.ApprovalDecided(call_id="c1", approved=True, by="person:ada", reason=""),
 ]
 
 

@@ -49,14 +49,18 @@ class Tool:
             prop.pop("title", None)
         return ToolSpec(name=self.name, description=self.description, parameters=schema)
 
-    def invoke(self, arguments: dict[str, Any], ctx: ToolContext) -> str:
+    def validate(self, arguments: dict[str, Any]) -> BaseModel:
+        """The arguments as the tool's model, or a ToolError (kind invalid_arguments) saying what is wrong."""
         try:
-            args = self.args_model.model_validate(arguments)
+            return self.args_model.model_validate(arguments)
         except ValidationError as exc:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'arguments'}: {e['msg']}" for e in exc.errors()
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}", "invalid_arguments") from None
+
+    def invoke(self, arguments: dict[str, Any], ctx: ToolContext) -> str:
+        args = self.validate(arguments)
         kwargs = {k: getattr(args, k) for k in self.args_model.model_fields}
         if self.wants_context:
             kwargs["ctx"] = ctx
@@ -123,8 +127,14 @@ class ToolRegistry:
         return t.invoke(arguments, ctx)
 
 
-def default_registry() -> ToolRegistry:
-    """The built-in tools: arithmetic and read-only file tools."""
+def default_registry(*, allow_writes: bool = False) -> ToolRegistry:
+    """The built-in tools: arithmetic and read-only file tools; with `allow_writes`, also the
+    side-effect tools write_file, edit_file and shell (loopstream.tools.workspace)."""
     from loopstream.tools import arithmetic, files
 
-    return ToolRegistry().add(*arithmetic.TOOLS, *files.TOOLS)
+    registry = ToolRegistry().add(*arithmetic.TOOLS, *files.TOOLS)
+    if allow_writes:
+        from loopstream.tools import workspace
+
+        registry.add(*workspace.TOOLS)
+    return registry

@@ -1,0 +1,181 @@
+"""The goal contract other systems speak, and the names of the Kafka deployment.
+
+Records (schemas in `schemas/contract/`):
+- `Goal` (goal.avsc): produced by other systems to the goals topic.
+- `SessionUpdate` (session_update.avsc): progress and results, to the goal's reply topic.
+
+Wire format: plain schemaless Avro (`fastavro.schemaless_writer`), the same choice as the
+event topic: no schema registry is needed to take part. A goal whose first byte is 0 is
+read as Confluent wire format (magic byte 0, 4-byte schema id, then the record written
+with goal.avsc): a plain Goal never starts with 0, because its first field is the goal
+text and an empty goal is invalid. The schema id is not looked up: the registered schema
+must be goal.avsc (or write the record with it).
+
+Names: `kafka://HOST:PORT[?prefix=NAME&<librdkafka consumer setting>=VALUE...]`. Topics are
+`<prefix>.events` (the log), `<prefix>.goals`, `<prefix>.results` (the default reply
+topic); consumer groups are `<group prefix>.<role>` (the group prefix defaults to the topic
+prefix). The default prefix is `loopstream`. Query keys containing a dot
+(`session.timeout.ms=2000`) are passed to the consumers (subscriptions, goal intake).
+This module imports no Kafka client.
+"""
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from functools import cache
+from typing import Any
+from urllib.parse import parse_qsl
+
+import fastavro
+
+from loopstream.core import events as ev
+from loopstream.schemas import SCHEMA_DIR
+
+CONTRACT_DIR = SCHEMA_DIR / "contract"
+DEFAULT_PREFIX = "loopstream"
+CONFLUENT_MAGIC = 0
+
+
+class ContractError(ValueError):
+    pass
+
+
+@cache
+def schema(name: str) -> Any:
+    """Parsed schema `goal` or `session_update`."""
+    return fastavro.parse_schema(json.loads((CONTRACT_DIR / f"{name}.avsc").read_text()))
+
+
+@dataclass
+class Goal:
+    goal: str
+    agent: str = "default"
+    idempotency_key: str | None = None
+    correlation_id: str | None = None
+    reply_topic: str | None = None
+    progress: bool = False
+    submitted_ms: int = 0
+
+
+@dataclass
+class SessionUpdate:
+    correlation_id: str
+    session_id: str
+    kind: str  # progress | result
+    status: str
+    seq: int
+    event_type: str
+    time: int
+    answer: str | None = None
+    error: str | None = None
+    idempotency_key: str | None = None
+    detail: str | None = None
+
+    @property
+    def dedupe_key(self) -> tuple[str, int]:
+        return self.session_id, self.seq
+
+
+def _write(name: str, record: dict) -> bytes:
+    buf = io.BytesIO()
+    fastavro.schemaless_writer(buf, schema(name), record)
+    return buf.getvalue()
+
+
+def _read(name: str, data: bytes) -> dict:
+    buf = io.BytesIO(data)
+    record = fastavro.schemaless_reader(buf, schema(name))
+    if buf.tell() != len(data):
+        raise ContractError(f"{len(data) - buf.tell()} trailing bytes after a {name} record")
+    return record
+
+
+def encode_goal(goal: Goal) -> bytes:
+    if not goal.goal.strip():
+        raise ContractError("a goal needs a non-empty goal text")
+    return _write("goal", asdict(goal))
+
+
+def decode_goal(data: bytes) -> Goal:
+    """Plain Avro, or Confluent wire format (first byte 0); raises ContractError."""
+    if not data:
+        raise ContractError("empty goal record")
+    body = data[5:] if data[0] == CONFLUENT_MAGIC and len(data) > 5 else data
+    try:
+        goal = Goal(**_read("goal", body))
+    except ContractError:
+        raise
+    except Exception as exc:  # fastavro raises assorted errors for bytes that are not a Goal
+        raise ContractError(f"not a Goal record: {type(exc).__name__}: {exc}") from None
+    if not goal.goal.strip():
+        raise ContractError("the goal text is empty")
+    return goal
+
+
+def encode_update(update: SessionUpdate) -> bytes:
+    return _write("session_update", asdict(update))
+
+
+def decode_update(data: bytes) -> SessionUpdate:
+    try:
+        return SessionUpdate(**_read("session_update", data))
+    except ContractError:
+        raise
+    except Exception as exc:
+        raise ContractError(f"not a SessionUpdate record: {type(exc).__name__}: {exc}") from None
+
+
+def session_id_for(idempotency_key: str) -> str:
+    """The session a goal with this key starts (the rule of `Runtime.start_session`)."""
+    return ev.derived_id("session", idempotency_key)[:16]
+
+
+# -- names ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KafkaBus:
+    bootstrap: str
+    prefix: str = DEFAULT_PREFIX
+    consumer_config: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def events_topic(self) -> str:
+        return f"{self.prefix}.events"
+
+    @property
+    def goals_topic(self) -> str:
+        return f"{self.prefix}.goals"
+
+    @property
+    def results_topic(self) -> str:
+        return f"{self.prefix}.results"
+
+    @property
+    def projection_name(self) -> str:
+        """File name of the local projection (one per events topic)."""
+        return "kafka-projection.db" if self.prefix == DEFAULT_PREFIX else f"kafka-projection.{self.prefix}.db"
+
+    def group(self, role: str, group_prefix: str | None = None) -> str:
+        return f"{group_prefix or self.prefix}.{role}"
+
+
+def parse_kafka_url(bus: str) -> KafkaBus:
+    """`kafka://HOST:PORT[,HOST:PORT][?prefix=NAME&key.with.dots=VALUE]` → KafkaBus."""
+    if not bus.startswith("kafka://"):
+        raise ContractError(f"not a kafka bus: {bus!r}")
+    rest = bus[len("kafka://"):]
+    hosts, _, query = rest.partition("?")
+    hosts = hosts.strip("/")
+    if not hosts:
+        raise ContractError("a kafka bus needs a broker address: kafka://HOST:PORT")
+    prefix, consumer = DEFAULT_PREFIX, {}
+    for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
+        if key == "prefix":
+            if not value or not all(c.isalnum() or c in "._-" for c in value):
+                raise ContractError(f"invalid topic prefix {value!r} (letters, digits, . _ -)")
+            prefix = value
+        elif "." in key:
+            consumer[key] = value
+        else:
+            raise ContractError(f"unknown kafka bus option {key!r} (use prefix=, or a librdkafka setting)")
+    return KafkaBus(hosts, prefix, consumer)

@@ -1,0 +1,409 @@
+"""A worker: processors driven by a log subscription instead of by the embedded runtime.
+
+`Worker(log, processors, group)` subscribes to the log as consumer group `group` and, for
+each delivered event, runs the processors whose `triggers` hold its type: the same plain
+handlers `Runtime` uses in-process, here as an independent process over Kafka (or over
+SQLite, whose `subscribe` works the same way). Several workers with different groups (an
+orchestrator, a model worker, a tool worker) together drive every session.
+
+Per delivery
+------------
+1. The session's state is folded to the **head of the log** (a per-session cache, folded
+   incrementally from `log.read(session, cache.next_seq)`), never just up to the delivered
+   event: the orchestrator decides only when the event is the head, and the model/tool
+   processors skip requests that the head shows answered.
+2. Each matching processor's `handle(event, state)` runs in a thread pool (`concurrency`
+   threads), so a slow model or tool call of one session does not hold the other sessions
+   of its partition. Deliveries of one session run one after another, in log order.
+3. Emits become events with `runtime.build_events` (ids derived from the cause), checked
+   against the `transitions` machine, and are appended with optimistic concurrency
+   (`expected_seq = state.next_seq`). `DuplicateEvent`: someone (a redelivery, another
+   member of the group) wrote this very fact already: refresh, drop. `ConcurrencyError`:
+   another writer moved the session; refresh, and if the cause is still owed
+   (`state.open_work`, e.g. a second tool call of the same reply), append the same emits
+   after the new head (same ids, no re-execution); otherwise drop: whatever was written
+   is delivered to its own handlers, and the orchestrator decides again on it.
+4. A session waiting on the clock (`state.wake_at_ms`, backing off before a retry) keeps
+   its delivery open and is handled again at that time, without a thread waiting.
+5. Offsets: a delivery's position is committed only when it and every earlier delivery
+   of its partition are finished (done, not waiting, not failing). So a crash at any
+   point redelivers everything unfinished: at-least-once. Redelivery is harmless:
+   deterministic ids make a repeated append a `DuplicateEvent`, the processors' "already
+   answered" checks skip requests that have a result, and the orchestrator ignores any
+   event that is not the head. A handler that raises is retried with backoff (its
+   partition's commits wait).
+
+Why not Kafka transactions
+--------------------------
+Exactly-once on Kafka is "consume-transform-produce" in one transaction: produce the
+emitted events and commit the consumer offset atomically (`send_offsets_to_transaction`).
+Here that would be the place: around step 3 + the commit of step 5, per delivery. It is not
+used, because (see `core/kafka_log.py`) on the Tansu broker `read_committed` consumers
+still saw the records of aborted transactions and an open transaction was never timed out,
+so transactions bought nothing there and could wedge a partition; and even on real Kafka a
+transaction cannot express "append only if the session is at seq N", which the acceptance
+rule of `KafkaLog` provides. Instead: an idempotent producer (`enable.idempotence`,
+acks=all: no duplicates from producer retries), deterministic event ids, first-writer-wins
+acceptance in every reader, and commit-after-handling. The visible result is the same as
+effectively-once: a crash can make a handler run twice (a model call may be paid twice, a
+read-only tool re-run), but the log keeps one copy of each fact. On real Kafka, a
+transactional producer (`transactional.id` per worker and partition) would additionally
+hide a losing racer's records from `read_committed` readers and make the offset commit
+atomic with the append; the acceptance rule would still be needed for seq conflicts.
+
+Stopping: `stop()` (SIGTERM/SIGINT via `install_signal_handlers`) stops polling, lets the
+running handlers finish (up to `drain_timeout`), commits what is finished and closes the
+subscription; a delivery still waiting on the clock is left uncommitted and redelivered
+to the next worker.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import signal
+import threading
+import time
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from loopstream.core import events as ev
+from loopstream.core.fsm import machine_next_state
+from loopstream.core.log import ConcurrencyError, Delivery, DuplicateEvent, Log, LogError
+from loopstream.core.processor import Emit, Processor
+from loopstream.core.runtime import build_events
+from loopstream.core.secrets import Secrets
+from loopstream.core.state import SessionState, fold, open_work
+
+logger = logging.getLogger("loopstream.worker")
+
+EventCallback = Callable[[ev.Event], None]
+DONE = "done"
+
+
+@dataclass
+class _Job:
+    delivery: Delivery
+    part: Any
+    offset: Any
+    attempts: int = 0
+
+    @property
+    def event(self) -> ev.Event:
+        return self.delivery.event
+
+
+class _Partition:
+    """Offsets of one partition in flight; yields the delivery to commit when a prefix is done."""
+
+    def __init__(self) -> None:
+        self.heap: list[Any] = []
+        self.state: dict[Any, Delivery | None] = {}  # offset -> None while unfinished
+
+    def add(self, offset: Any) -> bool:
+        if offset in self.state:
+            return False  # delivered again while in flight: the first copy will finish it
+        heapq.heappush(self.heap, offset)
+        self.state[offset] = None
+        return True
+
+    def finish(self, offset: Any, delivery: Delivery) -> Delivery | None:
+        self.state[offset] = delivery
+        last = None
+        while self.heap and self.state[self.heap[0]] is not None:
+            last = self.state.pop(heapq.heappop(self.heap))
+        return last
+
+    def __len__(self) -> int:
+        return len(self.state)
+
+
+def _split(position: Any) -> tuple[Any, Any]:
+    """(partition, offset) from a backend's position: Kafka's (p, o); SQLite's global int."""
+    if isinstance(position, tuple) and len(position) == 2:
+        return position[0], position[1]
+    return None, position
+
+
+@dataclass
+class WorkerStats:
+    counts: Counter = field(default_factory=Counter)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, key: str, n: int = 1) -> None:
+        with self.lock:
+            self.counts[key] += n
+
+    def snapshot(self) -> dict[str, int]:
+        with self.lock:
+            return dict(self.counts)
+
+
+class Worker:
+    """Run `processors` over `log` as consumer group `group` (see the module docstring)."""
+
+    def __init__(
+        self,
+        log: Log,
+        processors: Sequence[Processor],
+        group: str,
+        concurrency: int = 8,
+        *,
+        secrets: Secrets = (),
+        on_event: EventCallback | None = None,
+        poll_max: int = 200,
+        poll_timeout: float = 0.2,
+        max_buffered: int = 10_000,
+        cache_size: int = 4096,
+        drain_timeout: float = 30.0,
+        retry_delays: Sequence[float] = (0.2, 0.5, 1, 2, 5, 10, 30),
+    ) -> None:
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        self.log, self.group = log, group
+        self.processors = list(processors)
+        self.triggers = frozenset().union(*(p.triggers for p in self.processors)) if self.processors else frozenset()
+        self.concurrency = concurrency
+        self.secrets = secrets if isinstance(secrets, Mapping) else tuple(secrets)
+        self.on_event = on_event
+        self.poll_max, self.poll_timeout = poll_max, poll_timeout
+        self.max_buffered, self.cache_size = max_buffered, cache_size
+        self.drain_timeout = drain_timeout
+        self.retry_delays = tuple(retry_delays)
+        self.stats = WorkerStats()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # scheduling state below
+        self._parts: dict[Any, _Partition] = {}
+        self._queues: dict[str, deque[_Job]] = {}  # per session; the head job is running or waiting
+        self._timers: list[tuple[float, int, _Job]] = []  # (monotonic time, tiebreak, job)
+        self._ticket = itertools.count()
+        self._ready: dict[Any, Delivery] = {}  # partition -> delivery to commit
+        self._running = 0
+        self._idle = threading.Condition(self._lock)
+        self._cache: OrderedDict[str, SessionState] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+
+    # -- control ---------------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask `run` to stop gracefully (safe from signal handlers and other threads)."""
+        self._stop.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(len(p) for p in self._parts.values())
+
+    def run(self, until: Callable[[], bool] | None = None) -> None:
+        """Poll, dispatch and commit until `stop()` (or until `until()` is true)."""
+        sub = self.log.subscribe(self.group)
+        self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"ls-{self.group}")
+        try:
+            while not self._stop.is_set():
+                self._commit_ready(sub)
+                wait = self._fire_timers()
+                if until is not None and until():
+                    break
+                if self.in_flight() >= self.max_buffered:
+                    self._stop.wait(min(0.05, wait))
+                    continue
+                try:
+                    deliveries = sub.poll(max_events=self.poll_max, timeout=min(self.poll_timeout, wait))
+                except LogError as exc:
+                    logger.warning("%s: poll failed: %s", self.group, exc)
+                    self._stop.wait(1.0)
+                    continue
+                for d in deliveries:
+                    self._accept(d)
+        finally:
+            self._stop.set()
+            self._drain()
+            self._commit_ready(sub)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                sub.close()
+            except Exception as exc:  # closing must not hide the reason we stopped
+                logger.warning("%s: closing the subscription: %s", self.group, exc)
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.drain_timeout
+        with self._idle:
+            while self._running and time.monotonic() < deadline:
+                self._idle.wait(0.1)
+            if self._running:
+                logger.warning("%s: %d handler(s) still running at shutdown; their deliveries "
+                               "are not committed and will be redelivered", self.group, self._running)
+
+    # -- scheduling (main thread + completions) ----------------------------------------
+    def _accept(self, d: Delivery) -> None:
+        part, off = _split(d.position)
+        job = _Job(d, part, off)
+        with self._lock:
+            tracker = self._parts.setdefault(part, _Partition())
+            if not tracker.add(off):
+                self.stats.add("redelivered_in_flight")
+                return
+            self.stats.add("delivered")
+            if d.event.type not in self.triggers:
+                self._finish_locked(job)
+                return
+            q = self._queues.setdefault(d.event.session_id, deque())
+            q.append(job)
+            if len(q) == 1:
+                self._submit_locked(job)
+
+    def _submit_locked(self, job: _Job) -> None:
+        if self._stop.is_set() or self._pool is None:
+            return  # left unfinished: not committed, redelivered after a restart
+        self._running += 1
+        try:
+            self._pool.submit(self._run_job, job)
+        except RuntimeError:  # pool already shut down
+            self._running -= 1
+
+    def _finish_locked(self, job: _Job) -> None:
+        ready = self._parts[job.part].finish(job.offset, job.delivery)
+        if ready is not None:
+            self._ready[job.part] = ready
+
+    def _complete(self, job: _Job, outcome: str | tuple[str, float]) -> None:
+        with self._lock:
+            self._running -= 1
+            if outcome == DONE:
+                self._finish_locked(job)
+                q = self._queues.get(job.event.session_id)
+                if q and q[0] is job:
+                    q.popleft()
+                if q:
+                    self._submit_locked(q[0])
+                else:
+                    self._queues.pop(job.event.session_id, None)
+            else:
+                heapq.heappush(self._timers, (outcome[1], next(self._ticket), job))
+            self._idle.notify_all()
+
+    def _fire_timers(self) -> float:
+        """Resubmit due jobs; the seconds until the next timer (at most 1)."""
+        now = time.monotonic()
+        with self._lock:
+            while self._timers and self._timers[0][0] <= now:
+                _, _, job = heapq.heappop(self._timers)
+                self._submit_locked(job)
+            return max(0.0, min(1.0, self._timers[0][0] - now)) if self._timers else 1.0
+
+    def _commit_ready(self, sub: Any) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, {}
+        for d in ready.values():
+            try:
+                sub.commit(d)
+                self.stats.add("commits")
+            except LogError as exc:  # e.g. the partition was revoked meanwhile
+                logger.warning("%s: %s", self.group, exc)
+
+    # -- handling (pool threads) ------------------------------------------------------
+    def _run_job(self, job: _Job) -> None:
+        try:
+            outcome = self._handle(job.event)
+        except Exception as exc:
+            delay = self.retry_delays[min(job.attempts, len(self.retry_delays) - 1)]
+            job.attempts += 1
+            self.stats.add("handler_errors")
+            logger.warning("%s: handling %s seq %s of session %s failed (attempt %d; again in %.1fs): %s: %s",
+                           self.group, job.event.type, job.event.seq, job.event.session_id,
+                           job.attempts, delay, type(exc).__name__, exc)
+            outcome = ("retry", time.monotonic() + delay)
+        self._complete(job, outcome)
+
+    def _handle(self, event: ev.Event) -> str | tuple[str, float]:
+        state = self.state(event.session_id)
+        for proc in self.processors:
+            if event.type not in proc.triggers:
+                continue
+            emits = proc.handle(event, state)
+            self.stats.add(f"handled.{proc.name}")
+            if emits:
+                state = self._append(state, event, emits, proc.name)
+        if state.wake_at_ms is not None and event.seq == state.seq:
+            self.stats.add("clock_waits")
+            delay = max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.005
+            return ("wake", time.monotonic() + delay)
+        return DONE
+
+    def _append(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
+        for _ in range(8):
+            batch = build_events(state, cause, emits, actor, self.secrets)
+            try:
+                preview = fold(batch, state, transition=machine_next_state)
+            except Exception as exc:  # illegal after all: a bug, never stored
+                self.stats.add("illegal")
+                logger.error("%s: %s emitted an illegal batch for session %s: %s",
+                             self.group, actor, state.session_id, exc)
+                return state
+            try:
+                self.log.append(state.session_id, batch, state.next_seq)
+            except DuplicateEvent:
+                self.stats.add("duplicates")
+                return self.refresh(state.session_id)
+            except ConcurrencyError:
+                self.stats.add("conflicts")
+                state = self.refresh(state.session_id)
+                if cause.seq in open_work(state):
+                    continue  # still owed: the same facts after the new head
+                return state
+            self._remember(preview)
+            self.stats.add("appended", len(batch))
+            if self.on_event:
+                for e in batch:
+                    self.on_event(e)
+            return preview
+        return state
+
+    # -- state cache ------------------------------------------------------------------
+    def state(self, session_id: str) -> SessionState:
+        """The session folded to the head of the log (incrementally from the cache)."""
+        with self._cache_lock:
+            cached = self._cache.get(session_id)
+            if cached is not None:
+                self._cache.move_to_end(session_id)
+        new = self.log.read(session_id, cached.next_seq if cached is not None else 0)
+        if not new and cached is not None:
+            return cached
+        state = fold(new, cached)
+        if state.seq < 0:
+            raise LogError(f"session {session_id} is not in the log")
+        self._remember(state)
+        return state
+
+    def refresh(self, session_id: str) -> SessionState:
+        return self.state(session_id)
+
+    def _remember(self, state: SessionState) -> None:
+        with self._cache_lock:
+            old = self._cache.get(state.session_id)
+            if old is None or old.seq <= state.seq:
+                self._cache[state.session_id] = state
+                self._cache.move_to_end(state.session_id)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+
+def install_signal_handlers(worker: Worker, *extra_stops: Callable[[], None]) -> None:
+    """SIGTERM/SIGINT stop the worker gracefully; a second signal exits at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if worker.stopping:
+            raise SystemExit(128 + signum)
+        logger.info("signal %d: stopping after the running handlers finish", signum)
+        worker.stop()
+        for stop in extra_stops:
+            stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)

@@ -1,0 +1,95 @@
+"""The compaction processor: CompactionRequested → ContextCompacted.
+
+It summarizes the messages of a seq range, with the session's model when one is
+given (a plain completion, no tools) and extractively otherwise or when the model
+fails. The originals stay in the log: the fold replaces the range by the summary
+only from the ContextCompacted event on, so replaying or forking before it sees the
+full context.
+"""
+from __future__ import annotations
+
+from loopstream.core import events as ev
+from loopstream.core.processor import Emit
+from loopstream.core.state import SessionState, summary_message
+from loopstream.providers.base import Message, Provider, ProviderError
+from loopstream.providers.tokens import count_tokens
+
+SUMMARY_PROMPT = (
+    "You compress the transcript of an agent's work so it can continue with less context. "
+    "Keep every fact it will need: the goal, decisions, tool results (numbers, names, paths), "
+    "errors, and what remains to do. Write plain sentences, at most {limit} characters."
+)
+DEFAULT_SUMMARY_CHARS = 800
+DEFAULT_KEEP_RECENT = 4
+
+
+def compaction_range(messages: list[Message], keep_recent: int = DEFAULT_KEEP_RECENT) -> tuple[int, int] | None:
+    """The seq range to summarize: after the system prompt and the goal, up to the last
+    message before the `keep_recent` newest, ending where an assistant turn begins (so a
+    tool call is never separated from its result). None when there is too little to gain."""
+    start = 1 if messages and messages[0].role == "system" else 0
+    start += 1  # the goal stays verbatim
+    ends = [e for e in range(start, len(messages) - keep_recent) if messages[e + 1].role == "assistant"]
+    if not ends or ends[-1] - start + 1 < 2:
+        return None
+    first, last = messages[start].seq, messages[ends[-1]].seq
+    if first is None or last is None:
+        return None
+    return first, last
+
+
+class CompactionProcessor:
+    name = "compaction"
+    triggers = frozenset({"CompactionRequested"})
+
+    def __init__(self, provider: Provider | None = None) -> None:
+        self.provider = provider
+
+    def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
+        req = event.payload
+        assert isinstance(req, ev.CompactionRequested)
+        if state.status != "compacting" or state.open_compaction_id != req.request_id:
+            return []  # already compacted (a redelivery)
+        span = [m for m in state.messages if m.seq is not None and req.from_seq <= m.seq <= req.to_seq]
+        # At most half of what it replaces, so a compaction always shrinks the context.
+        limit = min(int(state.config.get("compaction_summary_chars", DEFAULT_SUMMARY_CHARS)),
+                    max(40, len(transcript(span)) // 2))
+        summary, method = self._summarize(span, limit)
+        before = count_tokens(self.provider, state.messages)
+        kept = [m for m in state.messages if m not in span]
+        after = count_tokens(self.provider, kept + [summary_message(summary, req.from_seq, req.to_seq)])
+        return [Emit(ev.ContextCompacted(
+            request_id=req.request_id, from_seq=req.from_seq, to_seq=req.to_seq, summary=summary,
+            method=method, tokens_before=before, tokens_after=after,
+        ))]
+
+    def _summarize(self, span: list[Message], limit: int) -> tuple[str, str]:
+        if self.provider is not None:
+            prompt = [Message(role="system", content=SUMMARY_PROMPT.format(limit=limit)),
+                      Message(role="user", content=transcript(span))]
+            try:
+                reply = self.provider.complete(prompt, [])
+                if reply.text.strip() and not reply.tool_calls:
+                    return reply.text.strip()[:limit], "model"
+            except ProviderError:
+                pass  # compaction must not stop the session: fall back to extractive
+        return extractive_summary(span, limit), "extractive"
+
+
+def transcript(messages: list[Message]) -> str:
+    lines = []
+    for m in messages:
+        calls = "; ".join(f"{c.name}({c.arguments})" for c in m.tool_calls)
+        body = m.content + (f" [calls: {calls}]" if calls else "")
+        lines.append(f"{m.role}{'/' + m.name if m.name else ''}: {body}")
+    return "\n".join(lines)
+
+
+def extractive_summary(messages: list[Message], limit: int) -> str:
+    """Each message shortened to one line; the middle dropped first when over `limit`."""
+    lines = [line[:160] for line in transcript(messages).splitlines()]
+    text = "\n".join(lines)
+    while len(text) > limit and len(lines) > 2:
+        lines.pop(len(lines) // 2)
+        text = "\n".join(lines[: len(lines) // 2] + ["…"] + lines[len(lines) // 2:])
+    return text[:limit]

@@ -1,0 +1,116 @@
+"""Guardrails: checks on what goes in, what comes out, and each proposed tool call.
+
+Configured per session (the `guardrails` table of a policy file, recorded in the
+session's config):
+
+    [guardrails]
+    input_deny = ["(?i)ignore (all|previous) instructions"]   # regexes on the goal / user messages
+    output_deny = ["(?i)password"]                              # regexes on the final answer
+    output_schema = { type = "object", required = ["answer"] }  # the final answer must be JSON of this schema
+    tool_deny = ["curl .*[|] *sh"]                              # regexes on "tool {json arguments}"
+    review_tool_calls = true       # a reviewer model approves each tool call before it runs
+    on_output = "tell_model"       # or "stop": what a tripped output check does
+    on_tool_call = "tell_model"    # or "stop"
+
+A trip is a GuardrailTripped event. The loop reacts by policy: the model is told (the
+fold adds the reason to its context; a blocked tool call settles like a failed one) or
+the session stops with SessionFailed.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import jsonschema
+
+from loopstream.core import events as ev
+from loopstream.providers.actions import loads_lenient
+from loopstream.providers.base import Message, Provider, ProviderError, ToolCall
+
+POLICIES = ("tell_model", "stop")
+REVIEW_PROMPT = (
+    "You review one tool call an AI agent wants to make. Allow it unless it is harmful, "
+    "destructive beyond what the goal needs, exfiltrates secrets, or is unrelated to the goal. "
+    'Answer with JSON only: {"allow": true|false, "reason": "<one sentence>"}.'
+)
+
+
+class GuardrailError(ValueError):
+    pass
+
+
+def validate_guardrails(cfg: dict, where: str = "policy") -> dict:
+    for key in ("input_deny", "output_deny", "tool_deny"):
+        for pattern in cfg.get(key, []):
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise GuardrailError(f"{where}: guardrails.{key}: bad regular expression {pattern!r}: {exc}") from None
+    for key in ("on_output", "on_tool_call"):
+        if cfg.get(key, "tell_model") not in POLICIES:
+            raise GuardrailError(f"{where}: guardrails.{key} must be tell_model or stop")
+    if "output_schema" in cfg:
+        try:
+            jsonschema.Draft202012Validator.check_schema(cfg["output_schema"])
+        except jsonschema.SchemaError as exc:
+            raise GuardrailError(f"{where}: guardrails.output_schema is not a JSON schema: {exc.message}") from None
+    return cfg
+
+
+def _first_match(patterns: list[str], text: str) -> str | None:
+    return next((p for p in patterns if re.search(p, text)), None)
+
+
+def check_input(cfg: dict, text: str) -> ev.GuardrailTripped | None:
+    pattern = _first_match(cfg.get("input_deny", []), text)
+    if pattern is None:
+        return None
+    return ev.GuardrailTripped(stage="input", rule=f"input_deny {pattern}", action="stop", call_id=None,
+                               message="the input matches a denied pattern")
+
+
+def check_output(cfg: dict, answer: str) -> ev.GuardrailTripped | None:
+    action = cfg.get("on_output", "tell_model")
+    pattern = _first_match(cfg.get("output_deny", []), answer)
+    if pattern is not None:
+        return ev.GuardrailTripped(stage="output", rule=f"output_deny {pattern}", action=action, call_id=None,
+                                   message="the answer matches a denied pattern; answer again without it")
+    schema = cfg.get("output_schema")
+    if schema is not None:
+        try:
+            jsonschema.validate(json.loads(answer), schema)
+        except ValueError as exc:  # json.JSONDecodeError and jsonschema.ValidationError are both ValueErrors
+            detail = exc.message if isinstance(exc, jsonschema.ValidationError) else f"not JSON ({exc})"
+            return ev.GuardrailTripped(stage="output", rule="output_schema", action=action, call_id=None,
+                                       message=f"the answer must be JSON matching the required schema: {detail}")
+    return None
+
+
+def check_tool_call(cfg: dict, call: ToolCall, goal: str, reviewer: Provider | None) -> ev.GuardrailTripped | None:
+    action = cfg.get("on_tool_call", "tell_model")
+    text = f"{call.name} {json.dumps(call.arguments, sort_keys=True)}"
+    pattern = _first_match(cfg.get("tool_deny", []), text)
+    if pattern is not None:
+        return ev.GuardrailTripped(stage="tool_call", rule=f"tool_deny {pattern}", action=action,
+                                   call_id=call.call_id, message="this tool call matches a denied pattern")
+    if cfg.get("review_tool_calls") and reviewer is not None:
+        allow, reason = review(reviewer, call, goal)
+        if not allow:
+            return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=action, call_id=call.call_id,
+                                       message=f"the reviewer blocked this call: {reason}")
+    return None
+
+
+def review(reviewer: Provider, call: ToolCall, goal: str) -> tuple[bool, str]:
+    """Ask the reviewer model; an unreadable or failed review blocks (fail closed)."""
+    prompt = [Message(role="system", content=REVIEW_PROMPT),
+              Message(role="user", content=f"Goal: {goal}\nTool call: {call.name}({json.dumps(call.arguments)})")]
+    try:
+        reply = reviewer.complete(prompt, [])
+    except ProviderError as exc:
+        return False, f"the review failed ({exc}); blocked to be safe"
+    found = re.search(r"\{.*\}", reply.text or "", re.S)  # small models wrap JSON in prose
+    verdict = loads_lenient(found.group(0)) if found else None
+    if isinstance(verdict, dict) and isinstance(verdict.get("allow"), bool):
+        return verdict["allow"], str(verdict.get("reason", ""))[:300]
+    return False, f"the reviewer's answer was not a verdict: {reply.text[:120]!r}; blocked to be safe"

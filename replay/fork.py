@@ -1,0 +1,285 @@
+"""Fork: a new session that starts from a past event of another one.
+
+The child's log begins with a copy of the parent's events 0..at_seq (new session id,
+new event ids, the same facts and times), then a `SessionForked` event with the
+provenance (parent, seq, the parent event's chain hash, reason, overrides, acknowledged
+side effects) and, optionally, a `UserMessage`. All of it is one atomic append; the
+copy is O(at_seq) bytes and everything the child does afterwards appends only new facts.
+
+The child continues live from the state its prefix folds to: run it with
+`Runtime.run_session(result.child_session_id)`. If at_seq lands mid-step (a model or
+tool call in flight), the runtime's `open_work` redoes the owed call. Overrides (model,
+provider, system prompt, tools, step budget) are applied by the fold from SessionForked,
+so they take effect from the child's next step.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from loopstream.core import events as ev
+from loopstream.core.codec import REGISTRY, decode, seal
+from loopstream.core.fsm import IllegalTransition, machine_next_state
+from loopstream.core.log import Log, SessionNotFound
+from loopstream.core.secrets import redact
+from loopstream.core.state import SessionState, apply, fold
+from loopstream.replay.chain import chain_hashes, verify_raw
+from loopstream.tools.registry import ToolRegistry, default_registry
+
+
+class ForkError(ValueError):
+    """The fork cannot be made as asked (bad seq, illegal message, broken parent chain)."""
+
+
+@dataclass(frozen=True)
+class SideEffect:
+    """A tool call of the parent after the fork point whose tool is not read-only."""
+
+    seq: int  # where its result (or, if none, its request) is in the parent
+    call_id: str
+    name: str
+    arguments_json: str
+    outcome: str  # "completed" | "failed" | "no result"
+    why: str  # "not read-only" | "unknown tool (treated as side-effecting)"
+    checkpoint: str | None = None  # commit of its WorkspaceCheckpointed: the workspace before it ran
+
+    def describe(self) -> str:
+        text = f"seq {self.seq}: {self.name}({self.arguments_json}) {self.outcome} [{self.why}]"
+        if self.checkpoint:
+            text += f"; workspace checkpoint {self.checkpoint[:12]} holds the files from before it"
+        return text
+
+    def as_json(self) -> dict:
+        out = {"seq": self.seq, "call_id": self.call_id, "name": self.name,
+               "arguments_json": self.arguments_json, "outcome": self.outcome}
+        if self.checkpoint:
+            out["checkpoint"] = self.checkpoint
+        return out
+
+
+class ForkNeedsAcknowledgement(ForkError):
+    """The parent ran side-effecting tool calls after at_seq; the child may run them again."""
+
+    def __init__(self, session_id: str, at_seq: int, side_effects: Sequence[SideEffect]) -> None:
+        self.side_effects = list(side_effects)
+        listing = "\n".join(f"  - {s.describe()}" for s in self.side_effects)
+        super().__init__(
+            f"session {session_id} ran {len(self.side_effects)} side-effecting tool call(s) after seq "
+            f"{at_seq}; a fork may run them again. Acknowledge to fork anyway "
+            f"(acknowledge_side_effects=True):\n{listing}"
+        )
+
+
+@dataclass
+class ForkResult:
+    child_session_id: str
+    parent_session_id: str
+    at_seq: int
+    parent_event_hash: str
+    events_copied: int
+    overrides: dict
+    side_effects: list[SideEffect]  # acknowledged (recorded in SessionForked)
+    state: SessionState  # the child, folded: what Runtime.run_session continues from
+    bytes_copied: int = 0
+    message: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def side_effects_after(
+    events: Sequence[ev.Event], at_seq: int, registry: ToolRegistry | None = None
+) -> list[SideEffect]:
+    """Tool calls of `events` that ran after `at_seq` (their result is after it, or they
+    have none) and whose tool is not read-only (in `registry`; by default the built-in
+    tools, side-effect ones included). Unknown tools count as side-effecting."""
+    registry = registry or default_registry(allow_writes=True)
+    requested: dict[str, ev.Event] = {}
+    settled: dict[str, ev.Event] = {}
+    checkpoints: dict[str, str] = {}
+    for e in events:
+        p = e.payload
+        if isinstance(p, ev.ToolRequested):
+            requested.setdefault(p.call_id, e)
+        elif isinstance(p, ev.ToolCompleted | ev.ToolFailed):
+            settled.setdefault(p.call_id, e)
+        elif p.TYPE == "WorkspaceCheckpointed":
+            checkpoints.setdefault(p.call_id, p.commit)  # type: ignore[attr-defined]
+    out = []
+    for call_id, req in requested.items():
+        done = settled.get(call_id)
+        if done is not None and done.seq <= at_seq:
+            continue  # ran before the fork point: part of the copied history
+        p = req.payload
+        tool = registry.tools.get(p.name)
+        if tool is not None and tool.read_only:
+            continue
+        outcome = "no result" if done is None else ("completed" if done.type == "ToolCompleted" else "failed")
+        out.append(SideEffect(
+            seq=done.seq if done is not None else req.seq, call_id=call_id, name=p.name,
+            arguments_json=p.arguments_json, outcome=outcome,
+            why="not read-only" if tool is not None else "unknown tool (treated as side-effecting)",
+            checkpoint=checkpoints.get(call_id),
+        ))
+    return sorted(out, key=lambda s: s.seq)
+
+
+def fork(
+    log: Log,
+    session_id: str,
+    at_seq: int,
+    *,
+    model: str | None = None,
+    system_prompt: str | None = None,
+    tools: Sequence[str] | None = None,
+    message: str | None = None,
+    reason: str = "",
+    acknowledge_side_effects: bool = False,
+    provider: str | None = None,
+    max_steps: int | None = None,
+    registry: ToolRegistry | None = None,
+    child_session_id: str | None = None,
+    actor: str = "fork",
+) -> ForkResult:
+    """Fork `session_id` after its event `at_seq` into a new session (see the module doc).
+
+    Raises ForkNeedsAcknowledgement (listing them) if the parent ran side-effecting tool
+    calls after at_seq, unless acknowledge_side_effects; ForkError if at_seq is out of
+    range or terminal, the parent's chain is broken up to at_seq, a message is not legal
+    where the fork lands, or `tools` names a tool `registry` does not have."""
+    raw = log.read_raw(session_id)
+    if not raw:
+        raise SessionNotFound(session_id)
+    last = len(raw) - 1
+    if not 0 <= at_seq <= last:
+        raise ForkError(f"session {session_id} has seqs 0..{last}; cannot fork at {at_seq}")
+    prefix_raw = raw[: at_seq + 1]
+    chain = verify_raw(prefix_raw, session_id)
+    if not chain.ok:
+        raise ForkError(f"will not fork from a broken chain: session {session_id} {chain.describe()}")
+    events = [decode(b) for b in raw]
+    prefix = events[: at_seq + 1]
+    at_state = fold(prefix)
+    if at_state.terminal:
+        raise ForkError(
+            f"seq {at_seq} ends the session ({events[at_seq].type}); fork at {at_seq - 1} to continue "
+            "from just before it (with --message to say something new)"
+        )
+    first, end = batch_bounds(events, at_seq)
+    if end > at_seq:
+        raise ForkError(
+            f"seq {at_seq} is inside an atomic batch (seqs {first}..{end}, written together by "
+            f"{events[at_seq].actor}); a live session is never between them: fork at {end}"
+            + (f" or {first - 1}" if first > 0 else "")
+        )
+    if tools is not None and registry is not None:
+        unknown = [t for t in tools if t not in registry.tools]
+        if unknown:
+            raise ForkError(f"unknown tool(s) {', '.join(unknown)}; known: {', '.join(sorted(registry.tools))}")
+
+    effects = side_effects_after(events, at_seq, registry)
+    if effects and not acknowledge_side_effects:
+        raise ForkNeedsAcknowledgement(session_id, at_seq, effects)
+
+    overrides: dict = {}
+    if model is not None:
+        overrides["model"] = model
+    if provider is not None:
+        overrides["provider"] = provider
+    if system_prompt is not None:
+        overrides["system_prompt"] = system_prompt
+    if tools is not None:
+        overrides["tools"] = list(tools)
+    if max_steps is not None:
+        overrides["max_steps"] = int(max_steps)
+
+    child = child_session_id or ev.new_session_id()
+    parent_hash = chain_hashes(prefix_raw)[-1].hex()
+    copies = _copy(prefix, child)
+    marker = ev.SessionForked(
+        parent_session_id=session_id, parent_seq=at_seq, parent_event_hash=parent_hash, reason=reason,
+        overrides_json=json.dumps(overrides, sort_keys=True),
+        acknowledged_side_effects_json=json.dumps([s.as_json() for s in effects], sort_keys=True),
+    )
+    new = [_event(child, at_seq + 1, marker, copies[-1].event_id, actor)]
+    if message is not None:
+        new.append(_event(child, at_seq + 2, ev.UserMessage(text=message), new[0].event_id, actor))
+    batch = seal(copies + new, None)
+
+    # The copied prefix was legal in the parent; the new events are checked against the
+    # `transitions` machine, as the runtime checks every event it appends.
+    state = fold(batch[: len(copies)])
+    for e in batch[len(copies):]:
+        try:
+            apply(state, e, machine_next_state)
+        except IllegalTransition:
+            raise ForkError(_illegal_hint(e, at_state, prefix)) from None
+    log.append(child, batch, 0)
+    return ForkResult(
+        child_session_id=child, parent_session_id=session_id, at_seq=at_seq, parent_event_hash=parent_hash,
+        events_copied=len(copies), overrides=overrides, side_effects=effects, state=state,
+        bytes_copied=sum(len(b) for b in prefix_raw), message=message,
+    )
+
+
+def batch_bounds(events: Sequence[ev.Event], seq: int) -> tuple[int, int]:
+    """The seqs of the batch `seq` was appended in: consecutive events that one handler
+    emitted for one cause (same causation and actor). The runtime appends a batch
+    atomically, so a fork may land before or after one, never inside."""
+    def same(i: int, j: int) -> bool:
+        a, b = events[i], events[j]
+        return a.causation_id is not None and a.causation_id == b.causation_id and a.actor == b.actor
+
+    first = seq
+    while first > 0 and same(first - 1, first):
+        first -= 1
+    end = seq
+    while end + 1 < len(events) and same(end, end + 1):
+        end += 1
+    return first, end
+
+
+def _copy(prefix: Sequence[ev.Event], child: str) -> list[ev.Event]:
+    """The parent's events for the child: new ids (derived, so a retried fork with the
+    same child id collides instead of duplicating), causation remapped, same facts."""
+    ids: dict[str, str] = {}
+    out = []
+    for e in prefix:
+        new_id = ev.derived_id(child, "fork", e.event_id)
+        ids[e.event_id] = new_id
+        out.append(e.model_copy(update={
+            "event_id": new_id,
+            "session_id": child,
+            "causation_id": ids.get(e.causation_id, e.causation_id) if e.causation_id else None,
+            "correlation_id": child,
+            "chain_hash": None,
+        }))
+    return out
+
+
+def _event(session_id: str, seq: int, payload: ev.Payload, cause: str, actor: str) -> ev.Event:
+    payload = redact(payload)  # as build_events does: no secret value reaches the log
+    return ev.Event(
+        event_id=ev.derived_id(session_id, cause, payload.TYPE), session_id=session_id, seq=seq,
+        type=payload.TYPE, time=ev.now_ms(), causation_id=cause, correlation_id=session_id, actor=actor,
+        schema_version=REGISTRY.latest(payload.TYPE), payload=payload,
+    )
+
+
+def _illegal_hint(event: ev.Event, at_state: SessionState, prefix: Sequence[ev.Event]) -> str:
+    if event.type != "UserMessage":
+        return f"{event.type} is not legal in state {at_state.status!r}"
+    ok = _message_ok_seqs(prefix)
+    near = f"; the nearest earlier seq where it is: {ok[-1]}" if ok else ""
+    return (f"a message cannot be added at seq {at_state.seq}: the session is {at_state.status!r} "
+            f"(a model or tool call is owed an answer there){near}")
+
+
+def _message_ok_seqs(prefix: Sequence[ev.Event]) -> list[int]:
+    """Seqs of `prefix` after which a UserMessage is legal (idle, planning, final reply)."""
+    state = SessionState()
+    ok = []
+    for e in prefix:
+        apply(state, e)
+        if state.status in ("idle", "planning") or (state.status == "acting" and not state.last_reply_calls):
+            ok.append(e.seq)
+    return ok

@@ -1,0 +1,212 @@
+"""Side-effect tools: write and edit files, run shell commands, in the working directory.
+
+They are not in `default_registry()`: a session gets them only when asked for
+(`side_effect_registry()`, `default_registry(allow_writes=True)`, `loopstream run
+--allow-writes`). Each is `read_only=False`, so the tool processor snapshots the
+workspace (loopstream.tools.checkpoint) and records `WorkspaceCheckpointed` before it runs.
+
+Paths are confined to the working directory (`files.confine`), and `.git/` and
+`.loopstream/` (which checkpoints cannot restore) are refused. `shell` runs
+`bash -c COMMAND` with the working directory as cwd and a scrubbed environment; it is a
+shell, not a sandbox: a command can still reach anything the user running it can.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+from loopstream.core.secrets import is_secret_name
+from loopstream.tools.files import confine
+from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry, tool
+
+PROTECTED = (".git", ".loopstream")
+MAX_OUTPUT_CHARS = 12_000  # shell output kept: the first and the last half of it
+MAX_TIMEOUT_S = 600.0
+# The environment a shell command gets: these variables, never one that looks secret,
+# plus those named in LOOPSTREAM_SHELL_ENV (comma-separated; the user's explicit choice).
+SHELL_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES",
+             "TZ", "TMPDIR", "VIRTUAL_ENV")
+SHELL_ENV_EXTRA = "LOOPSTREAM_SHELL_ENV"
+
+
+def _writable(ctx: ToolContext, path: str) -> tuple[Path, str]:
+    target = confine(ctx, path)
+    root = ctx.workdir.resolve()
+    if target == root:
+        raise ToolError("path must name a file inside the working directory", "invalid_arguments")
+    rel = target.relative_to(root)
+    if rel.parts[0] in PROTECTED:
+        raise ToolError(f"refusing to change {rel.parts[0]}/ (checkpoints cannot restore it)", "permission_denied")
+    if target.is_dir():
+        raise ToolError(f"{path} is a directory", "invalid_arguments")
+    return target, rel.as_posix()
+
+
+def _write(target: Path, data: bytes) -> None:
+    """Replace `target` atomically (a temp file, then rename), keeping its permissions."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+@tool(read_only=False, idempotent=True)
+def write_file(path: str, content: str, ctx: ToolContext) -> str:
+    """Create or overwrite a text file (relative to the working directory) with `content`.
+    Parent directories are created as needed."""
+    target, rel = _writable(ctx, path)
+    existed = target.exists()
+    data = content.encode("utf-8")
+    old = target.stat().st_size if existed else 0
+    _write(target, data)
+    return f"wrote {len(data)} bytes to {rel}" + (f" (replaced {old} bytes)" if existed else " (new file)")
+
+
+@tool(read_only=False, idempotent=True)
+def edit_file(path: str, old: str, new: str, ctx: ToolContext) -> str:
+    """Replace the one exact occurrence of `old` in a text file with `new`. `old` must match
+    exactly once (whitespace included): include enough surrounding lines to make it unique."""
+    target, rel = _writable(ctx, path)
+    if not target.is_file():
+        raise ToolError(f"no such file: {path} (use write_file to create it)", "not_found")
+    if not old:
+        raise ToolError("old must not be empty", "invalid_arguments")
+    if old == new:
+        raise ToolError("old and new are identical: nothing to change", "invalid_arguments")
+    try:
+        with target.open(encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
+            text = f.read()
+    except UnicodeDecodeError:
+        raise ToolError(f"{path} is not a UTF-8 text file", "invalid_arguments") from None
+    count = text.count(old)
+    if count == 0 and "\r\n" in text and "\r\n" not in old:  # the model wrote \n for a CRLF file
+        old, new = old.replace("\n", "\r\n"), new.replace("\n", "\r\n")
+        count = text.count(old)
+    if count == 0:
+        raise ToolError(f"old text not found in {rel}; read the file and copy the text exactly", "no_match")
+    if count > 1:
+        raise ToolError(
+            f"old text occurs {count} times in {rel}; include more surrounding text so it matches once",
+            "ambiguous_match",
+        )
+    at = text.index(old)
+    _write(target, (text[:at] + new + text[at + len(old):]).encode("utf-8"))
+    line = text.count("\n", 0, at) + 1
+    return f"edited {rel}: replaced {old.count(chr(10)) + 1} line(s) at line {line} with {new.count(chr(10)) + 1}"
+
+
+def shell_env(cwd: Path) -> dict[str, str]:
+    extra = [n.strip() for n in os.environ.get(SHELL_ENV_EXTRA, "").split(",") if n.strip()]
+    env = {k: os.environ[k] for k in SHELL_ENV if k in os.environ and not is_secret_name(k)}
+    env.update({k: os.environ[k] for k in extra if k in os.environ})
+    env.setdefault("PATH", os.defpath)
+    env.update(PWD=str(cwd), TERM="dumb", PAGER="cat", GIT_PAGER="cat", NO_COLOR="1")
+    return env
+
+
+class _Capture:
+    """Drains a pipe in a thread, keeping the first and last `limit / 2` bytes."""
+
+    def __init__(self, stream, limit: int = MAX_OUTPUT_CHARS) -> None:
+        self.half = limit // 2
+        self.head = bytearray()
+        self.tail = bytearray()
+        self.total = 0
+        self._stream = stream
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self) -> None:
+        try:
+            fd = self._stream.fileno()
+            while chunk := os.read(fd, 65536):
+                self.total += len(chunk)
+                room = self.half - len(self.head)
+                if room > 0:
+                    self.head += chunk[:room]
+                    chunk = chunk[room:]
+                self.tail += chunk
+                if len(self.tail) > 4 * self.half:
+                    del self.tail[: len(self.tail) - self.half]
+        except OSError:
+            pass
+        finally:
+            self._stream.close()
+
+    def text(self) -> str:
+        tail = self.tail[-self.half:] if self.half else b""
+        omitted = self.total - len(self.head) - len(tail)
+        gap = f"\n…({omitted} bytes omitted)…\n".encode() if omitted > 0 else b""
+        return (bytes(self.head) + gap + bytes(tail)).decode("utf-8", errors="replace")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+@tool(read_only=False, idempotent=False)
+def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
+    """Run a shell command (bash -c) in the working directory; returns the exit code and the
+    combined stdout+stderr (long output keeps its start and end). It is killed after
+    timeout_s seconds (at most 600); background processes are stopped when it returns."""
+    if not command.strip():
+        raise ToolError("command must not be empty", "invalid_arguments")
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ToolError(f"timeout_s must be between 0 and {MAX_TIMEOUT_S:g}", "invalid_arguments")
+    cwd = ctx.workdir.resolve()
+    if not cwd.is_dir():
+        raise ToolError(f"working directory {cwd} does not exist", "not_found")
+    env = shell_env(cwd)
+    bash = shutil.which("bash", path=env["PATH"]) or "/bin/sh"
+    proc = subprocess.Popen(
+        [bash, "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    out = _Capture(proc.stdout)
+    try:
+        code = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        proc.wait()
+        out.thread.join(2)
+        raise ToolError(
+            f"command timed out after {timeout_s:g}s and was killed; output so far:\n{out.text() or '(none)'}",
+            "timeout",
+        ) from None
+    _kill_group(proc)  # whatever it left running in the background
+    out.thread.join(2)
+    status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+    return f"{status}\n{out.text() or '(no output)'}"
+
+
+TOOLS = [write_file, edit_file, shell]
+
+
+def side_effect_registry() -> ToolRegistry:
+    """Only the side-effect tools (write_file, edit_file, shell): add them to a session on purpose."""
+    return ToolRegistry().add(*TOOLS)
