@@ -8,6 +8,12 @@ model) may block it (GuardrailTripped), and permission rules may deny it (ToolFa
 permission_denied) or ask a person (ApprovalRequested; the session waits in
 awaiting_approval until an ApprovalDecided, written by `loopstream approve` / `deny`).
 
+In-flight calls after a crash: a side-effect tool's WorkspaceCheckpointed marks it as
+started. If the process that took the checkpoint is gone before the result was
+recorded, an idempotent tool (write_file, edit_file) runs again; a non-idempotent one
+(shell) is not re-run: ToolFailed "outcome_unknown" tells the model (or a person) to
+check and decide.
+
 A side-effect tool (`read_only=False`) takes two steps: on its ToolRequested the
 processor snapshots the workspace and emits WorkspaceCheckpointed (nothing else), and
 on that event it runs the tool. So the checkpoint is in the log before the tool
@@ -39,6 +45,9 @@ class ToolProcessor:
         self.registry = registry
         self.checkpoints = checkpoints  # snapshot the workspace before each side-effect tool
         self.reviewer = reviewer  # the model that reviews tool calls when a guardrail asks for it
+        # Calls this process checkpointed and is about to run. A checkpoint not in here was
+        # taken by a process that died: the in-flight policy decides (retry if idempotent).
+        self._started: set[str] = set()
 
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
         p = event.payload
@@ -46,6 +55,16 @@ class ToolProcessor:
             call = state.pending_calls.get(p.call_id)
             if call is None:
                 return []  # already settled (a redelivery)
+            tool = self._allowed(state).tools.get(call.name)
+            if p.call_id not in self._started and tool is not None and not tool.idempotent:
+                # Checkpointed by a process that is gone: the tool may have run, partly or
+                # fully. Running a non-idempotent tool again could do it twice, so say so.
+                return [self._failed(call.call_id, call.name, "outcome_unknown",
+                                     f"{call.name} was started before a crash or restart and its result was not "
+                                     f"recorded; it is not idempotent, so it was not run again. Check its effects "
+                                     f"(workspace checkpoint {p.commit[:12]} holds the files from before it) and "
+                                     f"call it again only if needed.", time.monotonic())]
+            self._started.discard(p.call_id)
             return [self._run(call.call_id, call.name, call.arguments, state, time.monotonic())]
         if isinstance(p, ev.ApprovalDecided):  # a person answered: run it, or tell the model
             call = state.pending_calls.get(p.call_id)
@@ -117,6 +136,7 @@ class ToolProcessor:
             return self._failed(call_id, name, "checkpoint_failed",
                                 f"{name} did not run: the workspace could not be checkpointed first: {exc}",
                                 started)
+        self._started.add(call_id)
         return Emit(ev.WorkspaceCheckpointed(
             call_id=call_id, commit=snap.commit, workdir=str(workspace.workdir),
             files_changed=snap.files_changed,

@@ -14,7 +14,9 @@ import signal
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.tools import default_registry
 
 TOOL_STEPS = 3
 
@@ -26,6 +28,8 @@ def main() -> None:
     ap.add_argument("mode", choices=["start", "resume"])
     ap.add_argument("--kill-after-events", type=int, default=0)
     ap.add_argument("--kill-in-model-call", type=int, default=0)
+    ap.add_argument("--side-effects", metavar="WORKDIR", default="",
+                    help="script: shell (not idempotent), then write_file (idempotent), then answer")
     args = ap.parse_args()
 
     appended = 0
@@ -47,9 +51,17 @@ def main() -> None:
         return inner(messages)
 
     log = SQLiteLog(args.db)
-    runtime = build_runtime(log, ScriptedProvider(script), on_event=on_event)
+    provider, registry, tools, workdir = ScriptedProvider(script), None, ["add"], "."
+    if args.side_effects:
+        registry, tools, workdir = default_registry(allow_writes=True), ["shell", "write_file"], args.side_effects
+        provider = ScriptedProvider([
+            ModelReply(tool_calls=[ToolCall(call_id="1", name="shell", arguments={"command": "echo ran >> ran.txt"})]),
+            ModelReply(tool_calls=[ToolCall(call_id="2", name="write_file", arguments={"path": "out.txt", "content": "hi"})]),
+            ModelReply(text="done with side effects"),
+        ])
+    runtime = build_runtime(log, provider, registry, on_event=on_event)
     if args.mode == "start":
-        runtime.start_session("count", SessionConfig(provider="scripted", model="s", tools=["add"]),
+        runtime.start_session("count", SessionConfig(provider="scripted", model="s", tools=tools, workdir=workdir),
                               session_id=args.session_id)
     state = runtime.run_session(args.session_id)
     print(state.status)

@@ -60,3 +60,31 @@ def test_kill_inside_model_calls_then_resume(tmp_path: Path, reference) -> None:
         resumed = drive(db, sid, "resume")
         assert resumed.returncode == 0 and resumed.stdout.strip() == "done", resumed.stderr
         assert history(db, sid) == reference
+
+
+def test_in_flight_side_effect_tools_follow_their_policy(tmp_path: Path) -> None:
+    """Killed right after a tool's checkpoint (it counts as started): on resume the
+    non-idempotent shell call is reported "outcome_unknown" and not run twice; the
+    idempotent write_file runs again."""
+    db = tmp_path / "sfx.db"
+    ref_dir = tmp_path / "ref"
+    ref_dir.mkdir()
+    assert drive(db, "ref", "start", "--side-effects", str(ref_dir)).returncode == 0
+    ref = history(db, "ref")
+    checkpoints = [seq for seq, t in ref if t == "WorkspaceCheckpointed"]
+    assert len(checkpoints) == 2 and (ref_dir / "ran.txt").read_text() == "ran\n"
+    for which, boundary in zip(("shell", "write_file"), checkpoints):
+        work = tmp_path / which
+        work.mkdir()
+        sid = f"sfx-{which}"
+        killed = drive(db, sid, "start", "--side-effects", str(work), "--kill-after-events", str(boundary + 1))
+        assert killed.returncode == -signal.SIGKILL
+        resumed = drive(db, sid, "resume", "--side-effects", str(work))
+        assert resumed.returncode == 0 and resumed.stdout.strip() == "done", resumed.stderr
+        with SQLiteLog(db) as log:
+            after = log.read(sid)[boundary + 1]
+        if which == "shell":
+            assert after.type == "ToolFailed" and after.payload.error_kind == "outcome_unknown"
+            assert not (work / "ran.txt").exists()  # killed before it ran, and not run blindly after
+        else:
+            assert after.type == "ToolCompleted" and (work / "out.txt").read_text() == "hi"
