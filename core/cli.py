@@ -192,8 +192,8 @@ def _log_inside(log: Log, workdir: Path) -> list[str]:
 @app.command()
 def resume(
     session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
-    model: Annotated[Optional[str], typer.Option(help="Model for the remaining steps (default: as configured by the environment).")] = None,
-    provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model for the remaining steps (default: the session's own).")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted (default: the session's own).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Needed when the session was started with write_file, edit_file or shell.")] = False,
@@ -205,10 +205,17 @@ def resume(
     from loopstream.core.agent import build_runtime, open_model
     from loopstream.tools.registry import default_registry
 
+    from loopstream.core.runtime import Runtime
+
     log = open_log(bus, db)
     sid = _resolve(log, session)
-    started = [e.payload for e in log.read(sid, 0, 0) if isinstance(e.payload, ev.SessionStarted)]
-    _need_writes(list(started[0].tools) if started else [], allow_writes)
+    state = Runtime(log, []).load(sid)
+    if state.terminal:
+        raise UserError(f"session {sid} already ended ({state.status}); to continue from an earlier point: "
+                        f"loopstream fork {sid} --at SEQ")
+    _need_writes(state.tools, allow_writes)
+    if provider is None and model is None:  # the session's own model (a fork may have changed it)
+        provider, model = state.provider, state.model
     announce = None if quiet else lambda: err.print("[dim]starting the local model…[/]")
     with open_model(provider, model, base_url, action_mode, on_local_start=announce) as chosen:
         runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes),
@@ -310,6 +317,105 @@ def cancel(
     by = f"person:{getpass.getuser()}"
     runtime.record(sid, [ev.SessionCancelled(reason=reason)], actor=by)
     out.print(f"cancelled session {sid}")
+
+
+def _emit(result) -> None:
+    """Print a replay/fork/diff CommandResult and exit with its code."""
+    if result.text:
+        out.print(result.text, highlight=False, markup=False)
+    if result.exit_code:
+        if result.error:
+            err.print(f"[bold red]error:[/] {result.error}", highlight=False)
+        raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def replay(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    to: Annotated[Optional[int], typer.Option("--to", min=0, help="Replay only up to this seq.")] = None,
+    verify: Annotated[bool, typer.Option("--verify", help="Only check the hash chain.")] = False,
+    check: Annotated[bool, typer.Option("--check", help="Re-drive the orchestrator with this code and report the first decision that differs from the log.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Rebuild a session from its log alone (no model or tool calls): the timeline of
+    turns, tool calls, tokens, latencies and errors, with the hash chain verified.
+    Exits 1 with the first bad seq if an event was altered."""
+    from loopstream.replay.commands import check_command, replay_command
+
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    _emit(check_command(log, sid, to) if check else replay_command(log, sid, to, verify_only=verify, as_json=as_json))
+
+
+@app.command()
+def fork(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    at: Annotated[int, typer.Option("--at", min=0, help="The last parent event the child keeps.")],
+    model: Annotated[Optional[str], typer.Option(help="Model for the child's next steps.")] = None,
+    provider: Annotated[Optional[str], typer.Option(help="Provider for the child (recorded; used by resume).")] = None,
+    system_prompt: Annotated[Optional[Path], typer.Option(help="File with a new system prompt for the child.")] = None,
+    tools: Annotated[Optional[str], typer.Option(help="Comma-separated tools for the child.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="New step budget.")] = None,
+    message: Annotated[Optional[str], typer.Option(help="A new user message the child starts from.")] = None,
+    reason: Annotated[str, typer.Option(help="Why, recorded in SessionForked.")] = "",
+    yes: Annotated[bool, typer.Option("--yes", help="Acknowledge the parent's side effects after --at that the fork does not undo.")] = False,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Classify write_file/edit_file/shell as known tools.")] = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Start a new session from a parent's events up to --at, optionally with another
+    model, prompt, tools or a new message; continue it with `loopstream resume CHILD`."""
+    from loopstream.replay.commands import fork_command
+    from loopstream.replay.fork import ForkError
+    from loopstream.tools.registry import default_registry
+
+    prompt = None
+    if system_prompt is not None:
+        try:
+            prompt = system_prompt.read_text()
+        except OSError as exc:
+            raise UserError(f"cannot read --system-prompt {system_prompt}: {exc.strerror}") from None
+    log = open_log(bus, db)
+    sid = _resolve(log, session)
+    names = [t.strip() for t in tools.split(",") if t.strip()] if tools else None
+    try:
+        result = fork_command(log, sid, at, model=model, provider=provider, system_prompt=prompt, tools=names,
+                              max_steps=max_steps, message=message, reason=reason, yes=yes,
+                              registry=default_registry(allow_writes=allow_writes))
+    except ForkError as exc:
+        raise UserError(str(exc)) from None
+    _emit(result)
+
+
+@app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="First session (e.g. the parent).")],
+    b: Annotated[str, typer.Argument(help="Second session (e.g. its fork).")],
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Where two sessions diverge, and how their outcomes, tokens and steps compare (exit 1 if they differ)."""
+    from loopstream.replay.commands import diff_command
+
+    log = open_log(bus, db)
+    _emit(diff_command(log, _resolve(log, a), _resolve(log, b)))
+
+
+@app.command()
+def export(
+    session: Annotated[str, typer.Argument(help="Session id (a unique prefix is enough).")],
+    path: Annotated[Path, typer.Argument(help="File to write the session's stored event bytes to.")],
+    to: Annotated[Optional[int], typer.Option("--to", min=0, help="Only up to this seq.")] = None,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Write a session's events, byte for byte, to a file (for fixtures, bug reports, archives)."""
+    from loopstream.replay.commands import export_command
+
+    log = open_log(bus, db)
+    _emit(export_command(log, _resolve(log, session), path, to))
 
 
 @app.command()

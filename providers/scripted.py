@@ -51,7 +51,8 @@ SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
-    """`adder` or `adder:5` → the adder script with that many tool steps."""
+    """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script."""
+    spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:
         raise ValueError(f"unknown script {name!r}; known: {', '.join(SCRIPTS)}")
