@@ -14,11 +14,21 @@ See docs/replay.md for a walkthrough.
 """
 from loopstream.replay.archive import export_session, read_archive, write_archive
 from loopstream.replay.chain import ChainReport, chain_hashes, verify, verify_raw
-from loopstream.replay.determinism import DeterminismReport, Divergence, check_determinism, check_raw
+from loopstream.replay.determinism import (
+    DeterminismReport,
+    Divergence,
+    check_determinism,
+    check_raw,
+)
 from loopstream.replay.diff import DiffReport, diff, diff_reports
 from loopstream.replay.diff import render as render_diff
 from loopstream.replay.fork import (
-    ForkError, ForkNeedsAcknowledgement, ForkResult, SideEffect, fork, side_effects_after,
+    ForkError,
+    ForkNeedsAcknowledgement,
+    ForkResult,
+    SideEffect,
+    fork,
+    side_effects_after,
 )
 from loopstream.replay.replayer import ReplayReport, render, replay, replay_raw
 

@@ -20,7 +20,13 @@ from loopstream.replay.determinism import check_determinism
 from loopstream.replay.diff import diff
 from loopstream.replay.diff import render as render_diff
 from loopstream.replay.fork import ForkNeedsAcknowledgement, ForkResult, fork
-from loopstream.replay.replayer import ModelCall, ReplayReport, ToolCallView, render, replay
+from loopstream.replay.replayer import (
+    ModelCall,
+    ReplayReport,
+    ToolCallView,
+    render,
+    replay,
+)
 from loopstream.tools.registry import ToolRegistry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NEEDS_ACK = 0, 1, 2, 3
@@ -89,10 +95,10 @@ def describe_fork(result: ForkResult) -> str:
     st = result.state
     lines = [
         f"forked {result.parent_session_id} at seq {result.at_seq} → {result.child_session_id}",
-        f"  copied {result.events_copied} events ({result.bytes_copied:,} bytes); parent event hash "
-        f"{result.parent_event_hash[:16]}",
-        f"  the child is {st.status} at seq {st.seq}: provider={st.provider} model={st.model} "
-        f"tools={','.join(st.tools) or '-'} max_steps={st.max_steps}",
+        (f"  copied {result.events_copied} events ({result.bytes_copied:,} bytes); parent event hash "
+        f"{result.parent_event_hash[:16]}"),
+        (f"  the child is {st.status} at seq {st.seq}: provider={st.provider} model={st.model} "
+        f"tools={','.join(st.tools) or '-'} max_steps={st.max_steps}"),
     ]
     if result.overrides:
         lines.append("  overrides: " + ", ".join(f"{k}={v!r}" for k, v in result.overrides.items()))

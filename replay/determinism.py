@@ -41,8 +41,8 @@ class Divergence:
     reason: str = ""
 
     def describe(self) -> str:
-        lines = [f"first divergence at seq {self.seq} (decided at seq {self.head_seq}, state {self.state}): "
-                 f"{self.reason}"]
+        lines = [(f"first divergence at seq {self.seq} (decided at seq {self.head_seq}, state {self.state}): "
+                 f"{self.reason}")]
         lines.append(f"  expected: {_show(self.expected, self.fields)}")
         lines.append(f"  recorded: {_show(self.recorded, self.fields)}")
         return "\n".join(lines)

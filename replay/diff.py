@@ -15,7 +15,13 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.log import Log
-from loopstream.replay.replayer import ModelCall, ReplayReport, ToolCallView, _call, replay
+from loopstream.replay.replayer import (
+    ModelCall,
+    ReplayReport,
+    ToolCallView,
+    _call,
+    replay,
+)
 
 IGNORED_FIELDS = frozenset({"request_id", "latency_ms"})
 

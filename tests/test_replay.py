@@ -8,7 +8,6 @@ import subprocess
 import time
 
 import pytest
-
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode, seal
@@ -16,11 +15,27 @@ from loopstream.core.processor import Emit
 from loopstream.core.runtime import SessionConfig, build_events
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
-from loopstream.providers.base import Message, ModelReply, ProviderError, ToolCall, ToolSpec
+from loopstream.providers.base import (
+    Message,
+    ModelReply,
+    ProviderError,
+    ToolCall,
+    ToolSpec,
+)
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.replay import (
-    ForkError, ForkNeedsAcknowledgement, check_determinism, diff, export_session, fork, read_archive,
-    render, render_diff, replay, replay_raw, verify,
+    ForkError,
+    ForkNeedsAcknowledgement,
+    check_determinism,
+    diff,
+    export_session,
+    fork,
+    read_archive,
+    render,
+    render_diff,
+    replay,
+    replay_raw,
+    verify,
 )
 from loopstream.tools import ToolRegistry, default_registry, tool
 
@@ -204,7 +219,7 @@ def test_replay_to_seq_stops_there(big) -> None:
         report = replay(log, sid, to_seq=to)
         assert report.ok and report.state == fold(log.read(sid, 0, to))
         assert report.chain.checked == to + 1 and report.state.seq == to
-        assert max(getattr(i, "seq") for i in report.timeline) <= to
+        assert max(i.seq for i in report.timeline) <= to
     text = render(replay(log, sid, to_seq=500))
     assert "stopped at --to 500" in text and "seq 0..500 (501 events)" in text
     assert text.splitlines()[-1].startswith("status: awaiting_tools")

@@ -8,12 +8,18 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from loopstream.core import codec
 from loopstream.core import events as ev
 from loopstream.core.codec import CodecError, decode, load_registry
 from loopstream.core.sqlite_log import SQLiteLog
-from loopstream.replay import check_raw, fork, read_archive, render, replay_raw, verify_raw
+from loopstream.replay import (
+    check_raw,
+    fork,
+    read_archive,
+    render,
+    replay_raw,
+    verify_raw,
+)
 from loopstream.schemas import SCHEMA_DIR
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sessions"
