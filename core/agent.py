@@ -1,7 +1,7 @@
 """Assemble a runnable agent: provider + tools + processors over a log."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 from loopstream.core.log import Log
@@ -12,6 +12,7 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
+from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.factory import open_provider
 from loopstream.tools.registry import ToolRegistry, default_registry
 
@@ -29,11 +30,12 @@ def build_runtime(
     on_event: EventCallback | None = None,
     fallbacks: Sequence[Provider] = (),
     summarize_with_model: bool = True,
+    limits: Mapping[str, RateLimiter] | None = None,
 ) -> Runtime:
     registry = registry or default_registry()
     return Runtime(
         log,
-        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks), ToolProcessor(registry, reviewer=provider),
+        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks, limits), ToolProcessor(registry, reviewer=provider),
          CompactionProcessor(provider if summarize_with_model else None)],
         on_event=on_event,
     )

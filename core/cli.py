@@ -73,6 +73,8 @@ def run(
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, help="Token budget (input + output) for the session.")] = None,
     max_seconds: Annotated[Optional[float], typer.Option(min=0.1, help="Wall-time budget for the session.")] = None,
+    rpm: Annotated[Optional[float], typer.Option(min=0.1, help="Client-side limit: model requests per minute.")] = None,
+    tpm: Annotated[Optional[float], typer.Option(min=1, help="Client-side limit: model tokens per minute.")] = None,
     policy: Annotated[Optional[Path], typer.Option(help="TOML policy file: permission rules (allow/deny/ask per tool and argument) and guardrails.")] = None,
     context_budget: Annotated[Optional[int], typer.Option(min=64, help="Context size in tokens above which older turns are summarized (compaction).")] = None,
     fallback_model: Annotated[Optional[list[str]], typer.Option(help="A model to switch to when the current one keeps failing (repeatable, in order).")] = None,
@@ -86,6 +88,7 @@ def run(
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     from loopstream.core.agent import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model
     from loopstream.core.runtime import SessionConfig
+    from loopstream.providers.ratelimit import RateLimiter
     from loopstream.tools.registry import default_registry
 
     registry = default_registry(allow_writes=allow_writes)
@@ -127,7 +130,9 @@ def run(
         backups = [stack.enter_context(open_model(provider, m, base_url, action_mode)) for m in fallback_model or []]
         if backups:
             extra["fallback_models"] = [b.model for b in backups]
-        runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress, fallbacks=backups)
+        limits = {p.name: RateLimiter(rpm, tpm) for p in [chosen, *backups]} if rpm or tpm else None
+        runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress, fallbacks=backups,
+                                limits=limits)
         config = SessionConfig(
             provider=chosen.name, model=chosen.model, tools=names, system_prompt=prompt,
             max_steps=max_steps, workdir=str(workdir.resolve()), extra=extra,

@@ -7,21 +7,25 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
+from loopstream.providers.ratelimit import RateLimiter
+from loopstream.providers.tokens import count_tokens
 
 
 class ModelProcessor:
     name = "model"
     triggers = frozenset({"ModelRequested"})
 
-    def __init__(self, provider: Provider, tool_specs: list[ToolSpec], fallbacks: Sequence[Provider] = ()) -> None:
+    def __init__(self, provider: Provider, tool_specs: list[ToolSpec], fallbacks: Sequence[Provider] = (),
+                 limits: Mapping[str, RateLimiter] | None = None) -> None:
         self.provider = provider
         self.by_model = {p.model: p for p in fallbacks}
+        self.limits = dict(limits or {})  # provider name -> its client-side rate limiter
         self.tool_specs = {t.name: t for t in tool_specs}
 
     def provider_for(self, model: str) -> Provider:
@@ -35,6 +39,10 @@ class ModelProcessor:
             return []  # already answered (a redelivery): nothing to do
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         provider = self.provider_for(state.model)
+        limiter = self.limits.get(provider.name)
+        estimate = count_tokens(provider, state.messages) if limiter else 0
+        if limiter:
+            limiter.acquire(estimate)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
             reply = provider.complete(state.messages, specs)
@@ -48,6 +56,8 @@ class ModelProcessor:
                 latency_ms=_ms(started),
                 retry_after_ms=None if exc.retry_after is None else int(exc.retry_after * 1000),
             ))]
+        if limiter:
+            limiter.settle(estimate, reply.input_tokens + reply.output_tokens)
         calls = [
             ev.ToolCallRecord(
                 # Unique per session: the provider's ids may repeat across steps.

@@ -22,6 +22,7 @@ changes anything, and each step stays a plain handler (event in, events out).
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -35,6 +36,28 @@ from loopstream.tools.permissions import decide
 from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry
 
 MAX_RESULT_CHARS = 16_000
+DEFAULT_TOOL_TIMEOUT_S = 300.0
+
+
+def _with_timeout(fn, timeout: float):
+    """Run `fn` in a daemon thread and wait at most `timeout` seconds. Python cannot kill a
+    thread: a tool that overruns keeps running in the background, but the loop goes on."""
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["result"] = fn()
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    worker = threading.Thread(target=target, daemon=True, name="loopstream-tool")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise TimeoutError
+    if "error" in box:
+        raise box["error"]
+    return box["result"]
 
 
 class ToolProcessor:
@@ -143,9 +166,16 @@ class ToolProcessor:
         ), key=call_id)
 
     def _run(self, call_id: str, name: str, arguments: dict, state: SessionState, started: float) -> Emit:
+        allowed = self._allowed(state)
+        tool = allowed.tools.get(name)
+        timeout = (tool.timeout_s if tool and tool.timeout_s else None) or float(
+            state.config.get("tool_timeout_s", DEFAULT_TOOL_TIMEOUT_S))
         try:
             ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
-            result = self._allowed(state).call(name, arguments, ctx)
+            result = _with_timeout(lambda: allowed.call(name, arguments, ctx), timeout)
+        except TimeoutError:
+            return self._failed(call_id, name, "timeout",
+                                f"{name} did not finish within {timeout:g}s (it may still be running)", started)
         except ToolError as exc:
             return self._failed(call_id, name, exc.kind, str(exc), started)
         except Exception as exc:  # a bug in a user's tool must reach the model, not kill the loop

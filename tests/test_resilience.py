@@ -18,7 +18,7 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.retry import backoff_ms, retry_delay_ms
 from loopstream.processors.tools import ToolProcessor
 from loopstream.core.runtime import Runtime
-from loopstream.providers.base import ModelReply, ProviderError
+from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.tools import default_registry
 from tests.helpers import make_event
@@ -154,3 +154,52 @@ def test_fold_is_unchanged_by_where_it_starts(log) -> None:
     events = log.read(state.session_id)
     for cut in range(len(events)):
         assert fold(events[cut:], fold(events[:cut])) == state
+
+
+def test_a_tool_that_overruns_its_timeout_fails_and_the_loop_goes_on(log) -> None:
+    from loopstream.tools import tool
+
+    @tool(timeout_s=0.2)
+    def sleepy(seconds: float) -> str:
+        """Sleeps."""
+        time.sleep(seconds)
+        return "woke"
+
+    provider = ScriptedProvider([ModelReply(tool_calls=[ToolCall(call_id="1", name="sleepy", arguments={"seconds": 2})]),
+                                 ModelReply(text="gave up waiting")])
+    rt = build_runtime(log, provider, default_registry().add(sleepy))
+    started = time.monotonic()
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["sleepy"])))
+    assert state.status == "done" and time.monotonic() - started < 1.5
+    (failed,) = [e.payload for e in log.read(state.session_id) if e.type == "ToolFailed"]
+    assert failed.error_kind == "timeout" and "within 0.2s" in failed.message
+
+
+def test_rate_limiter_spreads_requests_and_tokens() -> None:
+    from loopstream.providers.ratelimit import RateLimiter
+
+    now = [0.0]
+    waits = []
+    limiter = RateLimiter(requests_per_minute=60, tokens_per_minute=600,
+                          clock=lambda: now[0], sleep=lambda s: (waits.append(s), now.__setitem__(0, now[0] + s)))
+    for _ in range(60):
+        assert limiter.acquire(5) == 0.0  # a full bucket: a burst of 60 requests passes at once
+    assert limiter.acquire(5) == pytest.approx(1.0)  # then one per second
+    assert waits == [pytest.approx(1.0)]
+    tokens = RateLimiter(tokens_per_minute=600, clock=lambda: now[0],
+                         sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert tokens.acquire(600) == 0.0
+    assert tokens.acquire(100) == pytest.approx(10.0)  # 10 tokens per second come back
+    tokens.settle(estimated=100, actual=40)  # the call used less: give 60 back
+    assert tokens.tokens.level == pytest.approx(60.0)
+
+
+def test_model_processor_waits_for_the_rate_limiter(log) -> None:
+    from loopstream.providers.ratelimit import RateLimiter
+
+    limiter = RateLimiter(requests_per_minute=600)  # 10 per second once the burst is used
+    limiter.requests.level = 0
+    rt = build_runtime(log, ScriptedProvider(adder_script(3)), limits={"scripted": limiter})
+    started = time.monotonic()
+    state = rt.run_session(rt.start_session("x", cfg()))
+    assert state.status == "done" and limiter.waited >= 0.35 and time.monotonic() - started >= 0.35

@@ -41,6 +41,7 @@ class Tool:
     wants_context: bool = False
     read_only: bool = True  # no side effects outside the process
     idempotent: bool = True
+    timeout_s: float | None = None  # None: the session's tool_timeout_s
 
     def spec(self) -> ToolSpec:
         schema = self.args_model.model_json_schema()
@@ -74,8 +75,12 @@ def tool(
     name: str | None = None,
     read_only: bool = True,
     idempotent: bool = True,
+    timeout_s: float | None = None,
 ) -> Any:
-    """Declare a Python function as a tool. A parameter named `ctx` receives a ToolContext."""
+    """Declare a Python function as a tool. A parameter named `ctx` receives a ToolContext.
+
+    `read_only=False` marks side effects (the workspace is checkpointed before each call);
+    `idempotent=False` means it is not run again after a crash; `timeout_s` bounds a call."""
 
     def wrap(f: Callable[..., Any]) -> Tool:
         hints = get_type_hints(f)
@@ -91,7 +96,7 @@ def tool(
         tool_name = name or f.__name__
         model = create_model(f"{tool_name}_args", **fields)  # type: ignore[call-overload]
         doc = inspect.getdoc(f) or ""
-        return Tool(tool_name, doc, f, model, wants_context, read_only, idempotent)
+        return Tool(tool_name, doc, f, model, wants_context, read_only, idempotent, timeout_s)
 
     return wrap(fn) if fn is not None else wrap
 
