@@ -1,0 +1,103 @@
+"""Property-based tests (hypothesis) of the fold and the codecs."""
+from __future__ import annotations
+
+import types
+import typing
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from loopstream.core import events as ev
+from loopstream.core.codec import CodecError, decode, encode
+from loopstream.core.fsm import IllegalTransition, machine_next_state
+from loopstream.core.state import SessionState, apply, clone, fold
+from tests.helpers import SAMPLE_PAYLOADS, make_event
+
+SAMPLES = {p.TYPE: p for p in SAMPLE_PAYLOADS}
+INT32 = st.integers(min_value=-(2**31), max_value=2**31 - 1)
+
+
+def strategy_for(annotation: object) -> st.SearchStrategy:
+    origin = typing.get_origin(annotation)
+    if origin in (types.UnionType, typing.Union):
+        (inner,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return st.none() | strategy_for(inner)
+    if origin is list:
+        return st.lists(strategy_for(typing.get_args(annotation)[0]), max_size=3)
+    if isinstance(annotation, type) and issubclass(annotation, ev.BaseModel):
+        return payload_strategy(annotation)
+    return {str: st.text(max_size=30), int: INT32, bool: st.booleans()}[annotation]  # type: ignore[index]
+
+
+def payload_strategy(cls: type) -> st.SearchStrategy:
+    return st.builds(cls, **{name: strategy_for(f.annotation) for name, f in cls.model_fields.items()})
+
+
+any_payload = st.one_of([payload_strategy(cls) for cls in ev.PAYLOAD_TYPES.values()])
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=any_payload, seq=st.integers(min_value=0, max_value=2**40), chained=st.booleans())
+def test_every_payload_round_trips_byte_for_byte(payload, seq, chained) -> None:
+    event = make_event(payload, seq=seq, chain_hash=bytes(range(32)) if chained else None)
+    data = encode(event)
+    assert decode(data) == event
+    assert encode(decode(data)) == data
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(min_size=1, max_size=300), flip=st.integers(min_value=0, max_value=10_000))
+def test_corrupted_event_bytes_raise_codec_error_or_decode_to_a_valid_event(data, flip) -> None:
+    good = bytearray(encode(make_event(SAMPLES["ModelResponded"], seq=5)))
+    good[flip % len(good)] ^= data[0] or 1
+    try:
+        event = decode(bytes(good))
+    except CodecError:
+        return
+    assert isinstance(event.payload, ev.Payload)  # a flip that still parses gives a well-formed event
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(sorted(ev.PAYLOAD_TYPES)), min_size=1, max_size=40))
+def test_the_fold_accepts_exactly_what_the_machine_allows_and_never_half_applies(event_types) -> None:
+    state = SessionState()
+    for seq, t in enumerate(event_types):
+        event = make_event(SAMPLES[t], seq=state.seq + 1)
+        before = clone(state)
+        try:
+            expected = machine_next_state(_after_payload(state, event), t)
+        except IllegalTransition:
+            expected = None
+        try:
+            apply(state, event)
+        except IllegalTransition:
+            assert expected is None, (state.status, t)
+            assert state == before  # rejected before anything changed
+            continue
+        assert state.status == expected
+
+
+def _after_payload(state: SessionState, event: ev.Event) -> SessionState:
+    """The state the machine's conditions see: the payload applied, the status not yet moved."""
+    probe = clone(state)
+    try:
+        apply(probe, event, transition=lambda s, t, seq: s.status)
+    except IllegalTransition:
+        pass
+    return probe
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from(sorted(ev.PAYLOAD_TYPES)), min_size=2, max_size=40), st.data())
+def test_folding_in_pieces_equals_folding_at_once(event_types, data) -> None:
+    legal: list[ev.Event] = []
+    state = SessionState()
+    for t in event_types:
+        event = make_event(SAMPLES[t], seq=state.seq + 1)
+        try:
+            apply(state, event)
+        except IllegalTransition:
+            continue
+        legal.append(event)
+    cut = data.draw(st.integers(min_value=0, max_value=len(legal)))
+    assert fold(legal[cut:], fold(legal[:cut])) == fold(legal) == state
