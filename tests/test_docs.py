@@ -35,3 +35,17 @@ def test_ci_runs_the_readme_test_command() -> None:
     ).stdout.strip()
     assert command and command in readme and "pytest" in command
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_readme_policy_example_loads(tmp_path) -> None:
+    from loopstream.tools.permissions import decide, load_policy
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    path = tmp_path / "policy.toml"
+    path.write_text("\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines()))
+    policy = load_policy(path)
+    assert decide(policy["permissions"], "shell", {"command": "rm -rf x"}).action == "deny"
+    assert decide(policy["permissions"], "shell", {"command": "ls"}).action == "allow"
+    assert decide(policy["permissions"], "write_file", {"path": "a"}).action == "ask"
+    assert policy["guardrails"]["review_tool_calls"] is True
