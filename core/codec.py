@@ -179,6 +179,19 @@ def decode(data: bytes) -> Event:
     return _construct(Event, env)
 
 
+def decode_session(raw: Sequence[bytes], session_id: str, from_seq: int = 0) -> list[Event]:
+    """Decode a session's stored events in order; an unreadable one is named by its seq."""
+    out = []
+    for i, data in enumerate(raw):
+        try:
+            out.append(decode(data))
+        except CodecError as exc:
+            if f"seq {from_seq + i} " in str(exc):
+                raise
+            raise CodecError(f"session {session_id}, seq {from_seq + i}: {exc}") from exc
+    return out
+
+
 def _payload(cls: type[Payload], fields: dict[str, Any]) -> Payload:
     # Trusted input (our own schema just decoded it): skip validation, but nested
     # records still need their model type.

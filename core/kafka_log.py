@@ -67,7 +67,7 @@ import sqlite_utils
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from loopstream.core.codec import CodecError, decode, encode
+from loopstream.core.codec import CodecError, decode, decode_session, encode
 from loopstream.core.events import Event
 from loopstream.core.log import (
     ConcurrencyError,
@@ -597,7 +597,7 @@ class KafkaLog:
         return self.projection.read_raw(session_id, from_seq, to_seq)
 
     def read(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[Event]:
-        return [decode(b) for b in self.read_raw(session_id, from_seq, to_seq)]
+        return decode_session(self.read_raw(session_id, from_seq, to_seq), session_id, from_seq)
 
     def sessions(self) -> list[SessionInfo]:
         self.catch_up()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import sqlite_utils
 
-from loopstream.core.codec import decode, encode
+from loopstream.core.codec import decode, decode_session, encode
 from loopstream.core.events import Event, now_ms
 from loopstream.core.log import (
     ConcurrencyError,
@@ -124,7 +124,7 @@ class SQLiteLog:
         return [r[0] for r in rows]
 
     def read(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[Event]:
-        return [decode(b) for b in self.read_raw(session_id, from_seq, to_seq)]
+        return decode_session(self.read_raw(session_id, from_seq, to_seq), session_id, from_seq)
 
     def sessions(self) -> list[SessionInfo]:
         with self._lock:

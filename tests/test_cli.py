@@ -73,3 +73,17 @@ def test_help_explains_commands(tmp_path: Path) -> None:
         assert command in r.stdout
     r = cli("run", "--help", cwd=tmp_path)
     assert "--model" in r.stdout and "--db" in r.stdout
+
+
+def test_a_corrupt_stored_event_is_named_by_its_seq(tmp_path: Path) -> None:
+    import sqlite3
+
+    assert cli("run", "x", "--provider", "scripted", "-q", cwd=tmp_path).returncode == 0
+    db = tmp_path / ".loopstream" / "loopstream.db"
+    with sqlite3.connect(db) as conn:
+        (sid,) = conn.execute("SELECT session_id FROM sessions").fetchone()
+        conn.execute("UPDATE events SET data = x'00ff00ff' WHERE seq = 3")
+    for args in (["show", sid], ["resume", sid]):
+        r = cli(*args, cwd=tmp_path)
+        assert r.returncode == 1 and "Traceback" not in r.stderr
+        assert f"session {sid}, seq 3: not a loopstream event envelope" in r.stderr
