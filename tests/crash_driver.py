@@ -1,6 +1,9 @@
 """Runs one scripted session in its own process and SIGKILLs itself at a chosen point.
 
 python -m tests.crash_driver DB SESSION_ID start|resume [--kill-after-events N] [--kill-in-model-call K]
+                              [--kafka HOST:PORT --topic T] [--tool-steps N]
+
+DB is the SQLite log, or with --kafka the KafkaLog's local projection file.
 
 --kill-after-events N: die right after the N-th event this process appended (an event boundary).
 --kill-in-model-call K: die inside the K-th model call, before its reply is appended.
@@ -28,6 +31,9 @@ def main() -> None:
     ap.add_argument("mode", choices=["start", "resume"])
     ap.add_argument("--kill-after-events", type=int, default=0)
     ap.add_argument("--kill-in-model-call", type=int, default=0)
+    ap.add_argument("--kafka", default="", help="bootstrap servers: run over a KafkaLog instead")
+    ap.add_argument("--topic", default="loopstream.crash")
+    ap.add_argument("--tool-steps", type=int, default=TOOL_STEPS)
     ap.add_argument("--side-effects", metavar="WORKDIR", default="",
                     help="script: shell (not idempotent), then write_file (idempotent), then answer")
     args = ap.parse_args()
@@ -40,7 +46,7 @@ def main() -> None:
         if appended == args.kill_after_events:
             os.kill(os.getpid(), signal.SIGKILL)
 
-    inner = adder_script(TOOL_STEPS)
+    inner = adder_script(args.tool_steps)
     calls = 0
 
     def script(messages):
@@ -50,7 +56,12 @@ def main() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return inner(messages)
 
-    log = SQLiteLog(args.db)
+    if args.kafka:
+        from loopstream.core.kafka_log import KafkaLog
+
+        log = KafkaLog(args.kafka, topic=args.topic, projection_path=args.db, partitions=1)
+    else:
+        log = SQLiteLog(args.db)
     provider, registry, tools, workdir = ScriptedProvider(script), None, ["add"], "."
     if args.side_effects:
         registry, tools, workdir = default_registry(allow_writes=True), ["shell", "write_file"], args.side_effects

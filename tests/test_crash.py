@@ -88,3 +88,32 @@ def test_in_flight_side_effect_tools_follow_their_policy(tmp_path: Path) -> None
             assert not (work / "ran.txt").exists()  # killed before it ran, and not run blindly after
         else:
             assert after.type == "ToolCompleted" and (work / "out.txt").read_text() == "hi"
+
+
+@pytest.mark.kafka
+def test_kill_at_every_event_boundary_over_kafka(tmp_path: Path, kafka_broker: str) -> None:
+    """The same kill-at-every-boundary test with the log on a real Kafka-protocol broker."""
+    from loopstream.core.kafka_log import KafkaLog
+
+    topic = f"crash-{tmp_path.name}"[:60]
+    kafka = ["--kafka", kafka_broker, "--topic", topic, "--tool-steps", "1"]
+
+    def kafka_history(sid: str) -> list[tuple[int, str]]:
+        with KafkaLog(kafka_broker, topic=topic, projection_path=tmp_path / "reader.db", partitions=1) as log:
+            events = log.read(sid)
+        assert len({e.event_id for e in events}) == len(events), "an event id was stored twice"
+        assert [e.seq for e in events] == list(range(len(events))), "seqs are not gapless"
+        return [(e.seq, e.type) for e in events]
+
+    proj = tmp_path / "proj.db"
+    ref = drive(proj, "kref", "start", *kafka)
+    assert ref.returncode == 0 and ref.stdout.strip() == "done", ref.stderr
+    reference = kafka_history("kref")
+    assert len(reference) == 9
+    for n in range(1, len(reference)):
+        sid = f"kkill{n}"
+        killed = drive(proj, sid, "start", *kafka, "--kill-after-events", str(n))
+        assert killed.returncode == -signal.SIGKILL, (n, killed.stderr)
+        resumed = drive(proj, sid, "resume", *kafka)
+        assert resumed.returncode == 0 and resumed.stdout.strip() == "done", (n, resumed.stderr)
+        assert kafka_history(sid) == reference, f"killed after event {n}"
