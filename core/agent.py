@@ -12,8 +12,8 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
-from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.factory import open_provider
+from loopstream.providers.ratelimit import RateLimiter
 from loopstream.tools.registry import ToolRegistry, default_registry
 
 DEFAULT_SYSTEM_PROMPT = (

@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import fastavro
-
 from loopstream.core import events as ev
 from loopstream.schemas import SCHEMA_DIR
 

@@ -16,8 +16,8 @@ from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.processors import budgets
-from loopstream.processors.guardrails import check_input, check_output
 from loopstream.processors.compaction import DEFAULT_KEEP_RECENT, compaction_range
+from loopstream.processors.guardrails import check_input, check_output
 from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.tokens import estimate_tokens
 

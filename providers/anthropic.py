@@ -1,12 +1,13 @@
 """Anthropic Messages API with native tool_use / tool_result blocks."""
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
 
-from .base import Message, ModelReply, ProviderError, ToolCall, ToolSpec
-from .errors import http_error, transport_error
+from .base import Message, ModelReply, ToolCall, ToolSpec
+from .errors import post_json, unreadable
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -48,20 +49,11 @@ class AnthropicProvider:
         return body
 
     def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
-        body = self.build_request(messages, tools)
-        try:
-            response = self._client.post(f"{self.base_url}/v1/messages", json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, server=self._server) from exc
-        if response.status_code >= 400:
-            raise http_error(response, server=self._server)
-        try:
-            data = response.json()
-            blocks = data["content"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProviderError(
-                f"{self._server} sent an unreadable reply: {response.text[:200]!r}", retryable=True, kind="bad_response"
-            ) from exc
+        data = post_json(self._client, f"{self.base_url}/v1/messages", self.build_request(messages, tools),
+                         server=self._server)
+        blocks = data.get("content")
+        if not isinstance(blocks, list):
+            raise unreadable(json.dumps(data), self._server)
         return parse_reply(data, blocks, self.model)
 
 

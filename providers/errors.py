@@ -91,3 +91,24 @@ def transport_error(exc: httpx.HTTPError, *, server: str) -> ProviderError:
     if isinstance(exc, httpx.TimeoutException):
         return ProviderError(f"{server} timed out ({type(exc).__name__})", retryable=True, kind="timeout")
     return ProviderError(f"cannot reach {server}: {exc or type(exc).__name__}", retryable=True, kind="connection")
+
+
+def post_json(client: httpx.Client, url: str, body: dict, *, server: str) -> dict:
+    """POST `body` and return the JSON reply; every failure becomes a ProviderError."""
+    try:
+        response = client.post(url, json=body)
+    except httpx.HTTPError as exc:
+        raise transport_error(exc, server=server) from exc
+    if response.status_code >= 400:
+        raise http_error(response, server=server)
+    try:
+        data = response.json()
+    except ValueError as exc:
+        raise unreadable(response.text, server) from exc
+    if not isinstance(data, dict):
+        raise unreadable(response.text, server)
+    return data
+
+
+def unreadable(text: str, server: str) -> ProviderError:
+    return ProviderError(f"{server} sent an unreadable reply: {text[:200]!r}", retryable=True, kind="bad_response")

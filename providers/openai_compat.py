@@ -6,9 +6,15 @@ from typing import Any
 
 import httpx
 
-from .actions import action_instructions, action_schema, parse_action_text, render_action, render_final
-from .base import ActionMode, Message, ModelReply, ProviderError, ToolCall, ToolSpec
-from .errors import ProviderConfigError, http_error, transport_error
+from .actions import (
+    action_instructions,
+    action_schema,
+    parse_action_text,
+    render_action,
+    render_final,
+)
+from .base import ActionMode, Message, ModelReply, ToolCall, ToolSpec
+from .errors import ProviderConfigError, post_json, unreadable
 
 ACTION_MODES: tuple[str, ...] = ("native", "json_schema", "json_text")
 
@@ -76,21 +82,13 @@ class OpenAICompatProvider:
     # ------------------------------------------------------------ call
 
     def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
-        body = self.build_request(messages, tools)
+        data = post_json(self._client, f"{self.base_url}/chat/completions", self.build_request(messages, tools),
+                         server=self._server)
         try:
-            response = self._client.post(f"{self.base_url}/chat/completions", json=body)
-        except httpx.HTTPError as exc:
-            raise transport_error(exc, server=self._server) from exc
-        if response.status_code >= 400:
-            raise http_error(response, server=self._server)
-        try:
-            data = response.json()
             choice = data["choices"][0]
             message = choice.get("message") or {}
-        except (ValueError, KeyError, IndexError, TypeError) as exc:
-            raise ProviderError(
-                f"{self._server} sent an unreadable reply: {response.text[:200]!r}", retryable=True, kind="bad_response"
-            ) from exc
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
+            raise unreadable(json.dumps(data), self._server) from exc
         return self.parse_reply(data, choice, message, tools)
 
     def parse_reply(

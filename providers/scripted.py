@@ -7,7 +7,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from loopstream.providers.base import Message, ModelReply, ProviderError, ToolCall, ToolSpec
+from loopstream.providers.base import (
+    Message,
+    ModelReply,
+    ProviderError,
+    ToolCall,
+    ToolSpec,
+)
 
 Script = Callable[[list[Message]], ModelReply]
 

@@ -15,10 +15,22 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
-
 from loopstream.core.codec import REGISTRY, encode
-from loopstream.core.events import Event, GoalReceived, Payload, SessionCancelled, now_ms, random_id
-from loopstream.core.log import ConcurrencyError, Delivery, DuplicateEvent, Log, Subscription
+from loopstream.core.events import (
+    Event,
+    GoalReceived,
+    Payload,
+    SessionCancelled,
+    now_ms,
+    random_id,
+)
+from loopstream.core.log import (
+    ConcurrencyError,
+    Delivery,
+    DuplicateEvent,
+    Log,
+    Subscription,
+)
 
 Opener = Callable[[], Log]
 

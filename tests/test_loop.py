@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import pytest
-
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import Runtime, SessionConfig
@@ -149,8 +148,8 @@ def test_redelivered_request_does_not_produce_a_second_result(log) -> None:
     then = fold(events[: request.seq + 1])
     model = ModelProcessor(provider, default_registry().specs())
     emits = model.handle(request, then)
-    from loopstream.core.runtime import build_events
     from loopstream.core.log import DuplicateEvent
+    from loopstream.core.runtime import build_events
 
     dup = build_events(then, request, emits, "model")
     assert dup[0].event_id == events[request.seq + 1].event_id

@@ -4,8 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
-from loopstream.providers.actions import action_instructions, action_schema, loads_lenient, parse_action_text
+from loopstream.providers.actions import (
+    action_instructions,
+    action_schema,
+    loads_lenient,
+    parse_action_text,
+)
 from loopstream.providers.base import ToolSpec
 
 ADD = ToolSpec(

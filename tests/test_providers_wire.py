@@ -8,8 +8,15 @@ from typing import Any
 
 import httpx
 import pytest
-
-from loopstream.providers import Message, ProviderConfigError, ProviderError, ToolCall, ToolSpec, make_provider, open_provider
+from loopstream.providers import (
+    Message,
+    ProviderConfigError,
+    ProviderError,
+    ToolCall,
+    ToolSpec,
+    make_provider,
+    open_provider,
+)
 from loopstream.providers.anthropic import AnthropicProvider
 from loopstream.providers.openai_compat import OpenAICompatProvider
 

@@ -45,7 +45,7 @@ def test_fork_with_another_model_then_resume_and_diff(tmp_path: Path) -> None:
     assert resumed.returncode == 0 and resumed.stdout.strip() == "The result is 5.", resumed.stderr
     d = cli("diff", sid, child, cwd=tmp_path)
     assert d.returncode == 1  # they differ
-    assert f"b is a fork of a at seq 9" in d.stdout and "'The result is 3.'" in d.stdout
+    assert "b is a fork of a at seq 9" in d.stdout and "'The result is 3.'" in d.stdout
     assert cli("diff", sid, sid, cwd=tmp_path).returncode == 0
 
 

@@ -6,21 +6,20 @@ import time
 
 import pytest
 from fastavro import schemaless_writer
-
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode
-from loopstream.core.runtime import SessionConfig
+from loopstream.core.runtime import Runtime, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.retry import backoff_ms, retry_delay_ms
 from loopstream.processors.tools import ToolProcessor
-from loopstream.core.runtime import Runtime
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.tools import default_registry
+
 from tests.helpers import make_event
 
 

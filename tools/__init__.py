@@ -1,4 +1,11 @@
 """Tools the model can call: the `@tool` decorator, the registry, and the built-ins."""
-from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry, default_registry, tool
+from loopstream.tools.registry import (
+    Tool,
+    ToolContext,
+    ToolError,
+    ToolRegistry,
+    default_registry,
+    tool,
+)
 
 __all__ = ["Tool", "ToolContext", "ToolError", "ToolRegistry", "default_registry", "tool"]

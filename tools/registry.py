@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from pydantic import BaseModel, ValidationError, create_model
-
 from loopstream.providers.base import ToolSpec
+from pydantic import BaseModel, ValidationError, create_model
 
 
 class ToolError(Exception):
