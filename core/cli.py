@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
-
 from loopstream.core import events as ev
-from loopstream.core.bus import BusError, default_db, open_log
+from loopstream.core.bus import BusError, open_log
 from loopstream.core.describe import status_of, summarize
 from loopstream.core.log import Log, LogError, SessionNotFound
+from rich.console import Console
+from rich.table import Table
 
 app = typer.Typer(
     help="loopstream: an agent harness whose every step is an Avro event in a log "
@@ -208,9 +207,8 @@ def resume(
 ) -> None:
     """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
     from loopstream.core.agent import build_runtime, open_model
-    from loopstream.tools.registry import default_registry
-
     from loopstream.core.runtime import Runtime
+    from loopstream.tools.registry import default_registry
 
     log = open_log(bus, db)
     sid = _resolve(log, session)

@@ -64,9 +64,14 @@ from pathlib import Path
 from typing import Any
 
 import sqlite_utils
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic
-
 from loopstream.core.codec import CodecError, decode, decode_session, encode
 from loopstream.core.events import Event
 from loopstream.core.log import (
@@ -345,17 +350,26 @@ class Projection:
         """(ACCEPTED, None), (DROPPED, reason), (PENDING, None), or None if not applied yet."""
         with self._lock:
             c = self.conn
-            if c.execute("SELECT 1 FROM events WHERE part = ? AND off = ?", (partition, offset)).fetchone():
-                return ACCEPTED, None
-            row = c.execute("SELECT reason FROM dropped WHERE part = ? AND off = ?", (partition, offset)).fetchone()
-            if row:
-                return DROPPED, row[0]
-            if c.execute("SELECT 1 FROM pending WHERE part = ? AND off = ?", (partition, offset)).fetchone():
-                return PENDING, None
-            row = c.execute("SELECT next_off FROM positions WHERE part = ?", (partition,)).fetchone()
-            if row and offset < row[0]:
-                return DROPPED, "not applied"  # below the position but never stored: cannot happen
-            return None
+            # One read snapshot: another process sharing the file may apply records between
+            # these statements (without it, a record applied meanwhile read as "not applied").
+            own = not c.in_transaction
+            if own:
+                c.execute("BEGIN")
+            try:
+                if c.execute("SELECT 1 FROM events WHERE part = ? AND off = ?", (partition, offset)).fetchone():
+                    return ACCEPTED, None
+                row = c.execute("SELECT reason FROM dropped WHERE part = ? AND off = ?", (partition, offset)).fetchone()
+                if row:
+                    return DROPPED, row[0]
+                if c.execute("SELECT 1 FROM pending WHERE part = ? AND off = ?", (partition, offset)).fetchone():
+                    return PENDING, None
+                row = c.execute("SELECT next_off FROM positions WHERE part = ?", (partition,)).fetchone()
+                if row and offset < row[0]:
+                    return DROPPED, "not applied"  # below the position but never stored: cannot happen
+                return None
+            finally:
+                if own:
+                    c.execute("COMMIT")
 
     def next_seq(self, session_id: str) -> int:
         row = self._q("SELECT next_seq FROM sessions WHERE session_id = ?", (session_id,))

@@ -220,10 +220,11 @@ class GoalIntake:
     A record's offset is committed after its session is in the log."""
 
     def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
-                 publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2) -> None:
+                 publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2,
+                 on_event: Callable[[ev.Event], None] | None = None) -> None:
         self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
         self.publisher = publisher
-        self.runtime = Runtime(log, [], secrets=secrets)
+        self.runtime = Runtime(log, [], on_event=on_event, secrets=secrets)
         self.poll_timeout = poll_timeout
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -381,7 +382,8 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
                 provider.model if provider else (opts.model or os.environ.get("LOOPSTREAM_MODEL") or "default"),
                 opts.agents_file,
             )
-            intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher)
+            intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
+                                on_event=opts.on_event)
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
@@ -400,8 +402,10 @@ def run_role(opts: WorkerOptions, install_signals: bool = True,
             intake.start()
         if on_ready is not None:
             on_ready(worker, intake)
-        try:
-            worker.run()
+        try:  # a dead goal intake stops the process (a supervisor restarts it)
+            worker.run(until=(lambda: intake.error is not None) if intake is not None else None)
+            if intake is not None and intake.error is not None:
+                raise LogError(f"the goal intake stopped: {intake.error}")
         finally:
             if intake is not None:
                 intake.stop()

@@ -31,7 +31,8 @@ Per delivery
    deterministic ids make a repeated append a `DuplicateEvent`, the processors' "already
    answered" checks skip requests that have a result, and the orchestrator ignores any
    event that is not the head. A handler that raises is retried with backoff (its
-   partition's commits wait).
+   partition's commits wait; after `max_attempts` a handler bug is logged and skipped,
+   while errors of the log or broker (`LogError`) are retried for ever).
 
 Why not Kafka transactions
 --------------------------
@@ -72,7 +73,13 @@ from typing import Any
 
 from loopstream.core import events as ev
 from loopstream.core.fsm import machine_next_state
-from loopstream.core.log import ConcurrencyError, Delivery, DuplicateEvent, Log, LogError
+from loopstream.core.log import (
+    ConcurrencyError,
+    Delivery,
+    DuplicateEvent,
+    Log,
+    LogError,
+)
 from loopstream.core.processor import Emit, Processor
 from loopstream.core.runtime import build_events
 from loopstream.core.secrets import Secrets
@@ -160,6 +167,7 @@ class Worker:
         cache_size: int = 4096,
         drain_timeout: float = 30.0,
         retry_delays: Sequence[float] = (0.2, 0.5, 1, 2, 5, 10, 30),
+        max_attempts: int = 10,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -173,6 +181,7 @@ class Worker:
         self.max_buffered, self.cache_size = max_buffered, cache_size
         self.drain_timeout = drain_timeout
         self.retry_delays = tuple(retry_delays)
+        self.max_attempts = max_attempts
         self.stats = WorkerStats()
         self._stop = threading.Event()
         self._lock = threading.Lock()  # scheduling state below
@@ -315,6 +324,15 @@ class Worker:
             delay = self.retry_delays[min(job.attempts, len(self.retry_delays) - 1)]
             job.attempts += 1
             self.stats.add("handler_errors")
+            if not isinstance(exc, LogError) and job.attempts >= self.max_attempts:
+                # A bug (not the log or the broker, which are retried for ever): do not
+                # hold the partition's commits for ever behind one poison event.
+                self.stats.add("abandoned")
+                logger.error("%s: giving up on %s seq %s of session %s after %d attempts: %s: %s",
+                             self.group, job.event.type, job.event.seq, job.event.session_id,
+                             job.attempts, type(exc).__name__, exc)
+                self._complete(job, DONE)
+                return
             logger.warning("%s: handling %s seq %s of session %s failed (attempt %d; again in %.1fs): %s: %s",
                            self.group, job.event.type, job.event.seq, job.event.session_id,
                            job.attempts, delay, type(exc).__name__, exc)
@@ -363,7 +381,7 @@ class Worker:
                 for e in batch:
                     self.on_event(e)
             return preview
-        return state
+        raise LogError(f"session {state.session_id}: {actor}'s append for seq {cause.seq} kept conflicting")
 
     # -- state cache ------------------------------------------------------------------
     def state(self, session_id: str) -> SessionState:

@@ -8,7 +8,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
 from loopstream.core.contract import (
     ContractError,
     Goal,
@@ -179,3 +178,25 @@ def test_kafka_url() -> None:
     assert parse_kafka_url("kafka://h:1/").events_topic == "loopstream.events"
     with pytest.raises(ContractError):
         parse_kafka_url("kafka://h:1?bogus=1")
+
+
+def test_a_handler_bug_is_retried_then_skipped(tmp_path: Path) -> None:
+    log = SQLiteLog(tmp_path / "l.db")
+    rt = Runtime(log, [])
+    bad, good = rt.start_session("bad", CONFIG), rt.start_session("good", CONFIG)
+
+    class Buggy:
+        name, triggers = "buggy", frozenset({"GoalReceived"})
+
+        def handle(self, event, state):
+            if state.goal == "bad":
+                raise RuntimeError("bug")
+            return []
+
+    procs = [Buggy(), *processors_for("all", provider=ScriptedProvider(adder_script(1)))]
+    w = Worker(log, procs, "t.bug", retry_delays=(0.01,), max_attempts=3)
+    run_workers([w], lambda: fold(log.read(good)).terminal and w.stats.snapshot().get("abandoned") == 1)
+    stats = w.stats.snapshot()
+    assert stats["handler_errors"] == 3 and stats["abandoned"] == 1
+    assert fold(log.read(bad)).status == "planning"  # the buggy delivery was skipped, nothing written
+    check_session(log, good)

@@ -1,0 +1,247 @@
+"""Workers as separate processes over a real broker (Tansu): `loopstream worker`, `submit`,
+`show`, the goal contract, and a worker SIGKILLed mid-run.
+
+Every test uses its own topic prefix (`kafka://…?prefix=NAME`), so topics and consumer
+groups never mix between tests on the session-scoped broker. Consumer timeouts are small
+(Tansu answers a JoinGroup after about half of session.timeout.ms), and each group has
+one member at a time.
+"""
+from __future__ import annotations
+
+import ast
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
+
+from confluent_kafka import Consumer, Producer, TopicPartition
+from loopstream.core.contract import Goal, decode_update, encode_goal, session_id_for
+from loopstream.core.kafka_log import KafkaLog
+from loopstream.core.state import fold
+
+from tests.test_worker import check_session
+
+pytestmark = pytest.mark.kafka
+FAST = "session.timeout.ms=2000&heartbeat.interval.ms=500&fetch.wait.max.ms=20"
+
+
+def bus_url(broker: str, prefix: str) -> str:
+    return f"kafka://{broker}?prefix={prefix}&{FAST}"
+
+
+def env_for(cwd: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPSTREAM_", "OPENAI_", "ANTHROPIC_"))}
+    env["LOOPSTREAM_DB"] = str(cwd / ".loopstream" / "loopstream.db")
+    return env
+
+
+def cli(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "loopstream.core.cli", *args], cwd=cwd, env=env_for(cwd),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Workers:
+    """Worker processes, each stopped by its own pid at the end."""
+
+    def __init__(self, bus: str, cwd: Path) -> None:
+        self.bus, self.cwd = bus, cwd
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.n = 0
+
+    def start(self, role: str) -> subprocess.Popen:
+        self.n += 1
+        out = open(self.cwd / f"{role}.{self.n}.log", "wb")
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "loopstream.core.cli", "worker", "--role", role, "--bus", self.bus,
+             "--provider", "scripted", "--model", "adder:2", "-q"],
+            cwd=self.cwd, env=env_for(self.cwd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        )
+        out.close()
+        self.procs[role] = proc
+        return proc
+
+    def logs(self) -> str:
+        return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.cwd.glob("*.log")))
+
+    def stop_all(self) -> dict[str, int | None]:
+        codes = {}
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for role, proc in self.procs.items():
+            try:
+                codes[role] = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                codes[role] = proc.wait(timeout=5)
+        return codes
+
+
+def stuck(broker: str, prefix: str, sids: set[str], results: list) -> str:
+    """Where the sessions without a result stand (for a failure message)."""
+    done = {u.session_id for u in results if u.kind == "result"}
+    lines = []
+    with KafkaLog(broker, topic=f"{prefix}.events") as log:
+        for sid in sorted(sids - done):
+            events = log.read(sid)
+            lines.append(f"{sid}: {[(e.seq, e.type) for e in events[-3:]]}")
+        lines.append(f"dropped: {log.dropped()}")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="module")
+def all_worker(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path, Workers]]:
+    cwd = tmp_path_factory.mktemp("all")
+    bus = bus_url(kafka_broker, "wa" + uuid.uuid4().hex[:6])
+    workers = Workers(bus, cwd)
+    workers.start("all")
+    try:
+        yield bus, cwd, workers
+    finally:
+        workers.stop_all()
+
+
+def test_worker_all_submit_wait_and_show(all_worker) -> None:
+    bus, cwd, workers = all_worker
+    t = time.monotonic()
+    r = cli("submit", "--bus", bus, "--wait", "--timeout", "60", "count to two", cwd=cwd)
+    assert r.returncode == 0, r.stderr + workers.logs()
+    assert r.stdout.strip() == "The result is 2."
+    sid = r.stderr.split("session")[-1].split()[0]
+    print(f"submit --wait: {time.monotonic() - t:.1f}s")
+    shown = cli("show", "--bus", bus, sid[:8], cwd=cwd)
+    assert shown.returncode == 0, shown.stderr
+    for typ in ("SessionStarted", "GoalReceived", "ModelRequested", "ModelResponded", "ToolRequested",
+                "ToolCompleted", "SessionFinished"):
+        assert typ in shown.stdout
+    assert "goal-intake" in shown.stdout and "orchestrator" in shown.stdout
+    listing = cli("sessions", "--bus", bus, cwd=cwd)
+    assert sid in listing.stdout and "done" in listing.stdout
+
+
+def test_example_client_without_loopstream(all_worker, kafka_broker: str) -> None:
+    """examples/produce_goal.py: plain confluent-kafka + fastavro, progress and result."""
+    bus, cwd, workers = all_worker
+    prefix = bus.split("prefix=")[1].split("&")[0]
+    example = Path(__file__).resolve().parents[1] / "examples" / "produce_goal.py"
+    tree = ast.parse(example.read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not any(m.startswith("loopstream") for m in imported), imported
+    r = subprocess.run([sys.executable, "-I", str(example), "--bootstrap", kafka_broker, "--prefix", prefix,
+                        "--progress", "--timeout", "60", "add one twice"],
+                       cwd=cwd, capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0, r.stderr + workers.logs()
+    assert r.stdout.strip() == "The result is 2."
+    assert "ToolCompleted" in r.stderr and "ModelResponded" in r.stderr  # progress updates
+
+
+def test_repeated_idempotency_key_starts_nothing_new(all_worker, kafka_broker: str) -> None:
+    bus, cwd, workers = all_worker
+    key = "order-" + uuid.uuid4().hex[:8]
+    first = cli("submit", "--bus", bus, "--wait", "--timeout", "60", "--idempotency-key", key, "count", cwd=cwd)
+    assert first.returncode == 0, first.stderr + workers.logs()
+    # The same key again: no second session; the finished session's result answers it.
+    again = cli("submit", "--bus", bus, "--wait", "--timeout", "60", "--idempotency-key", key,
+                "count something else", cwd=cwd)
+    assert again.returncode == 0, again.stderr + workers.logs()
+    assert again.stdout == first.stdout
+    sid = session_id_for(key)
+    assert sid in first.stderr and sid in again.stderr
+    prefix = bus.split("prefix=")[1].split("&")[0]
+    with KafkaLog(kafka_broker, topic=f"{prefix}.events") as log:
+        events = log.read(sid)
+        assert [e.type for e in events].count("GoalReceived") == 1
+        assert [e.type for e in events].count("SessionFinished") == 1
+        assert events[1].payload.text == "count"
+        assert sum(s.session_id == sid for s in log.sessions()) == 1
+    check = cli("submit", "--bus", bus, "--idempotency-key", key, "x", cwd=cwd)
+    assert check.returncode == 0 and check.stdout.strip() == sid
+
+
+def test_roles_many_sessions_one_worker_killed(kafka_broker: str, tmp_path: Path) -> None:
+    """orchestrator / model / tool as three processes, 20 goals through the goals topic; the
+    model worker, then the orchestrator (goal intake + results publisher), SIGKILLed mid-run
+    and started again."""
+    started = time.monotonic()
+    prefix = "wb" + uuid.uuid4().hex[:6]
+    bus = bus_url(kafka_broker, prefix)
+    workers = Workers(bus, tmp_path)
+    n = 20
+    keys = [f"job-{i}-{uuid.uuid4().hex[:6]}" for i in range(n)]
+    sids = {session_id_for(k) for k in keys}
+    results: list = []
+    consumer = None
+    try:
+        for role in ("orchestrator", "model", "tool"):
+            workers.start(role)
+        producer = Producer({"bootstrap.servers": kafka_broker, "enable.idempotence": True})
+        for k in keys:
+            producer.produce(f"{prefix}.goals", key=k.encode(),
+                             value=encode_goal(Goal(goal=f"count ({k})", idempotency_key=k)))
+        assert producer.flush(30) == 0
+
+        # The results topic exists once the orchestrator's publisher or intake created it.
+        consumer = Consumer({"bootstrap.servers": kafka_broker, "group.id": f"test-{prefix}",
+                             "enable.auto.commit": False, "auto.offset.reset": "earliest",
+                             "topic.metadata.refresh.interval.ms": 500})
+        deadline = time.monotonic() + 90
+
+        def collect(until) -> None:
+            while not until():
+                assert time.monotonic() < deadline, (
+                    f"{len(results)} results\n{workers.logs()}\n{stuck(kafka_broker, prefix, sids, results)}")
+                m = consumer.poll(0.2)
+                if m is not None and m.error() is None:
+                    results.append(decode_update(m.value()))
+
+        def wait_for_topic() -> None:
+            while True:
+                md = consumer.list_topics(f"{prefix}.results", timeout=10).topics.get(f"{prefix}.results")
+                if md is not None and md.error is None and md.partitions:
+                    consumer.assign([TopicPartition(f"{prefix}.results", p, 0) for p in md.partitions])
+                    return
+                assert time.monotonic() < deadline, workers.logs()
+                time.sleep(0.2)
+
+        wait_for_topic()
+        kills = []
+        for role, after in (("model", 3), ("orchestrator", 8)):
+            collect(lambda after=after: len({u.session_id for u in results}) >= after)
+            kills.append(f"{role} after {len({u.session_id for u in results})} results")
+            workers.procs[role].send_signal(signal.SIGKILL)
+            workers.procs[role].wait(10)
+            workers.start(role)
+        collect(lambda: {u.session_id for u in results if u.kind == "result"} >= sids)
+        print(f"SIGKILLed and restarted: {', '.join(kills)}; all {n} done "
+              f"{time.monotonic() - started:.1f}s after start")
+    finally:
+        if consumer is not None:
+            consumer.close()
+        codes = workers.stop_all()
+    assert all(c == 0 for c in codes.values() if c is not None), (codes, workers.logs())
+
+    # One result per session after deduplication by (session_id, seq); count the repeats.
+    mine = [u for u in results if u.session_id in sids and u.kind == "result"]
+    by_key = Counter(u.dedupe_key for u in mine)
+    assert len(by_key) == n and {u.status for u in mine} == {"done"}
+    assert {sid for sid, _ in by_key} == sids
+    print(f"result records: {len(mine)} for {n} sessions ({len(mine) - n} redelivered duplicates)")
+
+    with KafkaLog(kafka_broker, topic=f"{prefix}.events") as log:
+        for sid in sids:
+            events = log.read(sid)
+            check_session(log, sid)
+            state = fold(events)
+            assert state.status == "done" and state.answer == "The result is 2.", sid
+            assert [e.type for e in events].count("SessionStarted") == 1
+        print(f"records the acceptance rule dropped: {Counter(d['reason'] for d in log.dropped())}")
