@@ -39,4 +39,4 @@ def test_compose_services() -> None:
         assert f'\n  {role}:' in text
         assert f'command: ["worker", "--role", "{role}", "--bus", "kafka://kafka:29092"' in text
     assert "condition: service_healthy" in text
-    assert "[kafka]" in (ROOT / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir '.[kafka,local]'" in (ROOT / "Dockerfile").read_text()
