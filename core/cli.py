@@ -478,6 +478,7 @@ def worker(
     group_prefix: Annotated[Optional[str], typer.Option(help="Consumer groups are PREFIX.<role> (default: the bus's topic prefix, `loopstream`).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once (threads).")] = 8,
     agents: Annotated[Optional[Path], typer.Option(help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Let the tool role run write_file, edit_file and shell (checkpointed before each).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print each appended event.")] = False,
 ) -> None:
     """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
@@ -499,7 +500,8 @@ def worker(
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
                                action_mode=action_mode, group_prefix=group_prefix, concurrency=concurrency,
-                               agents_file=agents, on_event=None if quiet else show_event)
+                               agents_file=agents, on_event=None if quiet else show_event,
+                               allow_writes=allow_writes)
     try:
         w = roles.run_role(opts, on_ready=ready)
     except ContractError as exc:

@@ -314,7 +314,7 @@ class GoalIntake:
 
 # -- assembling a role -------------------------------------------------------------------
 def processors_for(role: str, *, provider: Any = None, fallbacks: Sequence[Any] = (),
-                   publisher: ResultsPublisher | None = None) -> list[Processor]:
+                   publisher: ResultsPublisher | None = None, allow_writes: bool = False) -> list[Processor]:
     from loopstream.processors.compaction import CompactionProcessor
     from loopstream.processors.model import ModelProcessor
     from loopstream.processors.orchestrator import Orchestrator
@@ -323,7 +323,7 @@ def processors_for(role: str, *, provider: Any = None, fallbacks: Sequence[Any] 
 
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    registry = default_registry()
+    registry = default_registry(allow_writes=allow_writes)
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
@@ -343,6 +343,7 @@ class WorkerOptions:
     db: Path | None = None
     provider: str | None = None
     model: str | None = None
+    allow_writes: bool = False  # the tool role may run write_file, edit_file and shell
     base_url: str | None = None
     action_mode: str | None = None
     group_prefix: str | None = None
@@ -385,7 +386,8 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
             intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
                                 on_event=opts.on_event)
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
-        worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher), group,
+        worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher,
+                                           allow_writes=opts.allow_writes), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
 
