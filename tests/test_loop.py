@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import pytest
-from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import Runtime, SessionConfig
+from loopstream.core.runtime import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -12,7 +11,7 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
-from loopstream.tools import ToolError, default_registry, tool
+from loopstream.tools import default_registry, tool
 
 
 @pytest.fixture
@@ -174,7 +173,3 @@ def test_processors_only_act_on_what_is_still_owed(log) -> None:
             if e.type in proc.triggers:
                 assert proc.handle(e, state) == [], (proc.name, e.type)
 
-
-def test_tool_error_class_is_public() -> None:
-    assert issubclass(ToolError, Exception)
-    assert Runtime and ev
