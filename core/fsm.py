@@ -37,7 +37,9 @@ TRANSITIONS: list[tuple[str, str | list[str], str, str | None]] = [
     ("ModelRequested",   "planning",       "awaiting_model",  None),
     ("ModelResponded",   "awaiting_model", "acting",          None),
     ("ModelFailed",      "awaiting_model", "planning",        None),
-    ("RetryScheduled",   "planning",       "backing_off",     None),
+    ("RetryScheduled",   "planning",       "backing_off",     None),  # a model call
+    ("RetryScheduled",   "awaiting_tools", "awaiting_tools",  None),  # a tool call
+    ("RetryScheduled",   "awaiting_approval", "awaiting_approval", None),
     ("ModelRequested",   "backing_off",    "awaiting_model",  None),
     ("ModelFallback",    "planning",       "planning",        None),
     ("GuardrailTripped", "planning",       "planning",        None),  # input: SessionFailed follows

@@ -135,8 +135,18 @@ class Runtime:
                 return state
             work = open_work(state)
             if not work:
-                return state  # idle: nothing to do until a goal arrives
-            state = self._dispatch(state, work[0])
+                return state  # idle, or waiting for a person: nothing to do until an event arrives
+            for seq in work:  # the first owed event a processor acts on
+                moved = self._dispatch(state, seq)
+                if moved is not None:
+                    state = moved
+                    break
+            else:
+                if state.wake_at_ms is None:
+                    raise RuntimeStuck(f"session {session_id}: no processor acted on the owed events "
+                                       f"{work} in state {state.status!r}")
+                # waiting on the clock (a retry's backoff): sleep, then look again
+                time.sleep(max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.001)
         raise RuntimeStuck(f"session {session_id} did not finish within {max_events} dispatches")
 
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "",
@@ -161,7 +171,8 @@ class Runtime:
             return preview
         raise ConcurrencyError(session_id, -1, -1)
 
-    def _dispatch(self, state: SessionState, seq: int) -> SessionState:
+    def _dispatch(self, state: SessionState, seq: int) -> SessionState | None:
+        """Hand one owed event to its processors; the new state, or None if none acted."""
         (event,) = self.log.read(state.session_id, seq, seq)
         for proc in self.processors:
             if event.type not in proc.triggers:
@@ -169,13 +180,7 @@ class Runtime:
             emits = proc.handle(event, state)
             if emits:
                 return self._commit(state, event, emits, proc.name)
-        if state.wake_at_ms is not None:  # backing off: wait for the clock, then decide again
-            time.sleep(max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.001)
-            return state
-        raise RuntimeStuck(
-            f"session {state.session_id}: no processor acted on {event.type} (seq {seq}) "
-            f"in state {state.status!r}"
-        )
+        return None
 
     def _commit(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
         return self._append(state, build_events(state, cause, emits, actor, self.secrets))

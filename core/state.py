@@ -51,6 +51,8 @@ class SessionState:
     # call id -> seq of its WorkspaceCheckpointed: the workspace was snapshotted, the side-effect
     # tool runs next (open_work points at this seq instead of the ToolRequested).
     checkpointed_calls: dict[str, int] = field(default_factory=dict)
+    tool_attempts: dict[str, int] = field(default_factory=dict)  # call id -> attempt now scheduled
+    tool_retry_at: dict[str, int] = field(default_factory=dict)  # call id -> not before (ms), while pending
     open_approvals: dict[str, str] = field(default_factory=dict)  # call id -> why a person must decide
     approvals: dict[str, bool] = field(default_factory=dict)  # call id -> a person's decision
     guardrail_trips: int = 0
@@ -73,8 +75,12 @@ class SessionState:
 
     @property
     def wake_at_ms(self) -> int | None:
-        """When a session that is waiting on the clock (backing off) can move again."""
-        return self.retry_not_before_ms if self.status == "backing_off" else None
+        """When a session that waits on the clock (a model or tool retry) can move again."""
+        if self.status == "backing_off":
+            return self.retry_not_before_ms
+        if self.status in ("awaiting_tools", "awaiting_approval") and self.tool_retry_at:
+            return min(self.tool_retry_at.values())
+        return None
 
     @property
     def terminal(self) -> bool:
@@ -139,6 +145,12 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.last_retry_after_ms = p.retry_after_ms
             state.last_failed_request_id = p.request_id
             state.open_request_id = state.open_request_seq = None
+        case ev.RetryScheduled() if p.target == "tool":
+            state.tool_attempts[p.ref_id] = p.attempt
+            state.tool_retry_at[p.ref_id] = p.not_before_ms
+            state.checkpointed_calls.pop(p.ref_id, None)  # a retry checkpoints again before it runs
+            if p.ref_id in state.pending_call_seqs:
+                state.pending_call_seqs[p.ref_id] = event.seq  # the tool processor retries from here
         case ev.RetryScheduled():
             state.retry_scheduled = True
             state.retry_not_before_ms = p.not_before_ms
@@ -153,6 +165,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.pending_call_seqs[p.call_id] = event.seq
             state.tool_calls += 1
         case ev.ToolCompleted():
+            state.tool_retry_at.pop(p.call_id, None)
             state.pending_calls.pop(p.call_id, None)
             state.pending_call_seqs.pop(p.call_id, None)
             state.checkpointed_calls.pop(p.call_id, None)
@@ -160,6 +173,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 Message(role="tool", content=p.result, tool_call_id=p.call_id, name=p.name, seq=event.seq)
             )
         case ev.ToolFailed():
+            state.tool_retry_at.pop(p.call_id, None)
             state.pending_calls.pop(p.call_id, None)
             state.pending_call_seqs.pop(p.call_id, None)
             state.checkpointed_calls.pop(p.call_id, None)
@@ -263,6 +277,8 @@ def clone(state: SessionState) -> SessionState:
         pending_calls=dict(state.pending_calls),
         pending_call_seqs=dict(state.pending_call_seqs),
         checkpointed_calls=dict(state.checkpointed_calls),
+        tool_attempts=dict(state.tool_attempts),
+        tool_retry_at=dict(state.tool_retry_at),
         fallbacks_used=list(state.fallbacks_used),
         open_approvals=dict(state.open_approvals),
         approvals=dict(state.approvals),

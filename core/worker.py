@@ -341,14 +341,18 @@ class Worker:
 
     def _handle(self, event: ev.Event) -> str | tuple[str, float]:
         state = self.state(event.session_id)
+        acted = False
         for proc in self.processors:
             if event.type not in proc.triggers:
                 continue
             emits = proc.handle(event, state)
             self.stats.add(f"handled.{proc.name}")
             if emits:
+                acted = True
                 state = self._append(state, event, emits, proc.name)
-        if state.wake_at_ms is not None and event.seq == state.seq:
+        # Waiting on the clock: the head (a model retry), or an owed event such as a tool
+        # retry that is not due yet; handled again when it is.
+        if state.wake_at_ms is not None and not acted and (event.seq == state.seq or event.seq in open_work(state)):
             self.stats.add("clock_waits")
             delay = max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.005
             return ("wake", time.monotonic() + delay)

@@ -30,13 +30,16 @@ from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.processors.guardrails import check_tool_call
+from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.base import Provider, ToolCall
 from loopstream.tools.checkpoint import CheckpointError, Workspace
 from loopstream.tools.permissions import decide
-from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry
+from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 MAX_RESULT_CHARS = 16_000
 DEFAULT_TOOL_TIMEOUT_S = 300.0
+DEFAULT_MAX_TOOL_ATTEMPTS = 3
+TRANSIENT_KINDS = frozenset({"timeout", "transient"})  # raise ToolError(..., kind="transient") to ask for a retry
 
 
 def _with_timeout(fn, timeout: float):
@@ -62,7 +65,7 @@ def _with_timeout(fn, timeout: float):
 
 class ToolProcessor:
     name = "tools"
-    triggers = frozenset({"ToolRequested", "WorkspaceCheckpointed", "ApprovalDecided"})
+    triggers = frozenset({"ToolRequested", "WorkspaceCheckpointed", "ApprovalDecided", "RetryScheduled"})
 
     def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None) -> None:
         self.registry = registry
@@ -89,6 +92,13 @@ class ToolProcessor:
                                      f"call it again only if needed.", time.monotonic())]
             self._started.discard(p.call_id)
             return [self._run(call.call_id, call.name, call.arguments, state, time.monotonic())]
+        if isinstance(p, ev.RetryScheduled):  # a transient failure's next attempt
+            call = state.pending_calls.get(p.ref_id)
+            if p.target != "tool" or call is None or state.tool_retry_at.get(p.ref_id) != p.not_before_ms:
+                return []  # a model retry, a settled call, or a superseded schedule
+            if ev.now_ms() < p.not_before_ms:
+                return []  # not due: the runtime waits until state.wake_at_ms
+            return self._proceed(call.call_id, call.name, call.arguments, state, time.monotonic())
         if isinstance(p, ev.ApprovalDecided):  # a person answered: run it, or tell the model
             call = state.pending_calls.get(p.call_id)
             if call is None or p.call_id in state.checkpointed_calls or p.call_id in state.open_approvals:
@@ -101,7 +111,8 @@ class ToolProcessor:
         req = p
         assert isinstance(req, ev.ToolRequested)
         if (req.call_id not in state.pending_calls or req.call_id in state.checkpointed_calls
-                or req.call_id in state.approvals or req.call_id in state.open_approvals):
+                or req.call_id in state.approvals or req.call_id in state.open_approvals
+                or req.call_id in state.tool_retry_at):
             return []  # already settled (a redelivery), or a later event of this call carries it on
         started = time.monotonic()
         try:
@@ -174,15 +185,31 @@ class ToolProcessor:
             ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
             result = _with_timeout(lambda: allowed.call(name, arguments, ctx), timeout)
         except TimeoutError:
-            return self._failed(call_id, name, "timeout",
-                                f"{name} did not finish within {timeout:g}s (it may still be running)", started)
+            return self._retry_or_fail(call_id, name, "timeout",
+                                       f"{name} did not finish within {timeout:g}s (it may still be running)",
+                                       state, tool, started)
         except ToolError as exc:
-            return self._failed(call_id, name, exc.kind, str(exc), started)
+            return self._retry_or_fail(call_id, name, exc.kind, str(exc), state, tool, started)
+        except ConnectionError as exc:  # a service the tool uses is unreachable: worth another try
+            return self._retry_or_fail(call_id, name, "transient", f"{type(exc).__name__}: {exc}", state, tool, started)
         except Exception as exc:  # a bug in a user's tool must reach the model, not kill the loop
             return self._failed(call_id, name, "tool_exception", f"{type(exc).__name__}: {exc}", started)
         if len(result) > MAX_RESULT_CHARS:
             result = result[:MAX_RESULT_CHARS] + f"\n…(truncated {len(result) - MAX_RESULT_CHARS} chars)"
         return Emit(ev.ToolCompleted(call_id=call_id, name=name, result=result, latency_ms=_ms(started)))
+
+    def _retry_or_fail(self, call_id: str, name: str, kind: str, message: str, state: SessionState,
+                       tool: Tool | None, started: float) -> Emit:
+        """A transient failure of an idempotent tool is retried with backoff (RetryScheduled);
+        anything else, or the last attempt, is a ToolFailed the model reads."""
+        attempt = state.tool_attempts.get(call_id, 1) + 1
+        limit = int(state.config.get("max_tool_attempts", DEFAULT_MAX_TOOL_ATTEMPTS))
+        if tool is None or not tool.idempotent or kind not in TRANSIENT_KINDS or attempt > limit:
+            return self._failed(call_id, name, kind, message, started)
+        delay = retry_delay_ms(attempt, call_id, None, state.config) or 0
+        return Emit(ev.RetryScheduled(target="tool", ref_id=call_id, attempt=attempt, delay_ms=delay,
+                                      not_before_ms=ev.now_ms() + delay, reason=f"{kind}: {message}"[:500]),
+                    key=call_id)
 
     @staticmethod
     def _failed(call_id: str, name: str, kind: str, message: str, started: float) -> Emit:

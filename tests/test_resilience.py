@@ -168,10 +168,50 @@ def test_a_tool_that_overruns_its_timeout_fails_and_the_loop_goes_on(log) -> Non
                                  ModelReply(text="gave up waiting")])
     rt = build_runtime(log, provider, default_registry().add(sleepy))
     started = time.monotonic()
-    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["sleepy"])))
-    assert state.status == "done" and time.monotonic() - started < 1.5
-    (failed,) = [e.payload for e in log.read(state.session_id) if e.type == "ToolFailed"]
+    state = rt.run_session(rt.start_session("x", SessionConfig(
+        provider="scripted", model="s", tools=["sleepy"], extra={"retry_base_ms": 20, "max_tool_attempts": 2})))
+    assert state.status == "done" and time.monotonic() - started < 2.0
+    events = log.read(state.session_id)
+    # An idempotent tool's timeout is retried (max_tool_attempts=2), then reported.
+    assert [e.payload.target for e in events if e.type == "RetryScheduled"] == ["tool"]
+    (failed,) = [e.payload for e in events if e.type == "ToolFailed"]
     assert failed.error_kind == "timeout" and "within 0.2s" in failed.message
+
+
+def test_transient_tool_failures_are_retried_with_backoff(log) -> None:
+    from loopstream.tools import ToolError, tool
+
+    calls = {"flaky": 0, "once": 0}
+
+    @tool
+    def flaky(x: int) -> str:
+        """Fails twice, then works."""
+        calls["flaky"] += 1
+        if calls["flaky"] < 3:
+            raise ToolError("upstream busy", kind="transient")
+        return str(x * 2)
+
+    @tool(idempotent=False)
+    def once(x: int) -> str:
+        """Not idempotent: never retried."""
+        calls["once"] += 1
+        raise ToolError("upstream busy", kind="transient")
+
+    provider = ScriptedProvider([
+        ModelReply(tool_calls=[ToolCall(call_id="1", name="flaky", arguments={"x": 21}),
+                               ToolCall(call_id="2", name="once", arguments={"x": 1})]),
+        ModelReply(text="done")])
+    rt = build_runtime(log, provider, default_registry().add(flaky, once))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["flaky", "once"],
+                                                               extra={"retry_base_ms": 40})))
+    assert state.status == "done" and calls == {"flaky": 3, "once": 1}
+    events = log.read(state.session_id)
+    retries = [e.payload for e in events if e.type == "RetryScheduled"]
+    assert [(r.target, r.attempt) for r in retries] == [("tool", 2), ("tool", 3)]
+    assert all(r.ref_id.endswith(".1") and "upstream busy" in r.reason and 20 <= r.delay_ms <= 80 for r in retries)
+    (done,) = [e.payload for e in events if e.type == "ToolCompleted"]
+    (failed,) = [e.payload for e in events if e.type == "ToolFailed"]
+    assert done.result == "42" and failed.name == "once" and failed.error_kind == "transient"
 
 
 def test_rate_limiter_spreads_requests_and_tokens() -> None:
