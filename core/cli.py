@@ -471,7 +471,7 @@ def worker(
     role: Annotated[str, typer.Option(help="orchestrator | model | tool | all (one consumer group each).")] = "all",
     bus: BusOpt = None,
     db: DbOpt = None,
-    model: Annotated[Optional[str], typer.Option(help="Model for the model role (as for `run`); recorded in sessions the orchestrator starts.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Model for the model role (as for `run`); recorded in sessions the orchestrator starts; for the tool role, the reviewer of tool calls when guardrails ask for review.")] = None,
     provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted (as for `run`).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,

@@ -330,7 +330,7 @@ def processors_for(role: str, *, provider: Any = None, fallbacks: Sequence[Any] 
     if role in ("model", "all"):
         procs += [ModelProcessor(provider, registry.specs(), fallbacks), CompactionProcessor(provider)]
     if role in ("tool", "all"):
-        procs.append(ToolProcessor(registry))
+        procs.append(ToolProcessor(registry, reviewer=provider))
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs
@@ -370,7 +370,9 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
         log = open_log(bus, opts.db)
         stack.callback(log.close)
         provider = None
-        if opts.role in ("model", "all"):
+        # The model role calls the model; a tool role given a model uses it to review tool
+        # calls for sessions whose guardrails ask for review.
+        if opts.role in ("model", "all") or (opts.role == "tool" and (opts.provider or opts.model)):
             provider = stack.enter_context(open_model(opts.provider, opts.model, opts.base_url,
                                                       opts.action_mode, on_local_start=opts.on_local_start))
         publisher = intake = None
