@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from loopstream.core import events as ev
 from loopstream.core.bus import BusError, open_log
-from loopstream.core.describe import status_of, summarize
+from loopstream.core.describe import short, status_of, summarize
 from loopstream.core.log import Log, LogError, SessionNotFound
 from rich.console import Console
 from rich.table import Table
@@ -438,14 +438,8 @@ def sessions(db: DbOpt = None, bus: BusOpt = None,
             if isinstance(e.payload, ev.GoalReceived):
                 goal = e.payload.text
         table.add_row(info.session_id, _time(info.created_ms, date=True), status_of(info.last_type),
-                      str(info.next_seq), summarize_text(goal, 60))
+                      str(info.next_seq), short(goal, 60))
     out.print(table)
-
-
-def summarize_text(text: str, width: int) -> str:
-    from loopstream.core.describe import short
-
-    return short(text, width)
 
 
 @app.command()
