@@ -5,7 +5,9 @@ import hashlib
 import json
 import socket
 import subprocess
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 from loopstream.core import events as ev
@@ -50,6 +52,9 @@ def config(**kw) -> SessionConfig:
 
 
 def run(log, provider, goal="count", registry=None, **kw) -> str:
+    # Side-effect tools checkpoint their workdir: keep it beside the test's log, never the repo.
+    path = getattr(log, "path", None)
+    kw.setdefault("workdir", str(Path(path).parent) if path else tempfile.mkdtemp(prefix="ls-replay-"))
     rt = build_runtime(log, provider, registry)
     sid = rt.start_session(goal, config(**kw))
     rt.run_session(sid)
