@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
+from rich.table import Table
+
 from loopstream.core import events as ev
 from loopstream.core.bus import BusError, open_log
 from loopstream.core.describe import short, status_of, summarize
 from loopstream.core.log import Log, LogError, SessionNotFound
-from rich.console import Console
-from rich.table import Table
 
 app = typer.Typer(
     help="loopstream: an agent harness whose every step is an Avro event in a log "

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
+
 from loopstream.core.events import PAYLOAD_TYPES, Event, Payload, ToolCallRecord
 from loopstream.schemas import SCHEMA_DIR
 

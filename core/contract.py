@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import parse_qsl
 
 import fastavro
+
 from loopstream.core import events as ev
 from loopstream.schemas import SCHEMA_DIR
 

@@ -72,6 +72,7 @@ from confluent_kafka import (
     TopicPartition,
 )
 from confluent_kafka.admin import AdminClient, NewTopic
+
 from loopstream.core.codec import CodecError, decode, decode_session, encode
 from loopstream.core.events import Event
 from loopstream.core.log import (

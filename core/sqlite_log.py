@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import sqlite_utils
+
 from loopstream.core.codec import decode, decode_session, encode
 from loopstream.core.events import Event, now_ms
 from loopstream.core.log import (

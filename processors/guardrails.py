@@ -22,6 +22,7 @@ import json
 import re
 
 import jsonschema
+
 from loopstream.core import events as ev
 from loopstream.providers.actions import loads_lenient
 from loopstream.providers.base import Message, Provider, ProviderError, ToolCall

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastavro import parse_schema, reader, writer
+
 from loopstream.core.log import Log, SessionNotFound
 
 ARCHIVE_SCHEMA = parse_schema({

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
+
 from loopstream.core.codec import REGISTRY, encode
 from loopstream.core.events import (
     Event,

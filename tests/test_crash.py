@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from loopstream.core.sqlite_log import SQLiteLog
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+
 from loopstream.core import events as ev
 from loopstream.core.fsm import (
     STATES,
@@ -17,7 +18,6 @@ from loopstream.core.fsm import (
 )
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.providers.base import ToolCall
-
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
 BY_TYPE = {p.TYPE: p for p in SAMPLE_PAYLOADS}

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from loopstream.providers import LocalModelError, Message, ToolSpec, local
 from loopstream.providers.local import MODEL_NAME, ensure_local_model, local_provider
 

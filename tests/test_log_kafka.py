@@ -14,6 +14,7 @@ import pytest
 pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
 from confluent_kafka import Consumer, TopicPartition
+
 from loopstream.core.codec import encode
 from loopstream.core.kafka_log import (
     ACCEPTED,
@@ -27,7 +28,6 @@ from loopstream.core.kafka_log import (
 )
 from loopstream.core.log import ConcurrencyError
 from loopstream.core.sqlite_log import SQLiteLog
-
 from tests.log_conformance import LogConformance, Opener, drain, event, events, sid
 
 # Tansu answers a JoinGroup after about half the session timeout: keep it short in tests.

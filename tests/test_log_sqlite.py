@@ -5,8 +5,8 @@ from functools import partial
 from pathlib import Path
 
 import pytest
-from loopstream.core.sqlite_log import SQLiteLog
 
+from loopstream.core.sqlite_log import SQLiteLog
 from tests.log_conformance import LogConformance, Opener
 
 

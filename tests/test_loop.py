@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pytest
+
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import SessionConfig
@@ -18,7 +19,6 @@ from loopstream.processors.guardrails import GuardrailError, validate_guardrails
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.tools.permissions import PolicyError, decide, load_policy
-
 from tests.test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,11 +6,11 @@ import typing
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from loopstream.core import events as ev
 from loopstream.core.codec import CodecError, decode, encode
 from loopstream.core.fsm import IllegalTransition, machine_next_state
 from loopstream.core.state import SessionState, apply, clone, fold
-
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
 SAMPLES = {p.TYPE: p for p in SAMPLE_PAYLOADS}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from loopstream.providers.actions import (
     action_instructions,
     action_schema,

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode, seal

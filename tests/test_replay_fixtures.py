@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from loopstream.core import codec
 from loopstream.core import events as ev
 from loopstream.core.codec import CodecError, decode, load_registry

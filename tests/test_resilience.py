@@ -6,6 +6,7 @@ import time
 
 import pytest
 from fastavro import schemaless_writer
+
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode
@@ -19,7 +20,6 @@ from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.tools import default_registry
-
 from tests.helpers import make_event
 
 

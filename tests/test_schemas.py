@@ -9,10 +9,10 @@ import typing
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, CodecError, decode, encode
 from loopstream.schemas import SCHEMA_DIR
-
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
 AVRO_FOR = {str: "string", int: ("int", "long"), bool: "boolean", float: ("float", "double")}

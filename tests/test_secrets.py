@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+
 from loopstream.core import events as ev
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import Runtime, SessionConfig

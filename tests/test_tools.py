@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from loopstream.tools import ToolContext, ToolError, default_registry, tool
 
 

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from loopstream.core.contract import (
     ContractError,
     Goal,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from loopstream.core.agent import build_runtime
 from loopstream.core.runtime import RuntimeStuck, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog

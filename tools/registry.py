@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from loopstream.providers.base import ToolSpec
 from pydantic import BaseModel, ValidationError, create_model
+
+from loopstream.providers.base import ToolSpec
 
 
 class ToolError(Exception):
