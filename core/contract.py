@@ -11,11 +11,13 @@ with goal.avsc): a plain Goal never starts with 0, because its first field is th
 text and an empty goal is invalid. The schema id is not looked up: the registered schema
 must be goal.avsc (or write the record with it).
 
-Names: `kafka://HOST:PORT[?prefix=NAME&<librdkafka consumer setting>=VALUE...]`. Topics are
+Names: `kafka://HOST:PORT[?prefix=NAME&results=MODE&<librdkafka consumer setting>=VALUE...]`. Topics are
 `<prefix>.events` (the log), `<prefix>.goals`, `<prefix>.results` (the default reply
 topic); consumer groups are `<group prefix>.<role>` (the group prefix defaults to the topic
 prefix). The default prefix is `loopstream`. Query keys containing a dot
 (`session.timeout.ms=2000`) are passed to the consumers (subscriptions, goal intake).
+`results=transactional` makes the orchestrator role publish results with the transactional
+relay (`core/relay.py`) instead of in-worker at-least-once; `results=direct` is the default.
 This module imports no Kafka client.
 """
 from __future__ import annotations
@@ -35,6 +37,7 @@ from loopstream.schemas import SCHEMA_DIR
 CONTRACT_DIR = SCHEMA_DIR / "contract"
 DEFAULT_PREFIX = "loopstream"
 CONFLUENT_MAGIC = 0
+RESULTS_MODES = ("direct", "transactional")
 
 
 class ContractError(ValueError):
@@ -137,6 +140,7 @@ class KafkaBus:
     bootstrap: str
     prefix: str = DEFAULT_PREFIX
     consumer_config: dict[str, str] = field(default_factory=dict)
+    results: str = "direct"  # direct | transactional: how the orchestrator role publishes results
 
     @property
     def events_topic(self) -> str:
@@ -160,7 +164,7 @@ class KafkaBus:
 
 
 def parse_kafka_url(bus: str) -> KafkaBus:
-    """`kafka://HOST:PORT[,HOST:PORT][?prefix=NAME&key.with.dots=VALUE]` → KafkaBus."""
+    """`kafka://HOST:PORT[,HOST:PORT][?prefix=NAME&results=MODE&key.with.dots=VALUE]` → KafkaBus."""
     if not bus.startswith("kafka://"):
         raise ContractError(f"not a kafka bus: {bus!r}")
     rest = bus[len("kafka://"):]
@@ -168,14 +172,18 @@ def parse_kafka_url(bus: str) -> KafkaBus:
     hosts = hosts.strip("/")
     if not hosts:
         raise ContractError("a kafka bus needs a broker address: kafka://HOST:PORT")
-    prefix, consumer = DEFAULT_PREFIX, {}
+    prefix, consumer, results = DEFAULT_PREFIX, {}, "direct"
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         if key == "prefix":
             if not value or not all(c.isalnum() or c in "._-" for c in value):
                 raise ContractError(f"invalid topic prefix {value!r} (letters, digits, . _ -)")
             prefix = value
+        elif key == "results":
+            if value not in RESULTS_MODES:
+                raise ContractError(f"invalid results mode {value!r}: one of {', '.join(RESULTS_MODES)}")
+            results = value
         elif "." in key:
             consumer[key] = value
         else:
-            raise ContractError(f"unknown kafka bus option {key!r} (use prefix=, or a librdkafka setting)")
-    return KafkaBus(hosts, prefix, consumer)
+            raise ContractError(f"unknown kafka bus option {key!r} (use prefix=, results=, or a librdkafka setting)")
+    return KafkaBus(hosts, prefix, consumer, results)

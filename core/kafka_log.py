@@ -51,6 +51,8 @@ atomicity instead.
 
 Subscriptions are real consumer groups (`enable.auto.commit` off); `Delivery.position` is
 `(partition, offset)` and `commit` stores `offset + 1` for that partition, synchronously.
+`consumer_group_metadata`, `offsets_after` and `rewind` let a transactional producer commit
+the offsets instead (the opt-in results relay, `core/relay.py`).
 """
 from __future__ import annotations
 
@@ -741,6 +743,31 @@ class KafkaSubscription:
         except KafkaException as exc:
             raise LogError(f"subscription {self.group}: commit of {p}:{o} failed: {exc}") from exc
         self._committed[p] = o + 1
+
+    # -- for a transactional consume-transform-produce (core/relay.py) ----------------
+    def consumer_group_metadata(self) -> Any:
+        """The consumer's group metadata, for `Producer.send_offsets_to_transaction`."""
+        return self._consumer.consumer_group_metadata()
+
+    def offsets_after(self, deliveries: Sequence[Delivery]) -> list[TopicPartition]:
+        """The offsets a commit of `deliveries` stores: the last one's offset + 1, per partition."""
+        nxt: dict[int, int] = {}
+        for d in deliveries:
+            p, o = d.position
+            nxt[p] = max(nxt.get(p, 0), o + 1)
+        return [TopicPartition(self.log.topic, p, o) for p, o in sorted(nxt.items())]
+
+    def rewind(self, deliveries: Sequence[Delivery]) -> None:
+        """Deliver `deliveries` again: seek each partition back to its first one."""
+        first: dict[int, int] = {}
+        for d in deliveries:
+            p, o = d.position
+            first[p] = min(first.get(p, o), o)
+        for p, o in first.items():
+            try:
+                self._consumer.seek(TopicPartition(self.log.topic, p, o))
+            except KafkaException:
+                pass  # revoked meanwhile: its next owner starts from the committed offset
 
     def close(self) -> None:
         if not self._closed:

@@ -8,6 +8,10 @@ Roles (each one consumer group `<group prefix>.<role>` over the events topic):
 - `tool`: the ToolProcessor with the default tool registry (read-only tools);
 - `all`: every processor, intake and publisher in one process.
 
+With `kafka://…?results=transactional` the orchestrator role also runs the transactional
+results relay (core/relay.py, consumer group `<group prefix>.results`), which publishes the
+results exactly once for read_committed readers; the publisher then sends progress only.
+
 Results, at-least-once: the publisher is a processor of the orchestrator role: it sends one
 `result` SessionUpdate per terminal event (SessionFinished/Failed/Cancelled) and, when the
 goal asked for it, one `progress` update per step event, keyed by session id, flushed
@@ -141,18 +145,19 @@ def result_update(event: ev.Event, correlation_id: str, idempotency_key: str | N
     )
 
 
-class ResultsPublisher:
-    """A processor with no emits: sends SessionUpdates for sessions started from goals."""
+class GoalLookup:
+    """The GoalReceived of a session started from a goal, or None (cached per session id).
 
-    name = "results"
-    triggers = frozenset(RESULT_STATUS) | PROGRESS_TYPES
+    Only such sessions publish: the session id must be the one derived from the goal's
+    idempotency key, so a fork (which copies its GoalReceived) does not answer the original
+    requester. Shared by the ResultsPublisher and the transactional relay (core/relay.py)."""
 
-    def __init__(self, log: Log, producer: ContractProducer, cache_size: int = 4096) -> None:
-        self.log, self.producer, self.cache_size = log, producer, cache_size
+    def __init__(self, log: Log, cache_size: int = 4096) -> None:
+        self.log, self.cache_size = log, cache_size
         self._goals: OrderedDict[str, ev.GoalReceived | None] = OrderedDict()
         self._lock = threading.Lock()
 
-    def _goal(self, session_id: str) -> ev.GoalReceived | None:
+    def __call__(self, session_id: str) -> ev.GoalReceived | None:
         with self._lock:
             if session_id in self._goals:
                 return self._goals[session_id]
@@ -167,26 +172,63 @@ class ResultsPublisher:
                 self._goals.popitem(last=False)
         return goal
 
+
+def goal_result(goals: GoalLookup, event: ev.Event) -> tuple[str, SessionUpdate] | None:
+    """(reply topic, result update) for a terminal event of a goal-started session, else None."""
+    if event.type not in RESULT_STATUS:
+        return None
+    goal = goals(event.session_id)
+    if goal is None:
+        return None
+    return goal.reply_topic or "", result_update(event, event.correlation_id, goal.idempotency_key)
+
+
+class ResultsPublisher:
+    """A processor with no emits: sends SessionUpdates for sessions started from goals.
+
+    `results=False` sends progress updates only (the results then go through the
+    transactional relay, core/relay.py)."""
+
+    name = "results"
+    triggers = frozenset(RESULT_STATUS) | PROGRESS_TYPES
+
+    def __init__(self, log: Log, producer: ContractProducer, cache_size: int = 4096, *,
+                 results: bool = True) -> None:
+        self.log, self.producer, self.cache_size = log, producer, cache_size
+        self.goals = GoalLookup(log, cache_size)
+        if not results:
+            self.triggers = PROGRESS_TYPES
+
+    def _goal(self, session_id: str) -> ev.GoalReceived | None:
+        return self.goals(session_id)
+
     def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
+        if event.type not in self.triggers:
+            return []
+        if event.type in RESULT_STATUS:
+            found = goal_result(self.goals, event)
+            if found is not None:
+                self.publish(*found)
+            return []
         goal = self._goal(event.session_id)
         if goal is None:
             return []
-        if event.type in RESULT_STATUS:
-            update = result_update(event, event.correlation_id, goal.idempotency_key)
-        elif state.config.get("progress_updates"):
-            update = SessionUpdate(  # status: the session's state now (at the head of the log)
-                correlation_id=event.correlation_id, session_id=event.session_id, kind="progress",
-                status=state.status, seq=event.seq, event_type=event.type,
-                time=event.time, idempotency_key=goal.idempotency_key, detail=summarize(event, 200),
-            )
-        else:
+        if not state.config.get("progress_updates"):
             return []
+        update = SessionUpdate(  # status: the session's state now (at the head of the log)
+            correlation_id=event.correlation_id, session_id=event.session_id, kind="progress",
+            status=state.status, seq=event.seq, event_type=event.type,
+            time=event.time, idempotency_key=goal.idempotency_key, detail=summarize(event, 200),
+        )
         self.publish(goal.reply_topic or "", update)
         return []
 
     def publish(self, topic: str, update: SessionUpdate) -> None:
-        self.producer.send(topic, update.session_id, encode_update(update),
-                           headers=[("ls.kind", update.kind.encode()), ("ls.seq", str(update.seq).encode())])
+        self.producer.send(topic, update.session_id, encode_update(update), headers=update_headers(update))
+
+
+def update_headers(update: SessionUpdate) -> list[tuple[str, bytes]]:
+    return [("ls.kind", update.kind.encode()), ("ls.seq", str(update.seq).encode())]
 
 
 # -- agents ------------------------------------------------------------------------------
@@ -226,6 +268,7 @@ class GoalIntake:
         self.publisher = publisher
         self.runtime = Runtime(log, [], on_event=on_event, secrets=secrets)
         self.poll_timeout = poll_timeout
+        self.relay: Any = None  # with `results=transactional`: the TransactionalResultsRelay
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.started = 0
@@ -379,7 +422,10 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
         if kbus is not None and opts.role in ("orchestrator", "all"):
             producer = ContractProducer(kbus.bootstrap)
             stack.callback(producer.close)
-            publisher = ResultsPublisher(log, producer)
+            transactional = kbus.results == "transactional"
+            # results=transactional: results go through the relay (core/relay.py), the
+            # publisher sends progress updates only.
+            publisher = ResultsPublisher(log, producer, results=not transactional)
             agents = default_agents(
                 provider.name if provider else (opts.provider or os.environ.get("LOOPSTREAM_PROVIDER") or "any"),
                 provider.model if provider else (opts.model or os.environ.get("LOOPSTREAM_MODEL") or "default"),
@@ -387,6 +433,11 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
             )
             intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
                                 on_event=opts.on_event)
+            if transactional:
+                from loopstream.core.relay import TransactionalResultsRelay
+
+                intake.relay = TransactionalResultsRelay(kbus, log, kbus.group("results", opts.group_prefix),
+                                                         goals=publisher.goals)
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher,
                                            allow_writes=opts.allow_writes), group,
@@ -400,20 +451,27 @@ def run_role(opts: WorkerOptions, install_signals: bool = True,
     from loopstream.core.worker import install_signal_handlers
 
     with open_role(opts) as (worker, intake):
+        relay = intake.relay if intake is not None else None
+        helpers = [h for h in (intake, relay) if h is not None]
         if install_signals:
-            install_signal_handlers(worker, *([intake.stop] if intake else []))
-        if intake is not None:
-            intake.start()
+            install_signal_handlers(worker, *(h.stop for h in helpers))
+        for h in helpers:
+            h.start()
         if on_ready is not None:
             on_ready(worker, intake)
-        try:  # a dead goal intake stops the process (a supervisor restarts it)
-            worker.run(until=(lambda: intake.error is not None) if intake is not None else None)
+        try:  # a dead goal intake (or results relay) stops the process (a supervisor restarts it)
+            worker.run(until=(lambda: any(h.error is not None for h in helpers)) if helpers else None)
             if intake is not None and intake.error is not None:
                 raise LogError(f"the goal intake stopped: {intake.error}")
+            if relay is not None and relay.error is not None:
+                raise LogError(f"the results relay stopped: {relay.error}")
         finally:
+            for h in helpers:
+                h.stop()
             if intake is not None:
-                intake.stop()
                 intake.join(10)
+            if relay is not None:
+                relay.join(relay.timeout + 5)  # it finishes the running transaction
         return worker
 
 

@@ -38,8 +38,9 @@ Why not Kafka transactions
 --------------------------
 Exactly-once on Kafka is "consume-transform-produce" in one transaction: produce the
 emitted events and commit the consumer offset atomically (`send_offsets_to_transaction`).
-Here that would be the place: around step 3 + the commit of step 5, per delivery. It is not
-used, because (see `core/kafka_log.py`) on the Tansu broker `read_committed` consumers
+Where that fits, publishing results, it is available opt-in: `kafka://…?results=transactional`
+runs `core/relay.py`'s TransactionalResultsRelay. For a worker the place would be around
+step 3 + the commit of step 5, per delivery. It is not used there, because (see `core/kafka_log.py`) on the Tansu broker `read_committed` consumers
 still saw the records of aborted transactions and an open transaction was never timed out,
 so transactions bought nothing there and could wedge a partition; and even on real Kafka a
 transaction cannot express "append only if the session is at seq N", which the acceptance
