@@ -39,7 +39,6 @@ class SessionState:
     last_retry_after_ms: int | None = None
     last_failed_request_id: str = ""
     step_open: bool = False  # a step's model request has not been answered yet
-    retry_scheduled: bool = False  # the current failure already has its RetryScheduled
     retry_not_before_ms: int | None = None
     fallbacks_used: list[str] = field(default_factory=list)
     open_request_id: str | None = None
@@ -125,7 +124,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.open_request_id = p.request_id
             state.open_request_seq = event.seq
             state.step_open = True
-            state.retry_scheduled, state.retry_not_before_ms = False, None
+            state.retry_not_before_ms = None
         case ev.ModelResponded():
             calls = [
                 ToolCall(call_id=c.call_id, name=c.name, arguments=_args(c.arguments_json))
@@ -152,7 +151,6 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             if p.ref_id in state.pending_call_seqs:
                 state.pending_call_seqs[p.ref_id] = event.seq  # the tool processor retries from here
         case ev.RetryScheduled():
-            state.retry_scheduled = True
             state.retry_not_before_ms = p.not_before_ms
         case ev.ModelFallback():
             state.fallbacks_used.append(p.to_model)
