@@ -16,7 +16,9 @@ incomplete batch) never produces a result. For each polled batch of deliveries i
 2. `begin_transaction`, produces the updates to each goal's reply topic, adds the
    consumer's offsets past the batch with `send_offsets_to_transaction(offsets,
    consumer_group_metadata())`, and `commit_transaction`: the updates and the position
-   become visible together, or not at all;
+   become visible together, or not at all. A batch without results has nothing to make
+   atomic: its offsets are committed by the consumer (`Subscription.commit`, synchronous),
+   with no transaction (see the Tansu limits below for why that matters);
 3. on an error it aborts the transaction and seeks back to the batch (`rewind`), so the
    same updates are produced again in the next transaction. A fatal error (e.g. fenced by
    a newer relay with the same `transactional.id`) stops the relay; the role exits and its
@@ -45,6 +47,12 @@ as well as the republished ones. So an abort is invisible on Tansu only when it 
 before the records reached the broker. The tests stop the relay gracefully and never SIGKILL
 it mid-transaction. On real Kafka the transaction timeout, fencing by `transactional.id`
 and the aborted-transaction index of fetch responses cover all of this.
+Tansu also silently drops the offsets of a transaction that produced no records unless it is
+the first transaction of the producer's epoch: `commit_transaction` succeeds, the group's
+offsets do not move (they stay pending and are committed with the next transaction that
+produces, even if that offsets-only transaction was aborted). A relay restarted after such a
+transaction would resume behind its position and relay those batches again (republishing
+nothing: they have no results). So a batch without results is committed without a transaction.
 """
 from __future__ import annotations
 
@@ -168,6 +176,9 @@ class TransactionalResultsRelay:
             sub.rewind(deliveries)
             self._stop.wait(self.retry_delay)
             return
+        if not updates:
+            self._commit(sub, deliveries)
+            return
         try:
             producer.begin_transaction()
             for topic, update in updates:
@@ -191,6 +202,24 @@ class TransactionalResultsRelay:
         self.stats["transactions"] += 1
         self.stats["deliveries"] += len(deliveries)
         self.stats["results"] += len(updates)
+
+    def _commit(self, sub: Any, deliveries: Sequence[Delivery]) -> None:
+        """Commit the position past a batch without results: a plain consumer commit (nothing
+        to make atomic; Tansu drops the offsets of such a transaction, see the module docstring)."""
+        last: dict[int, Delivery] = {}
+        for d in deliveries:
+            if d.position[0] not in last or d.position[1] > last[d.position[0]].position[1]:
+                last[d.position[0]] = d
+        try:
+            for d in last.values():
+                sub.commit(d)
+        except LogError as exc:  # e.g. revoked meanwhile: deliver the batch again (it has no results)
+            logger.warning("results relay %s: %s; retrying", self.group, exc)
+            sub.rewind(deliveries)
+            self._stop.wait(self.retry_delay)
+            return
+        self.stats["commits"] += 1
+        self.stats["deliveries"] += len(deliveries)
 
     @staticmethod
     def _produce(producer: Any, topic: str, update: SessionUpdate) -> None:

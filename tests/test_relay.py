@@ -51,15 +51,21 @@ def read_results(broker: str, topic: str, isolation: str) -> list:
         c.close()
 
 
-def committed(broker: str, group: str, topic: str) -> int:
+def committed_offsets(broker: str, group: str, topic: str) -> dict[int, int]:
+    """The group's committed offset per partition of `topic` (partitions without one left out)."""
     from confluent_kafka import Consumer, TopicPartition
 
     c = Consumer({"bootstrap.servers": broker, "group.id": group, "enable.auto.commit": False})
     try:
         parts = c.list_topics(topic, timeout=10).topics[topic].partitions
-        return sum(max(0, tp.offset) for tp in c.committed([TopicPartition(topic, p) for p in parts], timeout=10))
+        got = c.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return {tp.partition: tp.offset for tp in got if tp.offset >= 0}
     finally:
         c.close()
+
+
+def committed(broker: str, group: str, topic: str) -> int:
+    return sum(committed_offsets(broker, group, topic).values())
 
 
 def submit_many(bus: str, keys: list[str], cwd: Path) -> None:
@@ -108,7 +114,15 @@ def test_transactional_results_exactly_once_across_a_restart(kafka_broker: str, 
     after = read_results(kafka_broker, results_topic, "read_committed")
     counts = Counter(u.session_id for u in after if u.kind == "result")
     assert counts == Counter({session_id_for(k): 1 for k in keys + more}), (counts, workers.logs())
-    assert [u for u in after if u.session_id in {session_id_for(k) for k in keys}] == first
+    # Partitions interleave differently on each read: compare each session's own sequence.
+    def by_session(updates: list) -> dict:
+        out: dict = {}
+        for u in updates:
+            out.setdefault(u.session_id, []).append(u)
+        return out
+
+    before = by_session(first)
+    assert {s: us for s, us in by_session(after).items() if s in before} == before
     assert "results relay" not in workers.logs(), workers.logs()  # no aborted transaction, no error
 
 
@@ -147,6 +161,11 @@ def test_relay_publishes_accepted_results_only(kafka_broker: str) -> None:
         relay.run(until=lambda: relay.stats["deliveries"] >= 4 or time.monotonic() > deadline)
         assert relay.stats["deliveries"] == 4 and relay.stats["results"] == 1, relay.stats
         assert relay.stats["aborts"] == 0
+        # The group's position is past every delivery. Tansu drops the offsets of a transaction
+        # that produced nothing (unless it is the producer's first): the relay commits such a
+        # batch without a transaction (core/relay.py); checked here whatever the partitions.
+        accepted = dict(winner.projection._q("SELECT part, MAX(off) + 1 FROM events GROUP BY part"))
+        assert committed_offsets(kafka_broker, group, topic) == accepted, relay.stats
 
         # A new session after the first run: the second run relays it, and nothing older.
         key2 = "k-" + uuid.uuid4().hex[:8]
