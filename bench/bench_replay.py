@@ -43,7 +43,7 @@ def best(fn: Callable[[], object], repeat: int) -> tuple[float, float]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=249, help="tool steps (events = 5 + 4 * steps)")
-    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--repeat", type=int, default=30, help="runs per figure; the best and the median are shown")
     ap.add_argument("--db", type=Path, default=None)
     args = ap.parse_args()
 

@@ -10,6 +10,12 @@ h_0 = sha256(b"loopstream-chain-v1" + body_0), h_n = sha256(h_(n-1) + body_n), w
 body_n is the event's bytes before that field (everything but the last 33 bytes of
 a chained event). `seal` sets it when events are built; loopstream.replay verifies it.
 Events written before the field existed end right after `payload` and still decode.
+
+fastavro writes every event. Reading has a fast path for replay: readers generated from
+the same schemas (core/avro_compiled.py) take an event at the newest schema versions
+straight to its pydantic objects; whatever they do not take whole (older versions,
+events from before the chain, corrupt bytes) is read by fastavro, which also names
+what is wrong. tests/test_avro_compiled.py proves the two agree.
 """
 from __future__ import annotations
 
@@ -17,13 +23,15 @@ import hashlib
 import io
 import json
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 
+from loopstream.core.avro_compiled import Reader, Unsupported, compile_reader
+from loopstream.core.construct import construct, factory
 from loopstream.core.events import PAYLOAD_TYPES, Event, Payload, ToolCallRecord
 from loopstream.schemas import SCHEMA_DIR
 
@@ -46,6 +54,11 @@ class SchemaRegistry:
     versions: dict[str, dict[int, Any]] = field(default_factory=dict)  # type -> version -> parsed
     raw: dict[str, dict[int, dict]] = field(default_factory=dict)
     upcasters: dict[tuple[str, int], Upcaster] = field(default_factory=dict)
+    # The fast path (core/avro_compiled.py): one reader from the bytes to the Event, payload
+    # model included, for the newest version of every type whose schema has the model's
+    # fields (`compiled_payloads`, by (type, version)). Anything else is read by fastavro.
+    compiled_event: Reader | None = None
+    compiled_payloads: dict[tuple[str, int], Reader] = field(default_factory=dict)
 
     def latest(self, event_type: str) -> int:
         try:
@@ -70,7 +83,48 @@ def load_registry(schema_dir: Path = SCHEMA_DIR) -> SchemaRegistry:
         name, version = raw["name"], int(m["version"])
         reg.raw.setdefault(name, {})[version] = raw
         reg.versions.setdefault(name, {})[version] = parse_schema(raw)
+    _compile(reg, envelope_raw)
     return reg
+
+
+def _compile(reg: SchemaRegistry, envelope_raw: dict) -> None:
+    exact = {ToolCallRecord.__name__: ToolCallRecord, **PAYLOAD_TYPES}
+    for name, by_version in reg.raw.items():
+        latest = max(by_version)
+        schema = by_version[latest]
+        records = list(_records(schema))
+        if not all(r["name"] in exact and {f["name"] for f in r["fields"]} == set(exact[r["name"]].model_fields)
+                   for r in records):
+            continue  # the models differ from this schema: fastavro and a checked construct
+        try:
+            reg.compiled_payloads[(name, latest)] = compile_reader(
+                schema, factories={r["name"]: factory(exact[r["name"]]) for r in records})
+        except Unsupported:
+            pass
+    if {f["name"] for f in envelope_raw["fields"]} != set(Event.model_fields):
+        return
+    try:
+        reg.compiled_event = compile_reader(
+            envelope_raw, factories={envelope_raw["name"]: factory(Event)},
+            embedded={"payload": (("type", "schema_version"), reg.compiled_payloads)})
+    except Unsupported:
+        pass
+
+
+def _records(schema: Any) -> Iterator[dict]:
+    """Every record schema defined in `schema`, itself included."""
+    if isinstance(schema, list):
+        for branch in schema:
+            yield from _records(branch)
+    elif isinstance(schema, dict):
+        if schema.get("type") == "record":
+            yield schema
+            for f in schema["fields"]:
+                yield from _records(f["type"])
+        elif schema.get("type") == "array":
+            yield from _records(schema["items"])
+        elif schema.get("type") == "map":
+            yield from _records(schema["values"])
 
 
 REGISTRY = load_registry()
@@ -138,7 +192,24 @@ def _encode_body(event: Event) -> bytes:
     return buf.getvalue()
 
 
+class _NotCompiled(Exception):
+    """The compiled fast path does not read these bytes; fastavro does."""
+
+
 def decode(data: bytes) -> Event:
+    """One stored event. The compiled reader takes the common case (the newest schema
+    version, well-formed bytes); everything else, corrupt bytes included, goes through
+    fastavro, which resolves old versions and names what is wrong."""
+    try:
+        event, end = REGISTRY.compiled_event(data, 0)  # type: ignore[misc]  # None: TypeError, fastavro
+        if end != len(data):
+            raise _NotCompiled
+    except Exception:
+        return _decode_fastavro(data)
+    return event
+
+
+def _decode_fastavro(data: bytes) -> Event:
     buf = io.BytesIO(data)
     try:
         env = schemaless_reader(buf, REGISTRY.envelope_body)
@@ -176,47 +247,44 @@ def decode(data: bytes) -> Event:
         ) from exc
     env["payload"] = _payload(cls, fields)
     env["schema_version"] = latest
-    return _construct(Event, env)
+    return construct(Event, env)
+
+
+def decode_prefix(raw: Sequence[bytes]) -> tuple[list[Event], CodecError | None]:
+    """Decode stored events in order up to the first that does not decode: the events
+    before it, and its error (None when all decode). The replay's hot loop, so the
+    compiled reader is called here directly rather than through `decode`."""
+    read = REGISTRY.compiled_event
+    out: list[Event] = []
+    append = out.append
+    for data in raw:
+        try:
+            event, end = read(data, 0)  # type: ignore[misc]  # None: TypeError, fastavro
+            if end != len(data):
+                raise _NotCompiled
+        except Exception:
+            try:
+                event = _decode_fastavro(data)
+            except CodecError as exc:
+                return out, exc
+        append(event)
+    return out, None
 
 
 def decode_session(raw: Sequence[bytes], session_id: str, from_seq: int = 0) -> list[Event]:
     """Decode a session's stored events in order; an unreadable one is named by its seq."""
-    out = []
-    for i, data in enumerate(raw):
-        try:
-            out.append(decode(data))
-        except CodecError as exc:
-            if f"seq {from_seq + i} " in str(exc):
-                raise
-            raise CodecError(f"session {session_id}, seq {from_seq + i}: {exc}") from exc
-    return out
+    out, exc = decode_prefix(raw)
+    if exc is None:
+        return out
+    seq = from_seq + len(out)
+    if f"seq {seq} " in str(exc):
+        raise exc
+    raise CodecError(f"session {session_id}, seq {seq}: {exc}") from exc
 
 
 def _payload(cls: type[Payload], fields: dict[str, Any]) -> Payload:
     # Trusted input (our own schema just decoded it): skip validation, but nested
     # records still need their model type.
     if cls.TYPE == "ModelResponded":
-        fields["tool_calls"] = [_construct(ToolCallRecord, c) for c in fields["tool_calls"]]
-    return _construct(cls, fields)
-
-
-_new = object.__new__
-_set = object.__setattr__
-_FIELDS: dict[type, frozenset[str]] = {}
-
-
-def _construct(cls: Any, fields: dict[str, Any]) -> Any:
-    """`cls.model_construct(**fields)` for the common case where `fields` holds exactly the
-    model's fields (what the schemas give, tests/test_schemas.py proves it); the same
-    object in a fraction of the time, which is most of a replay's decoding cost."""
-    names = _FIELDS.get(cls)
-    if names is None:  # first use: models with private attributes take the slow path
-        names = _FIELDS[cls] = frozenset(() if cls.__private_attributes__ else cls.model_fields)
-    if fields.keys() != names:
-        return cls.model_construct(**fields)
-    obj = _new(cls)
-    _set(obj, "__dict__", fields)
-    _set(obj, "__pydantic_fields_set__", set(fields))
-    _set(obj, "__pydantic_extra__", None)
-    _set(obj, "__pydantic_private__", None)
-    return obj
+        fields["tool_calls"] = [construct(ToolCallRecord, c) for c in fields["tool_calls"]]
+    return construct(cls, fields)

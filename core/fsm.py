@@ -98,12 +98,7 @@ def _compile() -> dict[tuple[str, str], list[tuple[str, str | None]]]:
 
 
 _TABLE = _compile()
-
-
-def check_legal(status: str, event_type: str, seq: int | None = None) -> None:
-    """Reject early, before the fold touches anything: no row for (status, event type)."""
-    if (status, event_type) not in _TABLE:
-        raise IllegalTransition(status, event_type, seq)
+LEGAL: frozenset[tuple[str, str]] = frozenset(_TABLE)  # (state, event type) pairs with a row
 
 
 def next_state(state: Any, event_type: str, seq: int | None = None) -> str:

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
-from loopstream.core.fsm import check_legal, next_state
+from loopstream.core.construct import factory
+from loopstream.core.fsm import LEGAL, IllegalTransition, next_state
 from loopstream.providers.base import Message, ToolCall
 
 
@@ -45,6 +46,9 @@ class SessionState:
     open_request_seq: int | None = None
     last_reply_calls: list[ToolCall] = field(default_factory=list)
     last_reply_text: str = ""
+    # call id -> (arguments_json, parsed call) of the last reply: the ToolRequested events that
+    # repeat a call reuse it instead of parsing the JSON again. Replaced, never mutated.
+    last_reply_parsed: dict[str, tuple[str, ToolCall]] = field(default_factory=dict)
     pending_calls: dict[str, ToolCall] = field(default_factory=dict)
     pending_call_seqs: dict[str, int] = field(default_factory=dict)
     # call id -> seq of its WorkspaceCheckpointed: the workspace was snapshotted, the side-effect
@@ -102,21 +106,10 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
         )
-    check_legal(state.status, event.type, event.seq)
+    if (state.status, event.type) not in LEGAL:  # reject before touching anything
+        raise IllegalTransition(state.status, event.type, event.seq)
     p = event.payload
-    match p:
-        case ev.SessionStarted():
-            state.session_id = event.session_id
-            state.correlation_id = event.correlation_id
-            state.started_ms = event.time
-            state.agent, state.provider, state.model = p.agent, p.provider, p.model
-            state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
-            state.config = json.loads(p.config_json or "{}")
-            if p.system_prompt:
-                state.messages.append(Message(role="system", content=p.system_prompt, seq=event.seq))
-        case ev.GoalReceived():
-            state.goal = state.goal or p.text
-            state.messages.append(Message(role="user", content=p.text, seq=event.seq))
+    match p:  # the most frequent events first: a case is an isinstance check
         case ev.ModelRequested():
             if p.step != state.step:
                 state.step, state.attempt = p.step, 0
@@ -126,17 +119,43 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.step_open = True
             state.retry_not_before_ms = None
         case ev.ModelResponded():
-            calls = [
-                ToolCall(call_id=c.call_id, name=c.name, arguments=_args(c.arguments_json))
-                for c in p.tool_calls
-            ]
-            state.messages.append(Message(role="assistant", content=p.text, tool_calls=calls, seq=event.seq))
+            calls = [_tool_call(c.call_id, c.name, c.arguments_json) for c in p.tool_calls]
+            state.messages.append(_message("assistant", p.text, event.seq, tool_calls=calls))
             state.last_reply_calls, state.last_reply_text = calls, p.text
+            state.last_reply_parsed = {
+                c.call_id: (r.arguments_json, c) for r, c in zip(p.tool_calls, calls, strict=True)
+            }
             state.input_tokens += p.input_tokens
             state.output_tokens += p.output_tokens
             state.consecutive_model_failures = 0
             state.step_open = False
             state.open_request_id = state.open_request_seq = None
+        case ev.ToolRequested():
+            known = state.last_reply_parsed.get(p.call_id)
+            if known is not None and known[0] == p.arguments_json and known[1].name == p.name:
+                state.pending_calls[p.call_id] = known[1]
+            else:
+                state.pending_calls[p.call_id] = _tool_call(p.call_id, p.name, p.arguments_json)
+            state.pending_call_seqs[p.call_id] = event.seq
+            state.tool_calls += 1
+        case ev.ToolCompleted():
+            state.tool_retry_at.pop(p.call_id, None)
+            state.pending_calls.pop(p.call_id, None)
+            state.pending_call_seqs.pop(p.call_id, None)
+            state.checkpointed_calls.pop(p.call_id, None)
+            state.messages.append(_message("tool", p.result, event.seq, tool_call_id=p.call_id, name=p.name))
+        case ev.SessionStarted():
+            state.session_id = event.session_id
+            state.correlation_id = event.correlation_id
+            state.started_ms = event.time
+            state.agent, state.provider, state.model = p.agent, p.provider, p.model
+            state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
+            state.config = json.loads(p.config_json or "{}")
+            if p.system_prompt:
+                state.messages.append(_message("system", p.system_prompt, event.seq))
+        case ev.GoalReceived():
+            state.goal = state.goal or p.text
+            state.messages.append(_message("user", p.text, event.seq))
         case ev.ModelFailed():
             state.consecutive_model_failures += 1
             state.last_model_error = p.message
@@ -156,35 +175,14 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.fallbacks_used.append(p.to_model)
             state.model = p.to_model
             state.consecutive_model_failures = 0
-        case ev.ToolRequested():
-            state.pending_calls[p.call_id] = ToolCall(
-                call_id=p.call_id, name=p.name, arguments=_args(p.arguments_json)
-            )
-            state.pending_call_seqs[p.call_id] = event.seq
-            state.tool_calls += 1
-        case ev.ToolCompleted():
-            state.tool_retry_at.pop(p.call_id, None)
-            state.pending_calls.pop(p.call_id, None)
-            state.pending_call_seqs.pop(p.call_id, None)
-            state.checkpointed_calls.pop(p.call_id, None)
-            state.messages.append(
-                Message(role="tool", content=p.result, tool_call_id=p.call_id, name=p.name, seq=event.seq)
-            )
         case ev.ToolFailed():
             state.tool_retry_at.pop(p.call_id, None)
             state.pending_calls.pop(p.call_id, None)
             state.pending_call_seqs.pop(p.call_id, None)
             state.checkpointed_calls.pop(p.call_id, None)
             state.tool_errors += 1
-            state.messages.append(
-                Message(
-                    role="tool",
-                    content=f"ERROR ({p.error_kind}): {p.message}",
-                    tool_call_id=p.call_id,
-                    name=p.name,
-                    seq=event.seq,
-                )
-            )
+            state.messages.append(_message("tool", f"ERROR ({p.error_kind}): {p.message}", event.seq,
+                                           tool_call_id=p.call_id, name=p.name))
         case ev.CompactionRequested():
             state.open_compaction_id = p.request_id
             state.open_compaction_seq = event.seq
@@ -198,10 +196,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             if p.call_id is not None and p.call_id in state.pending_calls:
                 name = state.pending_calls.pop(p.call_id).name
                 state.pending_call_seqs.pop(p.call_id, None)
-                state.messages.append(Message(role="tool", content=note, tool_call_id=p.call_id, name=name,
-                                              seq=event.seq))
+                state.messages.append(_message("tool", note, event.seq, tool_call_id=p.call_id, name=name))
             elif p.stage == "output" and p.action == "tell_model":
-                state.messages.append(Message(role="user", content=note, seq=event.seq))
+                state.messages.append(_message("user", note, event.seq))
         case ev.ApprovalRequested():
             state.open_approvals[p.call_id] = p.reason
         case ev.ApprovalDecided():
@@ -218,7 +215,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.SessionForked():
             _apply_overrides(state, json.loads(p.overrides_json or "{}"))
         case ev.UserMessage():
-            state.messages.append(Message(role="user", content=p.text, seq=event.seq))
+            state.messages.append(_message("user", p.text, event.seq))
         case ev.WorkspaceCheckpointed():
             if p.call_id in state.pending_calls:
                 state.checkpointed_calls[p.call_id] = event.seq
@@ -318,9 +315,36 @@ def open_work(state: SessionState) -> list[int]:
     return []
 
 
+def _message(role: str, content: str, seq: int, *, tool_calls: list[ToolCall] | None = None,
+             tool_call_id: str | None = None, name: str | None = None) -> Message:
+    """A conversation message from a decoded event: trusted values, built without validation."""
+    return _new_message({"role": role, "content": content, "tool_calls": [] if tool_calls is None else tool_calls,
+                         "tool_call_id": tool_call_id, "name": name, "seq": seq})
+
+
+def _tool_call(call_id: str, name: str, arguments_json: str) -> ToolCall:
+    return _new_tool_call({"call_id": call_id, "name": name, "arguments": _args(arguments_json)})
+
+
+# Every field given, every time: tests/test_state.py checks these build what validation would.
+_new_message = factory(Message)
+_new_tool_call = factory(ToolCall)
+
+
+# The decoder's scanner without json.loads' wrapper (type checks, two whitespace regexes):
+# a quarter of the time for the short JSON of tool arguments, which we write ourselves
+# with json.dumps. Anything it does not take whole goes through json.loads.
+_scan_json = json.JSONDecoder().scan_once
+
+
 def _args(arguments_json: str) -> dict:
     try:
-        value = json.loads(arguments_json)
-    except ValueError:
-        return {"_raw": arguments_json}
+        value, end = _scan_json(arguments_json, 0)
+        if end != len(arguments_json):
+            raise ValueError("trailing text")
+    except (StopIteration, ValueError):
+        try:
+            value = json.loads(arguments_json)
+        except ValueError:
+            return {"_raw": arguments_json}
     return value if isinstance(value, dict) else {"_value": value}

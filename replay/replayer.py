@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
-from loopstream.core.codec import CodecError, decode
+from loopstream.core.codec import decode_prefix
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.state import SequenceGap, SessionState, apply
@@ -156,14 +156,15 @@ def replay_raw(
 def rebuild(raw: Sequence[bytes]) -> tuple[list[ev.Event], SessionState, str | None, int | None]:
     """Decode and fold (the replay's hot path): events, state, and the first failure if any."""
     state = SessionState()
-    events: list[ev.Event] = []
-    for i, data in enumerate(raw):
+    events, codec_error = decode_prefix(raw)
+    apply_ = apply  # a local: looked up once, not per event
+    for i, event in enumerate(events):
         try:
-            event = decode(data)
-            apply(state, event)
-        except (CodecError, IllegalTransition, SequenceGap) as exc:
-            return events, state, f"{type(exc).__name__}: {exc}", i
-        events.append(event)
+            apply_(state, event)
+        except (IllegalTransition, SequenceGap) as exc:
+            return events[:i], state, f"{type(exc).__name__}: {exc}", i
+    if codec_error is not None:
+        return events, state, f"CodecError: {codec_error}", len(events)
     return events, state, None, None
 
 
