@@ -1,6 +1,6 @@
 """Replay and fork speed on the embedded SQLite log.
 
-    python bench/bench_replay.py [--steps 249] [--repeat 7] [--db PATH]
+    python bench/bench_replay.py [--steps 249] [--repeat 30] [--db PATH]
 
 Builds a scripted session of ~1,000 events (249 tool steps: 2 + 4*249 + 3 = 1,001), then
 times, best of --repeat runs:
