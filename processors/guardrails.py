@@ -15,6 +15,10 @@ session's config):
 A trip is a GuardrailTripped event. The loop reacts by policy: the model is told (the
 fold adds the reason to its context; a blocked tool call settles like a failed one) or
 the session stops with SessionFailed.
+
+The reviewer fails closed: a failed or unreadable review blocks the call, and so does a
+tool processor without a reviewer model (a Kafka tool worker started without
+--provider/--model), which stops the session since no retry of the model can help.
 """
 from __future__ import annotations
 
@@ -93,7 +97,12 @@ def check_tool_call(cfg: dict, call: ToolCall, goal: str, reviewer: Provider | N
     if pattern is not None:
         return ev.GuardrailTripped(stage="tool_call", rule=f"tool_deny {pattern}", action=action,
                                    call_id=call.call_id, message="this tool call matches a denied pattern")
-    if cfg.get("review_tool_calls") and reviewer is not None:
+    if cfg.get("review_tool_calls"):
+        if reviewer is None:  # fail closed: a review that cannot happen blocks, and the model cannot fix it
+            return ev.GuardrailTripped(
+                stage="tool_call", rule="reviewer", action="stop", call_id=call.call_id,
+                message="the guardrails ask for a review of each tool call, but the tool processor has no "
+                        "reviewer model (give the tool worker --provider/--model); blocked to be safe")
         allow, reason = review(reviewer, call, goal)
         if not allow:
             return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=action, call_id=call.call_id,

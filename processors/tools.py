@@ -132,7 +132,8 @@ class ToolProcessor:
         if guard:
             call = ToolCall(call_id=req.call_id, name=req.name, arguments=arguments)
             if (trip := check_tool_call(guard, call, state.goal, self.reviewer)) is not None:
-                stop = [Emit(ev.SessionFailed(reason=f"tool call {req.name} blocked by guardrail {trip.rule}",
+                stop = [Emit(ev.SessionFailed(reason=f"tool call {req.name} blocked by guardrail {trip.rule}: "
+                                                     f"{trip.message}",
                                               error_kind="guardrail"))] if trip.action == "stop" else []
                 return [Emit(trip, key=req.call_id), *stop]
         permissions = state.config.get("permissions")

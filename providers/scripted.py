@@ -53,11 +53,24 @@ def adder_script(tool_steps: int = 1) -> Script:
     return script
 
 
-SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script}
+def reviewer_script(allow: int = 1) -> Script:
+    """A tool-call reviewer (processors/guardrails.py) that allows every call (`reviewer`)
+    or blocks every one (`reviewer:0`)."""
+    verdict = '{"allow": true, "reason": "scripted reviewer allows"}' if allow else \
+        '{"allow": false, "reason": "scripted reviewer blocks every call"}'
+
+    def script(messages: list[Message]) -> ModelReply:
+        return ModelReply(text=verdict, input_tokens=20, output_tokens=10)
+
+    return script
+
+
+SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
-    """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script."""
+    """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
+    `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:

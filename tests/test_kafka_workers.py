@@ -9,6 +9,7 @@ one member at a time.
 from __future__ import annotations
 
 import ast
+import json
 import os
 import signal
 import subprocess
@@ -57,12 +58,14 @@ class Workers:
         self.procs: dict[str, subprocess.Popen] = {}
         self.n = 0
 
-    def start(self, role: str) -> subprocess.Popen:
+    def start(self, role: str, *extra: str, model: str | None = "adder:2") -> subprocess.Popen:
+        """`model`: the scripted model the role is given (None: no --provider/--model)."""
         self.n += 1
         out = open(self.cwd / f"{role}.{self.n}.log", "wb")
+        given = ["--provider", "scripted", "--model", model] if model else []
         proc = subprocess.Popen(
             [sys.executable, "-m", "loopstream.core.cli", "worker", "--role", role, "--bus", self.bus,
-             "--provider", "scripted", "--model", "adder:2", "-q"],
+             *given, "-q", *extra],
             cwd=self.cwd, env=env_for(self.cwd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         out.close()
@@ -71,6 +74,11 @@ class Workers:
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.cwd.glob("*.log")))
+
+    def stop(self, role: str) -> int:
+        proc = self.procs.pop(role)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=20)
 
     def stop_all(self) -> dict[str, int | None]:
         codes = {}
@@ -245,3 +253,41 @@ def test_roles_many_sessions_one_worker_killed(kafka_broker: str, tmp_path: Path
             assert state.status == "done" and state.answer == "The result is 2.", sid
             assert [e.type for e in events].count("SessionStarted") == 1
         print(f"records the acceptance rule dropped: {Counter(d['reason'] for d in log.dropped())}")
+
+
+def test_the_tool_worker_reviews_with_its_own_model_and_fails_closed_without_one(
+        kafka_broker: str, tmp_path: Path) -> None:
+    """Sessions whose guardrails ask for review: the tool role reviews each call with the
+    model it was given (`reviewer:0` blocks, `reviewer` allows); without one it blocks."""
+    bus = bus_url(kafka_broker, "rv" + uuid.uuid4().hex[:6])
+    agents = tmp_path / "agents.json"
+    agents.write_text(json.dumps({"reviewed": {"tools": ["add"], "extra": {
+        "guardrails": {"review_tool_calls": True, "on_tool_call": "stop"}}}}))
+    workers = Workers(bus, tmp_path)
+
+    def submit() -> subprocess.CompletedProcess:
+        return cli("submit", "--bus", bus, "--wait", "--timeout", "90", "--agent", "reviewed",
+                   "--idempotency-key", uuid.uuid4().hex, "count to two", cwd=tmp_path, timeout=120)
+
+    try:
+        workers.start("orchestrator", "--agents", str(agents))
+        workers.start("model")
+        workers.start("tool", model="reviewer:0")
+        blocked = submit()
+        assert blocked.returncode == 1, (blocked.stdout, blocked.stderr, workers.logs())
+        assert "scripted reviewer blocks every call" in blocked.stdout + blocked.stderr
+
+        assert workers.stop("tool") == 0
+        workers.start("tool", model=None)
+        unreviewed = submit()
+        assert unreviewed.returncode == 1, (unreviewed.stdout, unreviewed.stderr, workers.logs())
+        assert "no reviewer model" in unreviewed.stdout + unreviewed.stderr
+
+        assert workers.stop("tool") == 0
+        workers.start("tool", model="reviewer")
+        allowed = submit()
+        assert allowed.returncode == 0 and allowed.stdout.strip() == "The result is 2.", (
+            allowed.stdout, allowed.stderr, workers.logs())
+    finally:
+        codes = workers.stop_all()
+    assert all(c == 0 for c in codes.values()), (codes, workers.logs())

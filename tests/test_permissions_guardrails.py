@@ -194,6 +194,27 @@ def test_reviewer_model_blocks_a_tool_call_before_it_runs(log) -> None:
     assert trip.stage == "tool_call" and trip.rule == "reviewer" and "666 is not needed" in trip.message
 
 
+def test_review_without_a_reviewer_model_blocks_and_stops(log) -> None:
+    """A tool processor with no reviewer (a Kafka tool worker without --provider/--model)
+    fails closed: the call is blocked and the session fails saying why."""
+    from loopstream.core.runtime import Runtime
+    from loopstream.processors.model import ModelProcessor
+    from loopstream.processors.orchestrator import Orchestrator
+    from loopstream.processors.tools import ToolProcessor
+    from loopstream.tools.registry import default_registry
+
+    registry = default_registry()
+    provider = ScriptedProvider(adder_script(2))
+    rt = Runtime(log, [Orchestrator(), ModelProcessor(provider, registry.specs()), ToolProcessor(registry)])
+    sid = rt.start_session("add things", SessionConfig(provider="scripted", model="s", tools=["add"],
+                                                        extra={"guardrails": {"review_tool_calls": True}}))
+    state = rt.run_session(sid)
+    assert state.status == "failed" and "no reviewer model" in state.error, state.error
+    assert "ToolCompleted" not in types(log, sid)
+    (trip,) = [e.payload for e in log.read(sid) if e.type == "GuardrailTripped"]
+    assert trip.rule == "reviewer" and trip.action == "stop"
+
+
 def test_tool_deny_with_stop_policy_ends_the_session(log) -> None:
     rt, sid = session(log, ScriptedProvider(adder_script(3)),
                       guardrails={"tool_deny": ['"a": 1'], "on_tool_call": "stop"})
