@@ -31,8 +31,9 @@ Per delivery
    deterministic ids make a repeated append a `DuplicateEvent`, the processors' "already
    answered" checks skip requests that have a result, and the orchestrator ignores any
    event that is not the head. A handler that raises is retried with backoff (its
-   partition's commits wait; after `max_attempts` a handler bug is logged and skipped,
-   while errors of the log or broker (`LogError`) are retried for ever).
+   partition's commits wait; after `max_attempts` a handler bug is logged, skipped, and
+   its session ends with a SessionFailed that names it (error_kind "internal"), while
+   errors of the log or broker (`LogError`) are retried for ever).
 
 Why not Kafka transactions
 --------------------------
@@ -327,11 +328,13 @@ class Worker:
             self.stats.add("handler_errors")
             if not isinstance(exc, LogError) and job.attempts >= self.max_attempts:
                 # A bug (not the log or the broker, which are retried for ever): do not
-                # hold the partition's commits for ever behind one poison event.
+                # hold the partition's commits for ever behind one poison event, and do not
+                # leave its session waiting for ever on work nobody will do: end it, saying why.
                 self.stats.add("abandoned")
-                logger.error("%s: giving up on %s seq %s of session %s after %d attempts: %s: %s",
-                             self.group, job.event.type, job.event.seq, job.event.session_id,
-                             job.attempts, type(exc).__name__, exc)
+                why = (f"{self.group}: handling {job.event.type} seq {job.event.seq} failed "
+                       f"{job.attempts} times: {type(exc).__name__}: {exc}")
+                logger.error("%s: giving up on session %s: %s", self.group, job.event.session_id, why)
+                self._fail_session(job.event, why)
                 self._complete(job, DONE)
                 return
             logger.warning("%s: handling %s seq %s of session %s failed (attempt %d; again in %.1fs): %s: %s",
@@ -359,16 +362,26 @@ class Worker:
             return ("wake", time.monotonic() + delay)
         return DONE
 
+    def _fail_session(self, cause: ev.Event, reason: str) -> None:
+        """End a session whose owed work (`cause`) a handler cannot do, unless it has moved on."""
+        try:
+            state = self.refresh(cause.session_id)
+            if state.terminal or (cause.seq != state.seq and cause.seq not in open_work(state)):
+                return
+            self._append(state, cause, [Emit(ev.SessionFailed(reason=reason, error_kind="internal"),
+                                             key="handler-failed")], self.group)
+            self.stats.add("sessions_failed")
+        except Exception as exc:  # the log is down too: the session stays as it is
+            logger.error("%s: could not end session %s: %s", self.group, cause.session_id, exc)
+
     def _append(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
         for _ in range(8):
             batch = build_events(state, cause, emits, actor, self.secrets)
             try:
                 preview = fold(batch, state, transition=machine_next_state)
-            except Exception as exc:  # illegal after all: a bug, never stored
+            except Exception as exc:  # illegal after all: a bug, never stored (retried, then the session fails)
                 self.stats.add("illegal")
-                logger.error("%s: %s emitted an illegal batch for session %s: %s",
-                             self.group, actor, state.session_id, exc)
-                return state
+                raise RuntimeError(f"{actor} emitted an illegal batch: {exc}") from exc
             try:
                 self.log.append(state.session_id, batch, state.next_seq)
             except DuplicateEvent:

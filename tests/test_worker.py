@@ -181,7 +181,7 @@ def test_kafka_url() -> None:
         parse_kafka_url("kafka://h:1?bogus=1")
 
 
-def test_a_handler_bug_is_retried_then_skipped(tmp_path: Path) -> None:
+def test_a_handler_bug_is_retried_then_its_session_fails_saying_why(tmp_path: Path) -> None:
     log = SQLiteLog(tmp_path / "l.db")
     rt = Runtime(log, [])
     bad, good = rt.start_session("bad", CONFIG), rt.start_session("good", CONFIG)
@@ -199,5 +199,9 @@ def test_a_handler_bug_is_retried_then_skipped(tmp_path: Path) -> None:
     run_workers([w], lambda: fold(log.read(good)).terminal and w.stats.snapshot().get("abandoned") == 1)
     stats = w.stats.snapshot()
     assert stats["handler_errors"] == 3 and stats["abandoned"] == 1
-    assert fold(log.read(bad)).status == "planning"  # the buggy delivery was skipped, nothing written
+    state = fold(log.read(bad))  # the buggy delivery was skipped; the session ends, saying why
+    assert state.status == "failed", state.status
+    assert "handling GoalReceived seq 1 failed 3 times: RuntimeError: bug" in state.error, state.error
+    assert log.read(bad)[-1].payload.error_kind == "internal"
+    assert w.stats.snapshot()["sessions_failed"] == 1
     check_session(log, good)
