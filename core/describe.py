@@ -45,6 +45,9 @@ def summarize(event: ev.Event, width: int = 80) -> str:
             s = f"events {p.from_seq}-{p.to_seq} → {p.method} summary ({p.tokens_before} → {p.tokens_after} tok)"
         case ev.GuardrailTripped():
             s = f"{p.stage} {p.action}: {p.message} [{p.rule}]"
+        case ev.ToolCallReviewed():
+            s = (f"{'allowed' if p.allowed else 'blocked'} {p.call_id} by {p.model}: {p.reason} "
+                 f"({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)")
         case ev.ApprovalRequested():
             s = f"{_call(p.name, p.arguments_json)} waits for a person ({p.reason}); call {p.call_id}"
         case ev.ApprovalDecided():

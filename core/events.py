@@ -189,6 +189,17 @@ class GuardrailTripped(Payload):
     call_id: str | None = None
 
 
+class ToolCallReviewed(Payload):
+    TYPE = "ToolCallReviewed"
+    call_id: str
+    allowed: bool
+    reason: str
+    model: str
+    input_tokens: int
+    output_tokens: int
+    latency_ms: int
+
+
 class ApprovalRequested(Payload):
     TYPE = "ApprovalRequested"
     call_id: str
@@ -210,7 +221,7 @@ PAYLOAD_TYPES: dict[str, type[Payload]] = {
     for cls in (
         SessionStarted, GoalReceived, ModelRequested, ModelResponded, ModelFailed,
         RetryScheduled, ModelFallback, CompactionRequested, ContextCompacted,
-        GuardrailTripped, ApprovalRequested, ApprovalDecided,
+        GuardrailTripped, ToolCallReviewed, ApprovalRequested, ApprovalDecided,
         ToolRequested, ToolCompleted, ToolFailed, SessionFinished, SessionFailed,
         SessionCancelled, SessionForked, UserMessage, WorkspaceCheckpointed,
     )

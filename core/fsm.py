@@ -47,6 +47,8 @@ TRANSITIONS: list[tuple[str, str | list[str], str, str | None]] = [
     ("GuardrailTripped", "awaiting_tools", "planning",        "tools_settled"),  # a blocked call settles
     ("GuardrailTripped", "awaiting_tools", "awaiting_tools",  None),
     ("GuardrailTripped", "awaiting_approval", "awaiting_approval", None),
+    ("ToolCallReviewed", "awaiting_tools", "awaiting_tools",  None),  # the reviewer model's verdict
+    ("ToolCallReviewed", "awaiting_approval", "awaiting_approval", None),  # another call waits for a person
     ("ApprovalRequested", ["awaiting_tools", "awaiting_approval"], "awaiting_approval", None),
     ("ApprovalDecided",  "awaiting_approval", "awaiting_tools", "no_open_approvals"),
     ("ApprovalDecided",  "awaiting_approval", "awaiting_approval", None),

@@ -56,6 +56,7 @@ class SessionState:
     checkpointed_calls: dict[str, int] = field(default_factory=dict)
     tool_attempts: dict[str, int] = field(default_factory=dict)  # call id -> attempt now scheduled
     tool_retry_at: dict[str, int] = field(default_factory=dict)  # call id -> not before (ms), while pending
+    tool_reviews: dict[str, bool] = field(default_factory=dict)  # call id -> the reviewer model's verdict
     open_approvals: dict[str, str] = field(default_factory=dict)  # call id -> why a person must decide
     approvals: dict[str, bool] = field(default_factory=dict)  # call id -> a person's decision
     guardrail_trips: int = 0
@@ -199,6 +200,12 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 state.messages.append(_message("tool", note, event.seq, tool_call_id=p.call_id, name=name))
             elif p.stage == "output" and p.action == "tell_model":
                 state.messages.append(_message("user", note, event.seq))
+        case ev.ToolCallReviewed():
+            state.tool_reviews[p.call_id] = p.allowed
+            state.input_tokens += p.input_tokens  # a review is model use: it counts toward the budgets
+            state.output_tokens += p.output_tokens
+            if p.allowed and p.call_id in state.pending_call_seqs:
+                state.pending_call_seqs[p.call_id] = event.seq  # the tool processor carries on from here
         case ev.ApprovalRequested():
             state.open_approvals[p.call_id] = p.reason
         case ev.ApprovalDecided():
@@ -275,6 +282,7 @@ def clone(state: SessionState) -> SessionState:
         tool_attempts=dict(state.tool_attempts),
         tool_retry_at=dict(state.tool_retry_at),
         fallbacks_used=list(state.fallbacks_used),
+        tool_reviews=dict(state.tool_reviews),
         open_approvals=dict(state.open_approvals),
         approvals=dict(state.approvals),
     )

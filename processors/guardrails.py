@@ -16,20 +16,24 @@ A trip is a GuardrailTripped event. The loop reacts by policy: the model is told
 fold adds the reason to its context; a blocked tool call settles like a failed one) or
 the session stops with SessionFailed.
 
-The reviewer fails closed: a failed or unreadable review blocks the call, and so does a
-tool processor without a reviewer model (a Kafka tool worker started without
---provider/--model), which stops the session since no retry of the model can help.
+The reviewer's verdict is a ToolCallReviewed event (model, reason, tokens), recorded before
+the call goes on, so a redo after a crash never asks again and replay shows every review;
+its tokens count toward the session's budgets. It fails closed: a failed or unreadable
+review blocks the call, and so does a tool processor without a reviewer model (a Kafka
+tool worker started without --provider/--model), which stops the session since no retry
+of the model can help.
 """
 from __future__ import annotations
 
 import json
 import re
+import time
 
 import jsonschema
 
 from loopstream.core import events as ev
 from loopstream.providers.actions import loads_lenient
-from loopstream.providers.base import Message, Provider, ProviderError, ToolCall
+from loopstream.providers.base import Message, ModelReply, Provider, ProviderError, ToolCall
 
 POLICIES = ("tell_model", "stop")
 REVIEW_PROMPT = (
@@ -90,36 +94,50 @@ def check_output(cfg: dict, answer: str) -> ev.GuardrailTripped | None:
     return None
 
 
-def check_tool_call(cfg: dict, call: ToolCall, goal: str, reviewer: Provider | None) -> ev.GuardrailTripped | None:
+def check_tool_call(cfg: dict, call: ToolCall) -> ev.GuardrailTripped | None:
+    """The pattern checks on a proposed call (pure). The reviewer is separate: its verdict
+    is an event of its own (`review`, processors/tools.py)."""
     action = cfg.get("on_tool_call", "tell_model")
     text = f"{call.name} {json.dumps(call.arguments, sort_keys=True)}"
     pattern = _first_match(cfg.get("tool_deny", []), text)
     if pattern is not None:
         return ev.GuardrailTripped(stage="tool_call", rule=f"tool_deny {pattern}", action=action,
                                    call_id=call.call_id, message="this tool call matches a denied pattern")
-    if cfg.get("review_tool_calls"):
-        if reviewer is None:  # fail closed: a review that cannot happen blocks, and the model cannot fix it
-            return ev.GuardrailTripped(
-                stage="tool_call", rule="reviewer", action="stop", call_id=call.call_id,
-                message="the guardrails ask for a review of each tool call, but the tool processor has no "
-                        "reviewer model (give the tool worker --provider/--model); blocked to be safe")
-        allow, reason = review(reviewer, call, goal)
-        if not allow:
-            return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=action, call_id=call.call_id,
-                                       message=f"the reviewer blocked this call: {reason}")
     return None
 
 
-def review(reviewer: Provider, call: ToolCall, goal: str) -> tuple[bool, str]:
+def no_reviewer(call: ToolCall) -> ev.GuardrailTripped:
+    """Fail closed: a review that cannot happen blocks, and stops, since the model cannot fix it."""
+    return ev.GuardrailTripped(
+        stage="tool_call", rule="reviewer", action="stop", call_id=call.call_id,
+        message="the guardrails ask for a review of each tool call, but the tool processor has no "
+                "reviewer model (give the tool worker --provider/--model); blocked to be safe")
+
+
+def reviewer_blocked(cfg: dict, verdict: ev.ToolCallReviewed) -> ev.GuardrailTripped:
+    return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=cfg.get("on_tool_call", "tell_model"),
+                               call_id=verdict.call_id, message=f"the reviewer blocked this call: {verdict.reason}")
+
+
+def review(reviewer: Provider, call: ToolCall, goal: str) -> ev.ToolCallReviewed:
     """Ask the reviewer model; an unreadable or failed review blocks (fail closed)."""
     prompt = [Message(role="system", content=REVIEW_PROMPT),
               Message(role="user", content=f"Goal: {goal}\nTool call: {call.name}({json.dumps(call.arguments)})")]
+    started = time.monotonic()
+
+    def verdict(allowed: bool, reason: str, reply: ModelReply | None = None) -> ev.ToolCallReviewed:
+        return ev.ToolCallReviewed(
+            call_id=call.call_id, allowed=allowed, reason=reason[:300],
+            model=(reply.model if reply is not None and reply.model else getattr(reviewer, "model", "")),
+            input_tokens=reply.input_tokens if reply else 0, output_tokens=reply.output_tokens if reply else 0,
+            latency_ms=int((time.monotonic() - started) * 1000))
+
     try:
         reply = reviewer.complete(prompt, [])
     except ProviderError as exc:
-        return False, f"the review failed ({exc}); blocked to be safe"
+        return verdict(False, f"the review failed ({exc}); blocked to be safe")
     found = re.search(r"\{.*\}", reply.text or "", re.S)  # small models wrap JSON in prose
-    verdict = loads_lenient(found.group(0)) if found else None
-    if isinstance(verdict, dict) and isinstance(verdict.get("allow"), bool):
-        return verdict["allow"], str(verdict.get("reason", ""))[:300]
-    return False, f"the reviewer's answer was not a verdict: {reply.text[:120]!r}; blocked to be safe"
+    answer = loads_lenient(found.group(0)) if found else None
+    if isinstance(answer, dict) and isinstance(answer.get("allow"), bool):
+        return verdict(answer["allow"], str(answer.get("reason", "")), reply)
+    return verdict(False, f"the reviewer's answer was not a verdict: {reply.text[:120]!r}; blocked to be safe", reply)

@@ -4,9 +4,10 @@ Unknown tools, invalid arguments and exceptions inside a tool all become ToolFai
 events the model reads on its next step; none of them stops the loop.
 
 Before a call runs it passes a gate: guardrails (deny patterns, an optional reviewer
-model) may block it (GuardrailTripped), and permission rules may deny it (ToolFailed
-permission_denied) or ask a person (ApprovalRequested; the session waits in
-awaiting_approval until an ApprovalDecided, written by `loopstream approve` / `deny`).
+model whose verdict is recorded as ToolCallReviewed before the call goes on) may block
+it (GuardrailTripped), and permission rules may deny it (ToolFailed permission_denied)
+or ask a person (ApprovalRequested; the session waits in awaiting_approval until an
+ApprovalDecided, written by `loopstream approve` / `deny`).
 
 In-flight calls after a crash: a side-effect tool's WorkspaceCheckpointed marks it as
 started. If the process that took the checkpoint is gone before the result was
@@ -29,7 +30,7 @@ from pathlib import Path
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
-from loopstream.processors.guardrails import check_tool_call
+from loopstream.processors.guardrails import check_tool_call, no_reviewer, review, reviewer_blocked
 from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.base import Provider, ToolCall
 from loopstream.tools.checkpoint import CheckpointError, Workspace
@@ -65,7 +66,8 @@ def _with_timeout(fn, timeout: float):
 
 class ToolProcessor:
     name = "tools"
-    triggers = frozenset({"ToolRequested", "WorkspaceCheckpointed", "ApprovalDecided", "RetryScheduled"})
+    triggers = frozenset({"ToolRequested", "ToolCallReviewed", "WorkspaceCheckpointed", "ApprovalDecided",
+                          "RetryScheduled"})
 
     def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None) -> None:
         self.registry = registry
@@ -99,6 +101,14 @@ class ToolProcessor:
             if ev.now_ms() < p.not_before_ms:
                 return []  # not due: the runtime waits until state.wake_at_ms
             return self._proceed(call.call_id, call.name, call.arguments, state, time.monotonic())
+        if isinstance(p, ev.ToolCallReviewed):  # the reviewer allowed it: on through the rest of the gate
+            call = state.pending_calls.get(p.call_id)
+            if not p.allowed or call is None or self._carried_on(p.call_id, state):
+                return []  # blocked (its GuardrailTripped settled it), or already carried on
+            started = time.monotonic()
+            if (gated := self._gate(call, json.dumps(call.arguments, sort_keys=True), state, started)) is not None:
+                return gated
+            return self._proceed(call.call_id, call.name, call.arguments, state, started)
         if isinstance(p, ev.ApprovalDecided):  # a person answered: run it, or tell the model
             call = state.pending_calls.get(p.call_id)
             if call is None or p.call_id in state.checkpointed_calls or p.call_id in state.open_approvals:
@@ -110,9 +120,8 @@ class ToolProcessor:
             return self._proceed(call.call_id, call.name, call.arguments, state, time.monotonic())
         req = p
         assert isinstance(req, ev.ToolRequested)
-        if (req.call_id not in state.pending_calls or req.call_id in state.checkpointed_calls
-                or req.call_id in state.approvals or req.call_id in state.open_approvals
-                or req.call_id in state.tool_retry_at):
+        if req.call_id not in state.pending_calls or self._carried_on(req.call_id, state) \
+                or req.call_id in state.tool_reviews:
             return []  # already settled (a redelivery), or a later event of this call carries it on
         started = time.monotonic()
         try:
@@ -122,31 +131,49 @@ class ToolProcessor:
         if not isinstance(arguments, dict):
             return [self._failed(req.call_id, req.name, "invalid_arguments",
                                  "tool arguments must be a JSON object", started)]
-        if (gated := self._gate(req, arguments, state, started)) is not None:
+        call = ToolCall(call_id=req.call_id, name=req.name, arguments=arguments)
+        if (gated := self._gate(call, req.arguments_json, state, started)) is not None:
             return gated
         return self._proceed(req.call_id, req.name, arguments, state, started)
 
-    def _gate(self, req: ev.ToolRequested, arguments: dict, state: SessionState, started: float) -> list[Emit] | None:
-        """Guardrails, then permission rules: block, deny, ask a person — or None to go on."""
+    @staticmethod
+    def _carried_on(call_id: str, state: SessionState) -> bool:
+        """A later event of this call (checkpoint, approval, retry) carries it on."""
+        return (call_id in state.checkpointed_calls or call_id in state.approvals
+                or call_id in state.open_approvals or call_id in state.tool_retry_at)
+
+    def _gate(self, call: ToolCall, arguments_json: str, state: SessionState, started: float) -> list[Emit] | None:
+        """Guardrails (patterns, then the reviewer model), then permission rules: block,
+        deny, ask a person — or None to go on. A review not yet in the log is asked for and
+        recorded (ToolCallReviewed); the call goes on from that event."""
         guard = state.config.get("guardrails")
         if guard:
-            call = ToolCall(call_id=req.call_id, name=req.name, arguments=arguments)
-            if (trip := check_tool_call(guard, call, state.goal, self.reviewer)) is not None:
-                stop = [Emit(ev.SessionFailed(reason=f"tool call {req.name} blocked by guardrail {trip.rule}: "
-                                                     f"{trip.message}",
-                                              error_kind="guardrail"))] if trip.action == "stop" else []
-                return [Emit(trip, key=req.call_id), *stop]
+            if (trip := check_tool_call(guard, call)) is not None:
+                return self._blocked(trip, call.name)
+            if guard.get("review_tool_calls"):
+                if self.reviewer is None:
+                    return self._blocked(no_reviewer(call), call.name)
+                if call.call_id not in state.tool_reviews:
+                    verdict = review(self.reviewer, call, state.goal)
+                    blocked = [] if verdict.allowed else self._blocked(reviewer_blocked(guard, verdict), call.name)
+                    return [Emit(verdict, key=call.call_id), *blocked]
         permissions = state.config.get("permissions")
         if permissions:
-            decision = decide(permissions, req.name, arguments)
+            decision = decide(permissions, call.name, call.arguments)
             if decision.action == "deny":
-                return [self._failed(req.call_id, req.name, "permission_denied",
+                return [self._failed(call.call_id, call.name, "permission_denied",
                                      f"not allowed by policy: {decision.reason}", started)]
             if decision.action == "ask":
-                return [Emit(ev.ApprovalRequested(call_id=req.call_id, name=req.name,
-                                                  arguments_json=req.arguments_json, reason=decision.reason),
-                             key=req.call_id)]
+                return [Emit(ev.ApprovalRequested(call_id=call.call_id, name=call.name,
+                                                  arguments_json=arguments_json, reason=decision.reason),
+                             key=call.call_id)]
         return None
+
+    @staticmethod
+    def _blocked(trip: ev.GuardrailTripped, name: str) -> list[Emit]:
+        stop = [Emit(ev.SessionFailed(reason=f"tool call {name} blocked by guardrail {trip.rule}: {trip.message}",
+                                      error_kind="guardrail"))] if trip.action == "stop" else []
+        return [Emit(trip, key=trip.call_id), *stop]
 
     def _proceed(self, call_id: str, name: str, arguments: dict, state: SessionState, started: float) -> list[Emit]:
         """Run a read-only tool now; checkpoint the workspace first for a side-effect tool."""

@@ -31,6 +31,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.ContextCompacted(request_id="k1", from_seq=3, to_seq=20, summary="added twice", method="model",
                         tokens_before=900, tokens_after=300),
     ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
+    ev.ToolCallReviewed(call_id="c1", allowed=False, reason="not needed", model="m", input_tokens=40,
+                        output_tokens=9, latency_ms=12),
     ev.ApprovalRequested(call_id="c1", name="add", arguments_json='{"a": 1}', reason="rule 1: ask add"),
     ev.ApprovalDecided(call_id="c1", approved=True, by="person:ada", reason=""),
 ]

@@ -192,6 +192,58 @@ def test_reviewer_model_blocks_a_tool_call_before_it_runs(log) -> None:
     assert "ToolCompleted" not in types(log, sid)
     (trip,) = [e.payload for e in log.read(sid) if e.type == "GuardrailTripped"]
     assert trip.stage == "tool_call" and trip.rule == "reviewer" and "666 is not needed" in trip.message
+    (verdict,) = [e.payload for e in log.read(sid) if e.type == "ToolCallReviewed"]
+    assert not verdict.allowed and verdict.reason == "adding 666 is not needed" and verdict.call_id == trip.call_id
+
+
+REVIEW_ALLOWS = ModelReply(text='{"allow": true, "reason": "fine"}', input_tokens=100, output_tokens=7)
+
+
+def reviewed_adder(calls: dict, steps: int = 2):
+    adder = adder_script(steps)
+
+    def script(messages):
+        if messages[0].content.startswith("You review one tool call"):
+            calls["review"] = calls.get("review", 0) + 1
+            return REVIEW_ALLOWS
+        return adder(messages)
+    return script
+
+
+def test_every_review_is_an_event_and_its_tokens_count(log) -> None:
+    calls: dict = {}
+    rt, sid = session(log, ScriptedProvider(reviewed_adder(calls)), guardrails={"review_tool_calls": True})
+    state = rt.run_session(sid)
+    assert state.status == "done" and state.answer == "The result is 2."
+    events = log.read(sid)
+    verdicts = [e.payload for e in events if e.type == "ToolCallReviewed"]
+    assert calls["review"] == 2 and [v.allowed for v in verdicts] == [True, True]
+    assert [v.call_id for v in verdicts] == [e.payload.call_id for e in events if e.type == "ToolCompleted"]
+    replies = sum(e.payload.input_tokens for e in events if e.type == "ModelResponded")
+    assert state.input_tokens == replies + 2 * REVIEW_ALLOWS.input_tokens
+
+
+def test_a_recorded_review_is_never_asked_again(log) -> None:
+    """Stopped right after the verdict was recorded, the session resumes without a second review."""
+    calls: dict = {}
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_review(event) -> None:
+        if event.type == "ToolCallReviewed":
+            raise Stop
+
+    rt = build_runtime(log, ScriptedProvider(reviewed_adder(calls, steps=1)), on_event=stop_after_review)
+    sid = rt.start_session("add things", SessionConfig(provider="scripted", model="s", tools=["add"],
+                                                        extra={"guardrails": {"review_tool_calls": True}}))
+    with pytest.raises(Stop):
+        rt.run_session(sid)
+    assert types(log, sid)[-1] == "ToolCallReviewed" and calls["review"] == 1
+
+    state = build_runtime(log, ScriptedProvider(reviewed_adder(calls, steps=1))).run_session(sid)
+    assert state.status == "done" and calls["review"] == 1
+    assert types(log, sid).count("ToolCallReviewed") == 1 and types(log, sid).count("ToolCompleted") == 1
 
 
 def test_review_without_a_reviewer_model_blocks_and_stops(log) -> None:
