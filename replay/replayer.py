@@ -251,6 +251,14 @@ def _timeline(events: list[ev.Event], state: SessionState) -> ReplayReport:
                 totals.tool_errors += 1
                 totals.tool_latency_ms += p.latency_ms
                 errors.append(Note(e.seq, e.type, f"{p.name} {p.error_kind}: {p.message}"))
+            case ev.ToolCallReviewed():
+                timeline.append(Note(e.seq, "review", f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} · "
+                                     f"{p.model} · {p.input_tokens}+{p.output_tokens} tok · {p.reason}"))
+            case ev.GuardrailTripped() if p.call_id is not None and p.call_id in open_tools:
+                tool = open_tools.pop(p.call_id)  # the call was blocked: this settles it
+                tool.result_seq, tool.ok = e.seq, False
+                tool.error_kind, tool.error = f"blocked by guardrail {p.rule}", p.message
+                errors.append(Note(e.seq, e.type, f"{tool.name} blocked by guardrail {p.rule}: {p.message}"))
             case ev.SessionFinished():
                 timeline.append(Note(e.seq, e.type, repr(p.answer)))
             case ev.SessionFailed():
