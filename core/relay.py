@@ -57,11 +57,11 @@ nothing: they have no results). So a batch without results is committed without 
 from __future__ import annotations
 
 import logging
-import threading
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from loopstream.core.background import BackgroundLoop
 from loopstream.core.contract import KafkaBus, SessionUpdate, encode_update
 from loopstream.core.log import Delivery, LogError
 from loopstream.core.roles import GoalLookup, ensure_topic, goal_result, update_headers
@@ -69,9 +69,10 @@ from loopstream.core.roles import GoalLookup, ensure_topic, goal_result, update_
 logger = logging.getLogger("loopstream.relay")
 
 
-class TransactionalResultsRelay:
+class TransactionalResultsRelay(BackgroundLoop):
     """Relay the results of goal-started sessions from `log` (a KafkaLog) in Kafka
-    transactions, as consumer group `group` (see the module docstring)."""
+    transactions, as consumer group `group` (see the module docstring). `start()` runs
+    it in a thread; `run()` runs it in the caller's."""
 
     def __init__(
         self,
@@ -88,6 +89,7 @@ class TransactionalResultsRelay:
         producer_config: dict[str, Any] | None = None,
         goals: GoalLookup | None = None,
     ) -> None:
+        super().__init__(f"ls-{group}")
         self.bootstrap = bootstrap.bootstrap if isinstance(bootstrap, KafkaBus) else bootstrap
         self.log, self.group = log, group
         self.transactional_id = transactional_id or f"{group}.relay"
@@ -96,32 +98,12 @@ class TransactionalResultsRelay:
         self.producer_config = dict(producer_config or {})
         self.goals = goals or GoalLookup(log)
         self.stats: Counter = Counter()
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self.label = f"results relay {group}"
         self._topics: set[str] = set()
         self._admin: Any = None
 
-    # -- control ---------------------------------------------------------------------
-    def start(self) -> TransactionalResultsRelay:
-        self._thread = threading.Thread(target=self._run_logged, name=f"ls-{self.group}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop after the running transaction (safe from signal handlers and other threads)."""
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run_logged(self) -> None:
-        try:
-            self.run()
-        except BaseException as exc:
-            self.error = exc
-            logger.error("results relay %s stopped: %s: %s", self.group, type(exc).__name__, exc)
+    def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
+        self.run()
 
     # -- the loop --------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:

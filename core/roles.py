@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from loopstream.core import events as ev
+from loopstream.core.background import BackgroundLoop
 from loopstream.core.contract import (
     ContractError,
     Goal,
@@ -256,7 +257,7 @@ def default_agents(provider: str, model: str, agents_file: Path | None = None) -
 
 
 # -- goal intake -------------------------------------------------------------------------
-class GoalIntake:
+class GoalIntake(BackgroundLoop):
     """Consumes the goals topic (group `<group prefix>.intake`) and starts one session per
     goal with `Runtime.start_session(idempotency_key=…, correlation_id=…, reply_topic=…)`.
     A record's offset is committed after its session is in the log."""
@@ -264,29 +265,16 @@ class GoalIntake:
     def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
                  publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2,
                  on_event: Callable[[ev.Event], None] | None = None) -> None:
+        super().__init__(f"ls-{group}")
+        self.label = "goal intake"
         self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
         self.publisher = publisher
         self.runtime = Runtime(log, [], on_event=on_event, secrets=secrets)
         self.poll_timeout = poll_timeout
         self.relay: Any = None  # with `results=transactional`: the TransactionalResultsRelay
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.started = 0
-        self.error: BaseException | None = None
 
-    def start(self) -> GoalIntake:
-        self._thread = threading.Thread(target=self._run, name=f"ls-{self.group}", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._stop.set()
-
-    def join(self, timeout: float | None = None) -> None:
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
+    def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
         from confluent_kafka import Consumer, TopicPartition
 
         self.publisher.producer.ensure_topic(self.kbus.goals_topic)
@@ -320,9 +308,6 @@ class GoalIntake:
                     self._stop.wait(1.0)
                     continue
                 consumer.commit(message=msg, asynchronous=False)
-        except BaseException as exc:
-            self.error = exc
-            logger.error("goal intake stopped: %s: %s", type(exc).__name__, exc)
         finally:
             consumer.close()
 
@@ -448,13 +433,21 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
 def run_role(opts: WorkerOptions, install_signals: bool = True,
              on_ready: Callable[[Any, GoalIntake | None], None] | None = None) -> Any:
     """Run a role until SIGTERM/SIGINT; the worker (for its stats)."""
+    import signal
+
     from loopstream.core.worker import install_signal_handlers
 
+    early: list[int] = []  # a stop asked for while starting (e.g. loading the local model)
+    if install_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda n, _frame: early.append(n))
     with open_role(opts) as (worker, intake):
         relay = intake.relay if intake is not None else None
         helpers = [h for h in (intake, relay) if h is not None]
         if install_signals:
             install_signal_handlers(worker, *(h.stop for h in helpers))
+            if early:  # the real handler stops the worker and its helpers; they close cleanly
+                signal.raise_signal(early[0])
         for h in helpers:
             h.start()
         if on_ready is not None:

@@ -56,6 +56,7 @@ class Workers:
     def __init__(self, bus: str, cwd: Path) -> None:
         self.bus, self.cwd = bus, cwd
         self.procs: dict[str, subprocess.Popen] = {}
+        self.log_files: dict[str, Path] = {}
         self.n = 0
 
     def start(self, role: str, *extra: str, model: str | None = "adder:2") -> subprocess.Popen:
@@ -70,7 +71,16 @@ class Workers:
         )
         out.close()
         self.procs[role] = proc
+        self.log_files[role] = self.cwd / f"{role}.{self.n}.log"
         return proc
+
+    def wait_ready(self, role: str, timeout: float = 60) -> None:
+        """Until the role's latest process says it runs (its `worker GROUP: …` line)."""
+        deadline = time.monotonic() + timeout
+        while "worker " not in self.log_files[role].read_text(errors="replace"):
+            assert self.procs[role].poll() is None, self.logs()
+            assert time.monotonic() < deadline, self.logs()
+            time.sleep(0.05)
 
     def logs(self) -> str:
         return "\n".join(f"== {p.name}\n{p.read_text()[-3000:]}" for p in sorted(self.cwd.glob("*.log")))
@@ -229,6 +239,7 @@ def test_roles_many_sessions_one_worker_killed(kafka_broker: str, tmp_path: Path
             workers.procs[role].send_signal(signal.SIGKILL)
             workers.procs[role].wait(10)
             workers.start(role)
+            workers.wait_ready(role)  # the other roles may finish every session meanwhile
         collect(lambda: {u.session_id for u in results if u.kind == "result"} >= sids)
         print(f"SIGKILLed and restarted: {', '.join(kills)}; all {n} done "
               f"{time.monotonic() - started:.1f}s after start")

@@ -205,3 +205,32 @@ def test_a_handler_bug_is_retried_then_its_session_fails_saying_why(tmp_path: Pa
     assert log.read(bad)[-1].payload.error_kind == "internal"
     assert w.stats.snapshot()["sessions_failed"] == 1
     check_session(log, good)
+
+
+def test_a_stop_signal_while_the_role_starts_stops_it_cleanly(tmp_path: Path, monkeypatch) -> None:
+    """SIGTERM while the role is still opening (loading a model, connecting) is not lost and
+    does not kill the process: the worker starts, stops at once and returns."""
+    import os
+    import signal
+    from contextlib import contextmanager
+
+    from loopstream.core import roles
+
+    real_open_role = roles.open_role
+
+    @contextmanager
+    def open_role_then_signal(opts):
+        os.kill(os.getpid(), signal.SIGTERM)  # arrives while the role is opening
+        with real_open_role(opts) as opened:
+            yield opened
+
+    monkeypatch.setattr(roles, "open_role", open_role_then_signal)
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        opts = roles.WorkerOptions(role="all", db=tmp_path / "l.db", provider="scripted", model="adder:1")
+        started = time.monotonic()
+        worker = roles.run_role(opts)
+        assert worker.stopping and time.monotonic() - started < 30
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
