@@ -164,12 +164,17 @@ def _drive(runtime, sid: str, quiet: bool):
             time.sleep(0.3)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _finish(sid: str, state) -> None:
     """Print the outcome of a run: the answer on stdout (exit 0), or the reason (exit 1)."""
     if state.status == "done":
         out.print(state.answer or "", highlight=False)
-        err.print(f"[dim]session[/] {sid} [dim]· {state.step} steps · {state.tool_calls} tool calls · "
-                  f"{state.input_tokens}+{state.output_tokens} tokens[/]", highlight=False)
+        err.print(f"[dim]session[/] {sid} [dim]· {_count(state.step, 'step')} · "
+                  f"{_count(state.tool_calls, 'tool call')} · {state.input_tokens}+{state.output_tokens} tokens[/]",
+                  highlight=False)
         return
     _fail(f"session {sid} {state.status}: {state.error or 'stopped in state ' + state.status}", 1)
 

@@ -197,16 +197,11 @@ class _NotCompiled(Exception):
 
 
 def decode(data: bytes) -> Event:
-    """One stored event. The compiled reader takes the common case (the newest schema
-    version, well-formed bytes); everything else, corrupt bytes included, goes through
-    fastavro, which resolves old versions and names what is wrong."""
-    try:
-        event, end = REGISTRY.compiled_event(data, 0)  # type: ignore[misc]  # None: TypeError, fastavro
-        if end != len(data):
-            raise _NotCompiled
-    except Exception:
-        return _decode_fastavro(data)
-    return event
+    """One stored event (see `decode_prefix`); CodecError if it cannot be read."""
+    events, error = decode_prefix((data,))
+    if error is not None:
+        raise error
+    return events[0]
 
 
 def _decode_fastavro(data: bytes) -> Event:
@@ -252,8 +247,11 @@ def _decode_fastavro(data: bytes) -> Event:
 
 def decode_prefix(raw: Sequence[bytes]) -> tuple[list[Event], CodecError | None]:
     """Decode stored events in order up to the first that does not decode: the events
-    before it, and its error (None when all decode). The replay's hot loop, so the
-    compiled reader is called here directly rather than through `decode`."""
+    before it, and its error (None when all decode).
+
+    The compiled reader takes the common case (the newest schema versions, well-formed
+    bytes); everything else, corrupt bytes included, goes through fastavro, which
+    resolves old versions and names what is wrong. The replay's hot loop."""
     read = REGISTRY.compiled_event
     out: list[Event] = []
     append = out.append

@@ -334,7 +334,7 @@ def _tool_call(call_id: str, name: str, arguments_json: str) -> ToolCall:
     return _new_tool_call({"call_id": call_id, "name": name, "arguments": _args(arguments_json)})
 
 
-# Every field given, every time: tests/test_state.py checks these build what validation would.
+# Every field given, every time: tests/test_construct.py checks these build what validation would.
 _new_message = factory(Message)
 _new_tool_call = factory(ToolCall)
 
