@@ -16,7 +16,7 @@ from loopstream.core.fsm import LEGAL, IllegalTransition, next_state
 from loopstream.providers.base import Message, ToolCall
 
 
-@dataclass
+@dataclass(slots=True)  # slots: the fold sets a dozen attributes per event
 class SessionState:
     session_id: str = ""
     status: str = "new"
