@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from loopstream.core.agent import build_runtime
-from loopstream.core.codec import decode
+from loopstream.core.codec import decode_prefix
 from loopstream.core.runtime import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, apply
@@ -81,8 +81,8 @@ def main() -> int:
         # Where the rebuild's time goes.
         parts = {}
         parts["read_raw"], _ = best(lambda: log.read_raw(sid), args.repeat)
-        parts["decode"], _ = best(lambda: [decode(b) for b in raw], args.repeat)
-        events = [decode(b) for b in raw]
+        parts["decode"], _ = best(lambda: decode_prefix(raw), args.repeat)
+        events, _ = decode_prefix(raw)
 
         def fold_only() -> None:
             s = SessionState()
