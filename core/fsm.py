@@ -101,6 +101,8 @@ def _compile() -> dict[tuple[str, str], list[tuple[str, str | None]]]:
 
 _TABLE = _compile()
 LEGAL: frozenset[tuple[str, str]] = frozenset(_TABLE)  # (state, event type) pairs with a row
+# (state, event type) -> destination, where the first row has no condition: the fold's shortcut.
+UNCONDITIONAL: dict[tuple[str, str], str] = {k: rows[0][0] for k, rows in _TABLE.items() if rows[0][1] is None}
 
 
 def next_state(state: Any, event_type: str, seq: int | None = None) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
-from loopstream.core.fsm import LEGAL, IllegalTransition, next_state
+from loopstream.core.fsm import LEGAL, UNCONDITIONAL, IllegalTransition, next_state
 from loopstream.providers.base import Message, ToolCall
 
 
@@ -107,7 +107,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
         )
-    if (state.status, event.type) not in LEGAL:  # reject before touching anything
+    key = (state.status, event.type)
+    if key not in LEGAL:  # reject before touching anything
         raise IllegalTransition(state.status, event.type, event.seq)
     p = event.payload
     match p:  # the most frequent events first: a case is an isinstance check
@@ -228,7 +229,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 state.checkpointed_calls[p.call_id] = event.seq
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
-    state.status = transition(state, event.type, event.seq)
+    fixed = UNCONDITIONAL.get(key) if transition is next_state else None  # most rows need no condition
+    state.status = fixed if fixed is not None else transition(state, event.type, event.seq)
     state.seq = event.seq
     state.last_event_id = event.event_id
     state.updated_ms = event.time
