@@ -36,6 +36,7 @@ class _Emitter:
         self.consts: dict[str, Any] = {}
         self.factories = factories
         self.embedded = embedded  # for the top-level record's fields only
+        self._open: set[str] = set()  # names of the records being emitted (to refuse recursion)
         self._n = 0
 
     def var(self, stem: str = "v") -> str:
@@ -73,6 +74,8 @@ class _Emitter:
     def value(self, schema: Any, indent: int, target: str, named: dict[str, Any]) -> None:
         """Emit code that reads one value of `schema` into the variable `target`."""
         if isinstance(schema, str) and schema in named:
+            if schema in self._open:  # code is straight-line: a type that contains itself cannot be
+                raise Unsupported(f"recursive type {schema!r}")
             schema = named[schema]
         if isinstance(schema, list):
             return self._union(schema, indent, target, named)
@@ -105,6 +108,7 @@ class _Emitter:
             self.emit(indent, f"{target} = {symbols}[{target}]")
         elif kind == "record":
             self._name(schema, named)
+            self._open |= {schema.get("name", ""), f"{schema.get('namespace')}.{schema.get('name', '')}"}
             embedded, self.embedded = self.embedded, {}
             seen: dict[str, str] = {}  # field name -> its variable
             for f in schema["fields"]:
@@ -118,6 +122,7 @@ class _Emitter:
             if factory is not None:
                 record = f"{self.const(factory)}({record})"
             self.emit(indent, f"{target} = {record}")
+            self._open -= {schema.get("name", ""), f"{schema.get('namespace')}.{schema.get('name', '')}"}
         elif kind in ("array", "map"):
             self._blocks(schema, kind, indent, target, named)
         else:

@@ -119,6 +119,9 @@ def test_unsupported_schemas_say_so() -> None:
             {"name": "t", "type": {"type": "long", "logicalType": "timestamp-millis"}}]})
     with pytest.raises(Unsupported):
         compile_reader({"type": "array", "items": "int"})  # type: ignore[arg-type]
+    with pytest.raises(Unsupported, match="recursive"):  # a linked list: fastavro reads those
+        compile_reader({"type": "record", "name": "Node", "fields": [
+            {"name": "value", "type": "int"}, {"name": "next", "type": ["null", "Node"]}]})
 
 
 def test_every_event_type_has_a_compiled_reader_of_its_newest_version() -> None:
