@@ -44,10 +44,10 @@ class SessionState:
     fallbacks_used: list[str] = field(default_factory=list)
     open_request_id: str | None = None
     open_request_seq: int | None = None
-    last_reply_calls: list[ToolCall] = field(default_factory=list)
     last_reply_text: str = ""
-    # call id -> (arguments_json, parsed call) of the last reply: the ToolRequested events that
-    # repeat a call reuse it instead of parsing the JSON again. Replaced, never mutated.
+    # call id -> (arguments_json, parsed call) of the last reply's tool calls, in order: the
+    # ToolRequested events that repeat a call reuse it instead of parsing the JSON again.
+    # Replaced, never mutated.
     last_reply_parsed: dict[str, tuple[str, ToolCall]] = field(default_factory=dict)
     pending_calls: dict[str, ToolCall] = field(default_factory=dict)
     pending_call_seqs: dict[str, int] = field(default_factory=dict)
@@ -72,6 +72,11 @@ class SessionState:
     open_compaction_seq: int | None = None
     compactions: int = 0
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
+
+    @property
+    def last_reply_calls(self) -> list[ToolCall]:
+        """The tool calls of the model's last reply, in order."""
+        return [call for _, call in self.last_reply_parsed.values()]
 
     @property
     def next_seq(self) -> int:
@@ -123,7 +128,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.ModelResponded():
             calls = [_tool_call(c.call_id, c.name, c.arguments_json) for c in p.tool_calls]
             state.messages.append(_message("assistant", p.text, event.seq, tool_calls=calls))
-            state.last_reply_calls, state.last_reply_text = calls, p.text
+            state.last_reply_text = p.text
             state.last_reply_parsed = {
                 c.call_id: (r.arguments_json, c) for r, c in zip(p.tool_calls, calls, strict=True)
             }
