@@ -30,10 +30,10 @@ import time
 import uuid
 from pathlib import Path
 
-from loopstream.core.kafka_log import KafkaLog
-from loopstream.core.roles import processors_for
-from loopstream.core.runtime import Runtime, SessionConfig
-from loopstream.core.worker import Worker
+from loopstream.kafka.log import KafkaLog
+from loopstream.runtime.assembly import processors_for
+from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.worker import Worker
 from loopstream.providers.scripted import scripted_from_spec
 
 FAST = {"session.timeout.ms": "2000", "heartbeat.interval.ms": "500", "fetch.wait.max.ms": "20"}
@@ -104,7 +104,7 @@ class Workers:
         env = {**os.environ, "LOOPSTREAM_DB": str(tmp / prefix / "loopstream.db")}
         for role in ("orchestrator", "model", "tool"):
             self.procs.append(subprocess.Popen(
-                [sys.executable, "-m", "loopstream.core.cli", "worker", "--role", role, "--bus", bus, "-q",
+                [sys.executable, "-m", "loopstream.cli.app", "worker", "--role", role, "--bus", bus, "-q",
                  "--provider", "scripted", "--model", f"adder:{steps}", "--concurrency", str(concurrency)],
                 env=env, stdout=subprocess.DEVNULL, stderr=open(tmp / f"{prefix}.{role}.log", "wb"),
                 stdin=subprocess.DEVNULL))

@@ -21,9 +21,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from loopstream.core.agent import build_runtime
+from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import decode_prefix
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, apply
 from loopstream.providers.scripted import ScriptedProvider, adder_script

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
+from loopstream.core.conversation import Message, ToolCall
 from loopstream.core.fsm import LEGAL, UNCONDITIONAL, IllegalTransition, next_state
-from loopstream.providers.base import Message, ToolCall
 
 
 @dataclass(slots=True)  # slots: the fold sets a dozen attributes per event

@@ -32,37 +32,15 @@ import time
 import jsonschema
 
 from loopstream.core import events as ev
+from loopstream.core.policy import GuardrailError, validate_guardrails  # noqa: F401  (re-exported)
 from loopstream.providers.actions import loads_lenient
 from loopstream.providers.base import Message, ModelReply, Provider, ProviderError, ToolCall
 
-POLICIES = ("tell_model", "stop")
 REVIEW_PROMPT = (
     "You review one tool call an AI agent wants to make. Allow it unless it is harmful, "
     "destructive beyond what the goal needs, exfiltrates secrets, or is unrelated to the goal. "
     'Answer with JSON only: {"allow": true|false, "reason": "<one sentence>"}.'
 )
-
-
-class GuardrailError(ValueError):
-    pass
-
-
-def validate_guardrails(cfg: dict, where: str = "policy") -> dict:
-    for key in ("input_deny", "output_deny", "tool_deny"):
-        for pattern in cfg.get(key, []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise GuardrailError(f"{where}: guardrails.{key}: bad regular expression {pattern!r}: {exc}") from None
-    for key in ("on_output", "on_tool_call"):
-        if cfg.get(key, "tell_model") not in POLICIES:
-            raise GuardrailError(f"{where}: guardrails.{key} must be tell_model or stop")
-    if "output_schema" in cfg:
-        try:
-            jsonschema.Draft202012Validator.check_schema(cfg["output_schema"])
-        except jsonschema.SchemaError as exc:
-            raise GuardrailError(f"{where}: guardrails.output_schema is not a JSON schema: {exc.message}") from None
-    return cfg
 
 
 def _first_match(patterns: list[str], text: str) -> str | None:

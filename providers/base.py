@@ -9,30 +9,9 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field
 
+from loopstream.core.conversation import Message, ToolCall, ToolSpec
 
-class ToolSpec(BaseModel):
-    """A tool as the model sees it: name, description, JSON schema of its arguments."""
-
-    name: str
-    description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
-
-
-class ToolCall(BaseModel):
-    call_id: str
-    name: str
-    arguments: dict[str, Any] = Field(default_factory=dict)
-
-
-class Message(BaseModel):
-    """One turn of the normalized conversation."""
-
-    role: Literal["system", "user", "assistant", "tool"]
-    content: str = ""
-    tool_calls: list[ToolCall] = Field(default_factory=list)
-    tool_call_id: str | None = None  # role == "tool": which call this answers
-    name: str | None = None  # role == "tool": the tool's name
-    seq: int | None = None  # the log event this message came from (compaction names seq ranges)
+__all__ = ["ActionMode", "Message", "ModelReply", "Provider", "ProviderError", "ToolCall", "ToolSpec"]
 
 
 ActionMode = Literal["native", "json_schema", "json_text"]

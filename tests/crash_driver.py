@@ -14,8 +14,8 @@ import argparse
 import os
 import signal
 
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
@@ -57,7 +57,7 @@ def main() -> None:
         return inner(messages)
 
     if args.kafka:
-        from loopstream.core.kafka_log import KafkaLog
+        from loopstream.kafka.log import KafkaLog
 
         log = KafkaLog(args.kafka, topic=args.topic, projection_path=args.db, partitions=1)
     else:

@@ -12,7 +12,7 @@ import pytest
 def cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPSTREAM_", "OPENAI_", "ANTHROPIC_"))}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "loopstream.core.cli", *args], cwd=cwd, env=full_env,
+    return subprocess.run([sys.executable, "-m", "loopstream.cli.app", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
 
 

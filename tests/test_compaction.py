@@ -2,8 +2,8 @@
 so replaying before a compaction shows the full context."""
 from __future__ import annotations
 
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.compaction import compaction_range

@@ -93,7 +93,7 @@ def test_in_flight_side_effect_tools_follow_their_policy(tmp_path: Path) -> None
 @pytest.mark.kafka
 def test_kill_at_every_event_boundary_over_kafka(tmp_path: Path, kafka_broker: str) -> None:
     """The same kill-at-every-boundary test with the log on a real Kafka-protocol broker."""
-    from loopstream.core.kafka_log import KafkaLog
+    from loopstream.kafka.log import KafkaLog
 
     topic = f"crash-{tmp_path.name}"[:60]
     kafka = ["--kafka", kafka_broker, "--topic", topic, "--tool-steps", "1"]

@@ -26,8 +26,8 @@ pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from loopstream.core.contract import Goal, decode_update, encode_goal, session_id_for
-from loopstream.core.kafka_log import KafkaLog
+from loopstream.kafka.contract import Goal, decode_update, encode_goal, session_id_for
+from loopstream.kafka.log import KafkaLog
 from loopstream.core.state import fold
 from tests.test_worker import check_session
 
@@ -46,7 +46,7 @@ def env_for(cwd: Path) -> dict:
 
 
 def cli(*args: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "loopstream.core.cli", *args], cwd=cwd, env=env_for(cwd),
+    return subprocess.run([sys.executable, "-m", "loopstream.cli.app", *args], cwd=cwd, env=env_for(cwd),
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,7 +65,7 @@ class Workers:
         out = open(self.cwd / f"{role}.{self.n}.log", "wb")
         given = ["--provider", "scripted", "--model", model] if model else []
         proc = subprocess.Popen(
-            [sys.executable, "-m", "loopstream.core.cli", "worker", "--role", role, "--bus", self.bus,
+            [sys.executable, "-m", "loopstream.cli.app", "worker", "--role", role, "--bus", self.bus,
              *given, "-q", *extra],
             cwd=self.cwd, env=env_for(self.cwd), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )

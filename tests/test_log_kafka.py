@@ -16,7 +16,7 @@ pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 from confluent_kafka import Consumer, TopicPartition
 
 from loopstream.core.codec import encode
-from loopstream.core.kafka_log import (
+from loopstream.kafka.log import (
     ACCEPTED,
     DROPPED,
     PENDING,

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -149,7 +149,7 @@ def test_redelivered_request_does_not_produce_a_second_result(log) -> None:
     model = ModelProcessor(provider, default_registry().specs())
     emits = model.handle(request, then)
     from loopstream.core.log import DuplicateEvent
-    from loopstream.core.runtime import build_events
+    from loopstream.runtime.inline import build_events
 
     dup = build_events(then, request, emits, "model")
     assert dup[0].event_id == events[request.seq + 1].event_id

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.processors.guardrails import GuardrailError, validate_guardrails
 from loopstream.providers.base import ModelReply, ToolCall
@@ -113,7 +113,7 @@ def test_approve_from_a_second_process_even_after_a_restart(tmp_path) -> None:
     policy = tmp_path / "policy.toml"
     policy.write_text("[[permissions]]\ntool = 'add'\naction = 'ask'\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPSTREAM_", "OPENAI_", "ANTHROPIC_"))}
-    args = [sys.executable, "-m", "loopstream.core.cli", "run", "count", "--provider", "scripted",
+    args = [sys.executable, "-m", "loopstream.cli.app", "run", "count", "--provider", "scripted",
             "--model", "adder:2", "--policy", str(policy)]
     db = tmp_path / ".loopstream" / "loopstream.db"
 
@@ -249,7 +249,7 @@ def test_a_recorded_review_is_never_asked_again(log) -> None:
 def test_review_without_a_reviewer_model_blocks_and_stops(log) -> None:
     """A tool processor with no reviewer (a Kafka tool worker without --provider/--model)
     fails closed: the call is blocked and the session fails saying why."""
-    from loopstream.core.runtime import Runtime
+    from loopstream.runtime.inline import Runtime
     from loopstream.processors.model import ModelProcessor
     from loopstream.processors.orchestrator import Orchestrator
     from loopstream.processors.tools import ToolProcessor

@@ -1,8 +1,8 @@
-"""The opt-in transactional results relay (`kafka://…?results=transactional`, core/relay.py)
+"""The opt-in transactional results relay (`kafka://…?results=transactional`, kafka/relay.py)
 on a real broker (Tansu): each result once for read_committed readers, across a restart.
 
 The worker is always stopped gracefully (SIGTERM): Tansu never times out an open transaction,
-so a relay killed mid-transaction would hold read_committed readers (see core/relay.py).
+so a relay killed mid-transaction would hold read_committed readers (see kafka/relay.py).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loopstream.core.contract import ContractError, parse_kafka_url, session_id_for
+from loopstream.kafka.contract import ContractError, parse_kafka_url, session_id_for
 
 RESULT = "The result is 2."
 
@@ -30,7 +30,7 @@ def test_results_mode_in_the_url() -> None:
 def read_results(broker: str, topic: str, isolation: str) -> list:
     from confluent_kafka import Consumer, TopicPartition
 
-    from loopstream.core.contract import decode_update
+    from loopstream.kafka.contract import decode_update
 
     c = Consumer({"bootstrap.servers": broker, "group.id": f"test-{uuid.uuid4().hex}",
                   "enable.auto.commit": False, "isolation.level": isolation})
@@ -71,7 +71,7 @@ def committed(broker: str, group: str, topic: str) -> int:
 def submit_many(bus: str, keys: list[str], cwd: Path) -> None:
     from tests.test_kafka_workers import env_for
 
-    procs = [subprocess.Popen([sys.executable, "-m", "loopstream.core.cli", "submit", "--bus", bus, "--wait",
+    procs = [subprocess.Popen([sys.executable, "-m", "loopstream.cli.app", "submit", "--bus", bus, "--wait",
                                "--timeout", "90", "--idempotency-key", k, f"count ({k})"],
                               cwd=cwd, env=env_for(cwd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for k in keys]
@@ -132,8 +132,8 @@ def test_relay_publishes_accepted_results_only(kafka_broker: str) -> None:
     session not started from a goal publish nothing; a second run republishes nothing."""
     pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
     from loopstream.core.events import GoalReceived, SessionFinished
-    from loopstream.core.kafka_log import DROPPED, KafkaLog
-    from loopstream.core.relay import TransactionalResultsRelay
+    from loopstream.kafka.log import DROPPED, KafkaLog
+    from loopstream.kafka.relay import TransactionalResultsRelay
     from tests.log_conformance import event
     from tests.test_log_kafka import FAST_GROUPS
 
@@ -163,7 +163,7 @@ def test_relay_publishes_accepted_results_only(kafka_broker: str) -> None:
         assert relay.stats["aborts"] == 0
         # The group's position is past every delivery. Tansu drops the offsets of a transaction
         # that produced nothing (unless it is the producer's first): the relay commits such a
-        # batch without a transaction (core/relay.py); checked here whatever the partitions.
+        # batch without a transaction (kafka/relay.py); checked here whatever the partitions.
         accepted = dict(winner.projection._q("SELECT part, MAX(off) + 1 FROM events GROUP BY part"))
         assert committed_offsets(kafka_broker, group, topic) == accepted, relay.stats
 

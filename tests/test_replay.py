@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.core.agent import build_runtime
+from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode, seal
 from loopstream.core.processor import Emit
-from loopstream.core.runtime import SessionConfig, build_events
+from loopstream.runtime.inline import SessionConfig, build_events
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.providers.base import (
@@ -539,7 +539,7 @@ def test_determinism_reports_a_decision_of_another_type(log, tmp_path) -> None:
 def test_replay_verify_fork_and_diff_over_kafka(kafka_broker, tmp_path) -> None:
     import uuid
 
-    from loopstream.core.kafka_log import KafkaLog
+    from loopstream.kafka.log import KafkaLog
 
     topic = f"replay-{uuid.uuid4().hex[:8]}"
     with KafkaLog(kafka_broker, topic=topic, projection_path=tmp_path / "proj.db") as klog:

@@ -8,9 +8,9 @@ import pytest
 from fastavro import schemaless_writer
 
 from loopstream.core import events as ev
-from loopstream.core.agent import build_runtime
+from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode
-from loopstream.core.runtime import Runtime, SessionConfig
+from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor

@@ -8,8 +8,8 @@ import os
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import Runtime, SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.core.secrets import Redactor, current, is_secret_name, redact
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold

@@ -1,8 +1,8 @@
 """Storage grows linearly: no event copies the context, so bytes per step stay flat."""
 from __future__ import annotations
 
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 

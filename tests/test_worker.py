@@ -1,4 +1,4 @@
-"""core/worker.py over the SQLite log (fast, no broker): the same handlers as the embedded
+"""runtime/worker.py over the SQLite log (fast, no broker): the same handlers as the embedded
 runtime, driven by subscriptions; several groups; redelivery; clock waits; the contract codec."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from loopstream.core.contract import (
+from loopstream.kafka.contract import (
     ContractError,
     Goal,
     SessionUpdate,
@@ -20,11 +20,11 @@ from loopstream.core.contract import (
     parse_kafka_url,
 )
 from loopstream.core.log import Log
-from loopstream.core.roles import processors_for
-from loopstream.core.runtime import Runtime, SessionConfig
+from loopstream.runtime.assembly import processors_for
+from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
-from loopstream.core.worker import Worker, _Partition
+from loopstream.runtime.worker import Worker, _Partition
 from loopstream.providers.base import ProviderError
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 
@@ -214,7 +214,7 @@ def test_a_stop_signal_while_the_role_starts_stops_it_cleanly(tmp_path: Path, mo
     import signal
     from contextlib import contextmanager
 
-    from loopstream.core import roles
+    from loopstream.kafka import roles
 
     real_open_role = roles.open_role
 

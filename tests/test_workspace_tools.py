@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from loopstream.core.agent import build_runtime
-from loopstream.core.runtime import RuntimeStuck, SessionConfig
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import RuntimeStuck, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold, open_work
 from loopstream.processors.tools import ToolProcessor
@@ -21,7 +21,7 @@ from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider
 from loopstream.tools import ToolContext, ToolError, default_registry
 from loopstream.tools.checkpoint import Workspace, checkpoint_repo
-from loopstream.tools.rollback import RollbackError, rollback
+from loopstream.replay.rollback import RollbackError, rollback
 from loopstream.tools.workspace import side_effect_registry
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="workspace checkpoints need git")
@@ -264,7 +264,7 @@ def test_rollback_at_a_checkpoint_is_the_state_before_its_write(log, work) -> No
 # -- the command line ------------------------------------------------------------------
 def cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPSTREAM_", "OPENAI_", "ANTHROPIC_"))}
-    return subprocess.run([sys.executable, "-m", "loopstream.core.cli", *args], cwd=cwd, env=env,
+    return subprocess.run([sys.executable, "-m", "loopstream.cli.app", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
 
 

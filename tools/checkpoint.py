@@ -1,7 +1,7 @@
 """Workspace checkpoints: snapshots of a working directory in a private git repository.
 
 Before a side-effect tool runs, the tool processor snapshots the working directory and
-records a `WorkspaceCheckpointed` event with the commit; `loopstream.tools.rollback`
+records a `WorkspaceCheckpointed` event with the commit; `loopstream.replay.rollback`
 restores one. The repository lives at `<workdir>/.loopstream/checkpoints` (a bare git
 directory used with `--work-tree`), so the user's own `.git` is never read or touched:
 

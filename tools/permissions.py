@@ -23,17 +23,13 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
-import tomllib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
+
+from loopstream.core.policy import PolicyError, load_policy, validate_permissions  # noqa: F401  (re-exported)
 
 Action = Literal["allow", "deny", "ask"]
 ACTIONS = ("allow", "deny", "ask")
-
-
-class PolicyError(ValueError):
-    """A policy file that cannot be used; the message names the file and the problem."""
 
 
 @dataclass(frozen=True)
@@ -61,43 +57,3 @@ def decide(permissions: dict, tool: str, arguments: dict) -> Decision:
             return Decision(rule["action"], reason, i)
     default = permissions.get("default", "allow")
     return Decision(default, f"default: {default}", None)
-
-
-def validate_permissions(permissions: dict, where: str = "policy") -> dict:
-    default = permissions.get("default", "allow")
-    if default not in ACTIONS:
-        raise PolicyError(f"{where}: default must be one of {', '.join(ACTIONS)}, not {default!r}")
-    for i, rule in enumerate(permissions.get("rules", []), 1):
-        if rule.get("action") not in ACTIONS:
-            raise PolicyError(f"{where}: rule {i} needs action = allow | deny | ask")
-        if not isinstance(rule.get("args", {}), dict):
-            raise PolicyError(f"{where}: rule {i}: args must be a table of argument = pattern")
-        for pat in rule.get("args", {}).values():
-            if isinstance(pat, str) and pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as exc:
-                    raise PolicyError(f"{where}: rule {i}: bad regular expression {pat!r}: {exc}") from None
-    return permissions
-
-
-def load_policy(path: str | Path) -> dict:
-    """Read a policy file into the session config's `permissions` and `guardrails` entries."""
-    path = Path(path)
-    try:
-        raw = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"default", "permissions", "guardrails"}
-    if unknown:
-        raise PolicyError(f"policy file {path}: unknown entries {', '.join(sorted(unknown))}")
-    permissions = validate_permissions(
-        {"default": raw.get("default", "allow"), "rules": raw.get("permissions", [])}, str(path))
-    out: dict = {"permissions": permissions}
-    if "guardrails" in raw:
-        from loopstream.processors.guardrails import validate_guardrails
-
-        out["guardrails"] = validate_guardrails(raw["guardrails"], str(path))
-    return out

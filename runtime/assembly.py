@@ -1,11 +1,16 @@
-"""Assemble a runnable agent: provider + tools + processors over a log."""
+"""Assemble a runnable agent: provider + tools + processors, for the inline driver (`run`)
+and for the worker roles (`loopstream worker`) alike."""
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
 from loopstream.core.log import Log
-from loopstream.core.runtime import EventCallback, Runtime
+from loopstream.core.processor import Processor
 from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
@@ -14,7 +19,15 @@ from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
 from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
+from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
 from loopstream.tools.registry import ToolRegistry, default_registry
+
+ROLES = ("orchestrator", "model", "tool", "all")
+
+
+class AgentsFileError(ValueError):
+    """An agents file that cannot be used; the message names the file and the problem."""
+
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a careful assistant that completes the user's goal step by step. "
@@ -61,3 +74,41 @@ def open_model(provider: str | None, model: str | None, base_url: str | None = N
     with open_provider(model=model, provider=provider, base_url=base_url, action_mode=action_mode,
                        on_local_start=on_local_start) as built:
         yield built
+
+
+def default_agents(provider: str, model: str, agents_file: Path | None = None) -> dict[str, SessionConfig]:
+    """The agent configurations goals may name: `default` (the worker's provider/model, the
+    default read-only tools) plus those of a JSON file {name: {SessionConfig fields}}."""
+    base = SessionConfig(provider=provider, model=model, tools=default_registry().names(),
+                         system_prompt=DEFAULT_SYSTEM_PROMPT, agent="default", workdir=".")
+    agents = {"default": base}
+    if agents_file is not None:
+        try:
+            spec = json.loads(Path(agents_file).read_text())
+        except (OSError, ValueError) as exc:
+            raise AgentsFileError(f"cannot read agents file {agents_file}: {exc}") from None
+        fields = {f.name for f in dataclasses.fields(SessionConfig)}
+        for name, over in spec.items():
+            unknown = set(over) - fields
+            if unknown:
+                raise AgentsFileError(f"agent {name!r}: unknown fields {sorted(unknown)}")
+            agents[name] = dataclasses.replace(base, agent=name, **over)
+    return agents
+
+
+def processors_for(role: str, *, provider: Any = None, fallbacks: Sequence[Any] = (),
+                   publisher: Processor | None = None, allow_writes: bool = False) -> list[Processor]:
+    """The processors one worker role runs (see kafka/roles.py); `publisher` joins the orchestrator."""
+    if role not in ROLES:
+        raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
+    registry = default_registry(allow_writes=allow_writes)
+    procs: list[Processor] = []
+    if role in ("orchestrator", "all"):
+        procs.append(Orchestrator())
+    if role in ("model", "all"):
+        procs += [ModelProcessor(provider, registry.specs(), fallbacks), CompactionProcessor(provider)]
+    if role in ("tool", "all"):
+        procs.append(ToolProcessor(registry, reviewer=provider))
+    if publisher is not None and role in ("orchestrator", "all"):
+        procs.append(publisher)
+    return procs

@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from loopstream.core import events as ev
-from loopstream.core.bus import BusError, open_log
 from loopstream.core.describe import short, status_of, summarize
 from loopstream.core.log import Log, LogError, SessionNotFound
+from loopstream.kafka.bus import BusError, open_log
 
 app = typer.Typer(
     help="loopstream: an agent harness whose every step is an Avro event in a log "
@@ -86,9 +86,9 @@ def run(
     bus: BusOpt = None,
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
-    from loopstream.core.agent import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model
-    from loopstream.core.runtime import SessionConfig
     from loopstream.providers.ratelimit import RateLimiter
+    from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model
+    from loopstream.runtime.inline import SessionConfig
     from loopstream.tools.registry import default_registry
 
     registry = default_registry(allow_writes=allow_writes)
@@ -212,8 +212,8 @@ def resume(
     bus: BusOpt = None,
 ) -> None:
     """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
-    from loopstream.core.agent import build_runtime, open_model
-    from loopstream.core.runtime import Runtime
+    from loopstream.runtime.assembly import build_runtime, open_model
+    from loopstream.runtime.inline import Runtime
     from loopstream.tools.registry import default_registry
 
     log = open_log(bus, db)
@@ -244,9 +244,9 @@ def rollback(
 ) -> None:
     """Restore a session's workspace as it was right after event SEQ (from the checkpoints taken
     before each write; the current files are checkpointed first) and fork a new session from SEQ."""
+    from loopstream.replay.rollback import RollbackError
+    from loopstream.replay.rollback import rollback as roll_back
     from loopstream.tools.checkpoint import CheckpointError
-    from loopstream.tools.rollback import RollbackError
-    from loopstream.tools.rollback import rollback as roll_back
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
@@ -262,7 +262,7 @@ def rollback(
 
 def _decide(session: str, call_id: Optional[str], approved: bool, reason: str,
             db: Optional[Path], bus: Optional[str]) -> None:
-    from loopstream.core.runtime import Runtime
+    from loopstream.runtime.inline import Runtime
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
@@ -316,7 +316,7 @@ def cancel(
     bus: BusOpt = None,
 ) -> None:
     """Cancel a session that has not ended."""
-    from loopstream.core.runtime import Runtime
+    from loopstream.runtime.inline import Runtime
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
@@ -485,8 +485,9 @@ def worker(
     docs/architecture.md#kafka). The orchestrator role also takes goals and publishes results."""
     import logging
 
-    from loopstream.core import roles
-    from loopstream.core.contract import ContractError
+    from loopstream.kafka import roles
+    from loopstream.kafka.contract import ContractError
+    from loopstream.runtime.assembly import AgentsFileError
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format=f"%(asctime)s {role} %(levelname)s %(message)s")
     logging.getLogger("loopstream").setLevel(logging.WARNING if quiet else logging.INFO)
@@ -504,7 +505,7 @@ def worker(
                                allow_writes=allow_writes)
     try:
         w = roles.run_role(opts, on_ready=ready)
-    except ContractError as exc:
+    except (ContractError, AgentsFileError) as exc:
         raise UserError(str(exc)) from None
     err.print(f"[dim]worker {w.group} stopped: {w.stats.snapshot()}[/]", highlight=False)
 
@@ -528,8 +529,9 @@ def submit(
     the log (SQLite). Prints the session id, or with --wait the answer."""
     import os
 
-    from loopstream.core import roles
-    from loopstream.core.contract import ContractError, Goal
+    from loopstream.kafka import submit as submit_mod
+    from loopstream.kafka.contract import ContractError, Goal
+    from loopstream.runtime.assembly import AgentsFileError, default_agents
 
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
     record = Goal(goal=goal, agent=agent, idempotency_key=idempotency_key, correlation_id=correlation_id,
@@ -539,18 +541,18 @@ def submit(
             def on_progress(u) -> None:
                 err.print(f"  [dim]{u.seq:>3} {u.event_type:<16}[/] {u.detail or ''}", highlight=False)
 
-            done = roles.submit_goal(bus, record, wait=wait, timeout=timeout, on_progress=on_progress)
+            done = submit_mod.submit_goal(bus, record, wait=wait, timeout=timeout, on_progress=on_progress)
             sid, result = done.session_id, done.result
             status, answer, error = (result.status, result.answer, result.error) if result else ("", None, None)
         else:
             log = open_log(bus, db)
-            config = roles.default_agents(provider or "any", model or "default").get(agent)
+            config = default_agents(provider or "any", model or "default").get(agent)
             if config is None:
                 raise UserError(f"unknown agent {agent!r} (a SQLite submit knows `default` only)")
-            sid = roles.start_local(log, record, config)
-            state = roles.wait_local(log, sid, timeout) if wait else None
+            sid = submit_mod.start_local(log, record, config)
+            state = submit_mod.wait_local(log, sid, timeout) if wait else None
             status, answer, error = (state.status, state.answer, state.error) if state else ("", None, None)
-    except ContractError as exc:
+    except (ContractError, AgentsFileError) as exc:
         raise UserError(str(exc)) from None
     if not wait:
         out.print(sid, highlight=False)

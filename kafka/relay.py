@@ -11,8 +11,8 @@ The relay subscribes to the events topic through `KafkaLog.subscribe`, so it see
 events only: a record the first-writer-wins rule dropped (a lost race, a duplicate, an
 incomplete batch) never produces a result. For each polled batch of deliveries it
 1. finds the terminal events (SessionFinished/Failed/Cancelled) of sessions started from a
-   goal (`roles.goal_result`, the same lookup the ResultsPublisher uses) and builds their
-   `result` SessionUpdates (`roles.result_update`, byte for byte what the publisher sends);
+   goal (`results.goal_result`, the same lookup the ResultsPublisher uses) and builds their
+   `result` SessionUpdates (`results.result_update`, byte for byte what the publisher sends);
 2. `begin_transaction`, produces the updates to each goal's reply topic, adds the
    consumer's offsets past the batch with `send_offsets_to_transaction(offsets,
    consumer_group_metadata())`, and `commit_transaction`: the updates and the position
@@ -61,10 +61,11 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from loopstream.core.background import BackgroundLoop
-from loopstream.core.contract import KafkaBus, SessionUpdate, encode_update
 from loopstream.core.log import Delivery, LogError
-from loopstream.core.roles import GoalLookup, ensure_topic, goal_result, update_headers
+from loopstream.kafka.background import BackgroundLoop
+from loopstream.kafka.clients import ensure_topic
+from loopstream.kafka.contract import KafkaBus, SessionUpdate, encode_update
+from loopstream.kafka.results import GoalLookup, goal_result, update_headers
 
 logger = logging.getLogger("loopstream.relay")
 

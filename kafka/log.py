@@ -52,7 +52,7 @@ atomicity instead.
 Subscriptions are real consumer groups (`enable.auto.commit` off); `Delivery.position` is
 `(partition, offset)` and `commit` stores `offset + 1` for that partition, synchronously.
 `consumer_group_metadata`, `offsets_after` and `rewind` let a transactional producer commit
-the offsets instead (the opt-in results relay, `core/relay.py`).
+the offsets instead (the opt-in results relay, `kafka/relay.py`).
 """
 from __future__ import annotations
 
@@ -744,7 +744,7 @@ class KafkaSubscription:
             raise LogError(f"subscription {self.group}: commit of {p}:{o} failed: {exc}") from exc
         self._committed[p] = o + 1
 
-    # -- for a transactional consume-transform-produce (core/relay.py) ----------------
+    # -- for a transactional consume-transform-produce (kafka/relay.py) ----------------
     def consumer_group_metadata(self) -> Any:
         """The consumer's group metadata, for `Producer.send_offsets_to_transaction`."""
         return self._consumer.consumer_group_metadata()

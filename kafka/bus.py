@@ -30,12 +30,12 @@ def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
             raise BusError(f"cannot open the SQLite log at {path}: {exc}") from None
     if bus.startswith("kafka://"):
         try:
-            from loopstream.core.kafka_log import KafkaLog
+            from loopstream.kafka.log import KafkaLog
         except ImportError as exc:
             raise BusError(f"the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]' ({exc})") from None
-        from loopstream.core.contract import ContractError, parse_kafka_url
+        from loopstream.kafka.contract import ContractError, parse_kafka_url
 
-        try:  # kafka://HOST:PORT[?prefix=NAME&librdkafka.setting=V]: see core/contract.py
+        try:  # kafka://HOST:PORT[?prefix=NAME&librdkafka.setting=V]: see kafka/contract.py
             url = parse_kafka_url(bus)
         except ContractError as exc:
             raise BusError(str(exc)) from None

@@ -17,7 +17,7 @@ topic); consumer groups are `<group prefix>.<role>` (the group prefix defaults t
 prefix). The default prefix is `loopstream`. Query keys containing a dot
 (`session.timeout.ms=2000`) are passed to the consumers (subscriptions, goal intake).
 `results=transactional` makes the orchestrator role publish results with the transactional
-relay (`core/relay.py`) instead of in-worker at-least-once; `results=direct` is the default.
+relay (`kafka/relay.py`) instead of in-worker at-least-once; `results=direct` is the default.
 This module imports no Kafka client.
 """
 from __future__ import annotations

@@ -40,8 +40,8 @@ Why not Kafka transactions
 Exactly-once on Kafka is "consume-transform-produce" in one transaction: produce the
 emitted events and commit the consumer offset atomically (`send_offsets_to_transaction`).
 Where that fits, publishing results, it is available opt-in: `kafka://…?results=transactional`
-runs `core/relay.py`'s TransactionalResultsRelay. For a worker the place would be around
-step 3 + the commit of step 5, per delivery. It is not used there, because (see `core/kafka_log.py`) on the Tansu broker `read_committed` consumers
+runs `kafka/relay.py`'s TransactionalResultsRelay. For a worker the place would be around
+step 3 + the commit of step 5, per delivery. It is not used there, because (see `kafka/log.py`) on the Tansu broker `read_committed` consumers
 still saw the records of aborted transactions and an open transaction was never timed out,
 so transactions bought nothing there and could wedge a partition; and even on real Kafka a
 transaction cannot express "append only if the session is at seq N", which the acceptance
@@ -83,9 +83,9 @@ from loopstream.core.log import (
     LogError,
 )
 from loopstream.core.processor import Emit, Processor
-from loopstream.core.runtime import build_events
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import SessionState, fold, open_work
+from loopstream.runtime.inline import build_events
 
 logger = logging.getLogger("loopstream.worker")
 

@@ -1,0 +1,17 @@
+"""loopstream: an agent harness whose loop is a state machine over an Avro event log.
+
+The public API, in one import line::
+
+    from loopstream import SQLiteLog, SessionConfig, build_runtime, open_provider
+
+Everything else lives in the layer folders (`loopstream.core`, `.runtime`, `.processors`,
+`.providers`, `.tools`, `.replay`, `.kafka`, `.cli`); see docs/architecture.md.
+"""
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.providers.factory import open_provider
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.tools.registry import ToolRegistry, default_registry, tool
+
+__all__ = ["Runtime", "SQLiteLog", "SessionConfig", "ToolRegistry", "build_runtime", "default_registry",
+           "open_provider", "tool"]

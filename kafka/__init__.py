@@ -1,0 +1,1 @@
+"""The Kafka log, its projection, the goal contract, intake, results, relay, roles and submit."""

@@ -1,0 +1,107 @@
+"""The goal intake: one session per Goal record on the goals topic.
+
+A goal whose idempotency key already started a session starts nothing new; if that
+session has ended, its result is sent again to the new goal's reply topic with the new
+goal's correlation id (same session id and seq: deduplicating consumers drop it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from loopstream.core import events as ev
+from loopstream.core.log import Log, LogError
+from loopstream.core.state import fold
+from loopstream.kafka.background import BackgroundLoop
+from loopstream.kafka.contract import ContractError, Goal, KafkaBus, SessionUpdate, decode_goal, session_id_for
+from loopstream.kafka.results import ResultsPublisher, result_update
+from loopstream.runtime.inline import Runtime, SessionConfig
+
+logger = logging.getLogger("loopstream.intake")
+
+
+class GoalIntake(BackgroundLoop):
+    """Consumes the goals topic (group `<group prefix>.intake`) and starts one session per
+    goal with `Runtime.start_session(idempotency_key=…, correlation_id=…, reply_topic=…)`.
+    A record's offset is committed after its session is in the log."""
+
+    def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
+                 publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2,
+                 on_event: Callable[[ev.Event], None] | None = None) -> None:
+        super().__init__(f"ls-{group}")
+        self.label = "goal intake"
+        self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
+        self.publisher = publisher
+        self.runtime = Runtime(log, [], on_event=on_event, secrets=secrets)
+        self.poll_timeout = poll_timeout
+        self.relay: Any = None  # with `results=transactional`: the TransactionalResultsRelay
+        self.started = 0
+
+    def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
+        from confluent_kafka import Consumer, TopicPartition
+
+        self.publisher.producer.ensure_topic(self.kbus.goals_topic)
+        consumer = Consumer({
+            "bootstrap.servers": self.kbus.bootstrap, "group.id": self.group,
+            "enable.auto.commit": False, "auto.offset.reset": "earliest",
+            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 100,
+            **self.kbus.consumer_config,
+        })
+        consumer.subscribe([self.kbus.goals_topic])
+        try:
+            while not self._stop.is_set():
+                msg = consumer.poll(self.poll_timeout)
+                if msg is None:
+                    continue
+                if msg.error() is not None:
+                    if msg.error().fatal():
+                        raise LogError(f"goal intake: {msg.error()}")
+                    continue
+                position = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
+                try:
+                    self.accept(decode_goal(msg.value() or b""), position)
+                except ContractError as exc:
+                    logger.warning("goal intake: skipping %s: %s", position, exc)
+                except Exception as exc:  # the log or the broker: try this record again
+                    logger.warning("goal intake: %s failed, retrying: %s: %s", position, type(exc).__name__, exc)
+                    try:
+                        consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+                    except Exception:
+                        pass
+                    self._stop.wait(1.0)
+                    continue
+                consumer.commit(message=msg, asynchronous=False)
+        finally:
+            consumer.close()
+
+    def accept(self, goal: Goal, position: str) -> str | None:
+        """Start the goal's session (or nothing, for a known key); its session id."""
+        key = goal.idempotency_key or position
+        sid = session_id_for(key)
+        corr = goal.correlation_id or key
+        reply = goal.reply_topic or self.kbus.results_topic
+        config = self.agents.get(goal.agent)
+        if config is None:
+            self.publisher.publish(reply, SessionUpdate(
+                correlation_id=corr, session_id=sid, kind="result", status="rejected", seq=-1,
+                event_type="GoalRejected", time=ev.now_ms(), idempotency_key=key,
+                error=f"unknown agent {goal.agent!r}; known: {', '.join(sorted(self.agents))}",
+            ))
+            return None
+        known = self.log.next_seq(sid) > 0
+        if goal.progress:
+            config = dataclasses.replace(config, extra={**config.extra, "progress_updates": True})
+        self.runtime.start_session(goal.goal, config, idempotency_key=key, correlation_id=corr,
+                                   reply_topic=reply, actor="goal-intake")
+        if not known:
+            self.started += 1
+            return sid
+        events = self.log.read(sid)
+        state = fold(events)
+        if state.terminal:  # answer the repeated goal too (deduplicating consumers drop it)
+            self.publisher.publish(reply, result_update(events[-1], corr, key))
+        return sid
+
+

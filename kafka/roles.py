@@ -1,0 +1,129 @@
+"""Worker roles: a Worker plus, for the orchestrator role on Kafka, the goal intake and
+the results publisher (or relay).
+
+Roles (each one consumer group `<group prefix>.<role>` over the events topic):
+- `orchestrator`: the Orchestrator, the ResultsPublisher (kafka/results.py) and the
+  GoalIntake (kafka/intake.py, consumer group `<group prefix>.intake` on the goals topic);
+- `model`: the ModelProcessor and the CompactionProcessor (both call the provider);
+- `tool`: the ToolProcessor with the default tool registry (read-only tools);
+- `all`: every processor, intake and publisher in one process.
+
+With `kafka://…?results=transactional` the orchestrator role also runs the transactional
+results relay (kafka/relay.py, consumer group `<group prefix>.results`); the publisher then
+sends progress only.
+"""
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from loopstream.core import events as ev
+from loopstream.core.log import LogError
+from loopstream.kafka.bus import open_log
+from loopstream.kafka.clients import ContractProducer
+from loopstream.kafka.contract import ContractError, parse_kafka_url
+from loopstream.kafka.intake import GoalIntake
+from loopstream.kafka.relay import TransactionalResultsRelay
+from loopstream.kafka.results import ResultsPublisher
+from loopstream.runtime.assembly import ROLES, default_agents, open_model, processors_for
+from loopstream.runtime.worker import Worker, install_signal_handlers
+
+
+@dataclass
+class WorkerOptions:
+    role: str
+    bus: str | None = None
+    db: Path | None = None
+    provider: str | None = None
+    model: str | None = None
+    allow_writes: bool = False  # the tool role may run write_file, edit_file and shell
+    base_url: str | None = None
+    action_mode: str | None = None
+    group_prefix: str | None = None
+    concurrency: int = 8
+    agents_file: Path | None = None
+    on_event: Callable[[ev.Event], None] | None = None
+    on_local_start: Callable[[], None] | None = None
+
+
+@contextmanager
+def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
+    """The Worker (not yet running) and the goal intake (not yet started) for a role."""
+
+    if opts.role not in ROLES:
+        raise ContractError(f"unknown role {opts.role!r}: one of {', '.join(ROLES)}")
+    bus = opts.bus or os.environ.get("LOOPSTREAM_BUS") or None
+    kbus = parse_kafka_url(bus) if bus and bus.startswith("kafka://") else None
+    with ExitStack() as stack:
+        log = open_log(bus, opts.db)
+        stack.callback(log.close)
+        provider = None
+        # The model role calls the model; a tool role given a model uses it to review tool
+        # calls for sessions whose guardrails ask for review.
+        if opts.role in ("model", "all") or (opts.role == "tool" and (opts.provider or opts.model)):
+            provider = stack.enter_context(open_model(opts.provider, opts.model, opts.base_url,
+                                                      opts.action_mode, on_local_start=opts.on_local_start))
+        publisher = intake = None
+        if kbus is not None and opts.role in ("orchestrator", "all"):
+            producer = ContractProducer(kbus.bootstrap)
+            stack.callback(producer.close)
+            transactional = kbus.results == "transactional"
+            # results=transactional: results go through the relay (kafka/relay.py), the
+            # publisher sends progress updates only.
+            publisher = ResultsPublisher(log, producer, results=not transactional)
+            agents = default_agents(
+                provider.name if provider else (opts.provider or os.environ.get("LOOPSTREAM_PROVIDER") or "any"),
+                provider.model if provider else (opts.model or os.environ.get("LOOPSTREAM_MODEL") or "default"),
+                opts.agents_file,
+            )
+            intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
+                                on_event=opts.on_event)
+            if transactional:
+                intake.relay = TransactionalResultsRelay(kbus, log, kbus.group("results", opts.group_prefix),
+                                                         goals=publisher.goals)
+        group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
+        worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher,
+                                           allow_writes=opts.allow_writes), group,
+                        concurrency=opts.concurrency, on_event=opts.on_event)
+        yield worker, intake
+
+
+def run_role(opts: WorkerOptions, install_signals: bool = True,
+             on_ready: Callable[[Any, GoalIntake | None], None] | None = None) -> Any:
+    """Run a role until SIGTERM/SIGINT; the worker (for its stats)."""
+    early: list[int] = []  # a stop asked for while starting (e.g. loading the local model)
+    if install_signals:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda n, _frame: early.append(n))
+    with open_role(opts) as (worker, intake):
+        relay = intake.relay if intake is not None else None
+        helpers = [h for h in (intake, relay) if h is not None]
+        if install_signals:
+            install_signal_handlers(worker, *(h.stop for h in helpers))
+            if early:  # the real handler stops the worker and its helpers; they close cleanly
+                signal.raise_signal(early[0])
+        for h in helpers:
+            h.start()
+        if on_ready is not None:
+            on_ready(worker, intake)
+        try:  # a dead goal intake (or results relay) stops the process (a supervisor restarts it)
+            worker.run(until=(lambda: any(h.error is not None for h in helpers)) if helpers else None)
+            if intake is not None and intake.error is not None:
+                raise LogError(f"the goal intake stopped: {intake.error}")
+            if relay is not None and relay.error is not None:
+                raise LogError(f"the results relay stopped: {relay.error}")
+        finally:
+            for h in helpers:
+                h.stop()
+            if intake is not None:
+                intake.join(10)
+            if relay is not None:
+                relay.join(relay.timeout + 5)  # it finishes the running transaction
+        return worker
+
+

@@ -1,0 +1,1 @@
+"""The in-process and worker drivers, the session writer, and assembly of processors."""
