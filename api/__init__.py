@@ -11,7 +11,8 @@ from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.factory import open_provider
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import Runtime, SessionConfig
-from loopstream.tools.registry import ToolRegistry, default_registry, tool
+from loopstream.tools.builtin import default_registry
+from loopstream.tools.registry import ToolRegistry, tool
 
 __all__ = ["Runtime", "SQLiteLog", "SessionConfig", "ToolRegistry", "build_runtime", "default_registry",
            "open_provider", "tool"]

@@ -31,10 +31,10 @@ import uuid
 from pathlib import Path
 
 from loopstream.kafka.log import KafkaLog
+from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.assembly import processors_for
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.runtime.worker import Worker
-from loopstream.providers.scripted import scripted_from_spec
 
 FAST = {"session.timeout.ms": "2000", "heartbeat.interval.ms": "500", "fetch.wait.max.ms": "20"}
 

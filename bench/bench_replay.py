@@ -21,14 +21,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import decode_prefix
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, apply
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.replay import check_determinism, fork, replay, verify_raw
 from loopstream.replay.replayer import rebuild
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 
 
 def best(fn: Callable[[], object], repeat: int) -> tuple[float, float]:

@@ -89,7 +89,7 @@ def run(
     from loopstream.providers.ratelimit import RateLimiter
     from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model
     from loopstream.runtime.inline import SessionConfig
-    from loopstream.tools.registry import default_registry
+    from loopstream.tools.builtin import default_registry
 
     registry = default_registry(allow_writes=allow_writes)
     names = [t.strip() for t in tools.split(",") if t.strip()] if tools else registry.names()
@@ -214,7 +214,7 @@ def resume(
     """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
     from loopstream.runtime.assembly import build_runtime, open_model
     from loopstream.runtime.inline import Runtime
-    from loopstream.tools.registry import default_registry
+    from loopstream.tools.builtin import default_registry
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
@@ -378,7 +378,7 @@ def fork(
     model, prompt, tools or a new message; continue it with `loopstream resume CHILD`."""
     from loopstream.replay.commands import fork_command
     from loopstream.replay.fork import ForkError
-    from loopstream.tools.registry import default_registry
+    from loopstream.tools.builtin import default_registry
 
     prompt = None
     if system_prompt is not None:

@@ -6,6 +6,13 @@ import os
 from pathlib import Path
 
 from loopstream.core.log import Log
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.kafka.contract import ContractError, parse_kafka_url
+
+try:  # the [kafka] extra
+    from loopstream.kafka.log import KafkaLog
+except ImportError:  # pragma: no cover - the Kafka client is not installed
+    KafkaLog = None  # type: ignore[assignment,misc]
 
 DEFAULT_DB = Path(".loopstream") / "loopstream.db"
 
@@ -22,19 +29,13 @@ def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
     if bus is None or bus.startswith("sqlite://"):
         path = Path(bus[len("sqlite://"):]) if bus else Path(db) if db else default_db()
-        from loopstream.core.sqlite_log import SQLiteLog
-
         try:
             return SQLiteLog(path)
         except Exception as exc:  # sqlite3 errors for unwritable paths, directories, non-db files
             raise BusError(f"cannot open the SQLite log at {path}: {exc}") from None
     if bus.startswith("kafka://"):
-        try:
-            from loopstream.kafka.log import KafkaLog
-        except ImportError as exc:
-            raise BusError(f"the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]' ({exc})") from None
-        from loopstream.kafka.contract import ContractError, parse_kafka_url
-
+        if KafkaLog is None:
+            raise BusError("the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]'")
         try:  # kafka://HOST:PORT[?prefix=NAME&librdkafka.setting=V]: see kafka/contract.py
             url = parse_kafka_url(bus)
         except ContractError as exc:
@@ -43,3 +44,4 @@ def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
         return KafkaLog(url.bootstrap, topic=url.events_topic, projection_path=projection,
                         consumer_config=url.consumer_config or None)
     raise BusError(f"unknown bus {bus!r}: use sqlite:///PATH or kafka://HOST:PORT")
+

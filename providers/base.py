@@ -5,7 +5,7 @@ to and from one wire format (OpenAI-compatible chat completions, Anthropic Messa
 """
 from __future__ import annotations
 
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 

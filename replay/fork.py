@@ -25,7 +25,8 @@ from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.secrets import redact
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.replay.chain import chain_hashes, verify_raw
-from loopstream.tools.registry import ToolRegistry, default_registry
+from loopstream.tools.builtin import default_registry
+from loopstream.tools.registry import ToolRegistry
 
 
 class ForkError(ValueError):

@@ -22,6 +22,8 @@ from pathlib import Path
 
 from loopstream.core import events as ev
 from loopstream.core.log import Log, SessionNotFound
+from loopstream.replay.fork import ForkError, fork
+from loopstream.tools.builtin import default_registry
 from loopstream.tools.checkpoint import Restore, Workspace
 
 
@@ -122,13 +124,6 @@ def rollback(
 
 
 def _fork(log: Log, session_id: str, to_seq: int, result: RollbackResult, reason: str) -> None:
-    try:
-        from loopstream.replay.fork import ForkError, fork
-    except ImportError:
-        result.fork_error = "loopstream.replay.fork is not available"
-        return
-    from loopstream.tools.registry import default_registry
-
     why = reason or (f"rollback to seq {to_seq}" + (
         f": workspace restored from checkpoint {result.commit[:12]}" if result.commit else ""))
     try:

@@ -19,8 +19,10 @@ from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
 from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
+from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
-from loopstream.tools.registry import ToolRegistry, default_registry
+from loopstream.tools.builtin import default_registry
+from loopstream.tools.registry import ToolRegistry
 
 ROLES = ("orchestrator", "model", "tool", "all")
 
@@ -63,8 +65,6 @@ def open_model(provider: str | None, model: str | None, base_url: str | None = N
     `on_local_start` is called once the configuration is known to be valid and the
     local model server is about to start (so a CLI can say why it is waiting)."""
     if (provider or "").lower() == "scripted":
-        from loopstream.providers.scripted import scripted_from_spec
-
         try:
             scripted = scripted_from_spec(model or "adder")
         except ValueError as exc:

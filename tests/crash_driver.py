@@ -14,11 +14,11 @@ import argparse
 import os
 import signal
 
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.tools import default_registry
 
 TOOL_STEPS = 3

@@ -2,14 +2,14 @@
 so replaying before a compaction shows the full context."""
 from __future__ import annotations
 
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.compaction import compaction_range
 from loopstream.providers.base import Message, ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.providers.tokens import estimate_tokens
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 
 BUDGET = 150
 

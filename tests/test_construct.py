@@ -3,13 +3,13 @@ validation builds: same fields, same values, equal, and they validate again unch
 from __future__ import annotations
 
 from loopstream.core import events as ev
-from loopstream.runtime.assembly import build_runtime
 from loopstream.core.construct import construct, factory
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import _message, _tool_call
 from loopstream.providers.base import Message, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 
 
 def test_the_folds_builders_match_validation() -> None:

@@ -26,9 +26,9 @@ pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from loopstream.core.state import fold
 from loopstream.kafka.contract import Goal, decode_update, encode_goal, session_id_for
 from loopstream.kafka.log import KafkaLog
-from loopstream.core.state import fold
 from tests.test_worker import check_session
 
 pytestmark = pytest.mark.kafka

@@ -16,6 +16,8 @@ pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 from confluent_kafka import Consumer, TopicPartition
 
 from loopstream.core.codec import encode
+from loopstream.core.log import ConcurrencyError
+from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.kafka.log import (
     ACCEPTED,
     DROPPED,
@@ -26,8 +28,6 @@ from loopstream.kafka.log import (
     murmur2,
     partition_for,
 )
-from loopstream.core.log import ConcurrencyError
-from loopstream.core.sqlite_log import SQLiteLog
 from tests.log_conformance import LogConformance, Opener, drain, event, events, sid
 
 # Tansu answers a JoinGroup after about half the session timeout: keep it short in tests.

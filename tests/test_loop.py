@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import pytest
 
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -12,6 +10,8 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.tools import default_registry, tool
 
 

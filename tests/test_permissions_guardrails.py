@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.processors.guardrails import GuardrailError, validate_guardrails
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.permissions import PolicyError, decide, load_policy
 from tests.test_cli import cli
 
@@ -249,11 +249,11 @@ def test_a_recorded_review_is_never_asked_again(log) -> None:
 def test_review_without_a_reviewer_model_blocks_and_stops(log) -> None:
     """A tool processor with no reviewer (a Kafka tool worker without --provider/--model)
     fails closed: the call is blocked and the session fails saying why."""
-    from loopstream.runtime.inline import Runtime
     from loopstream.processors.model import ModelProcessor
     from loopstream.processors.orchestrator import Orchestrator
     from loopstream.processors.tools import ToolProcessor
-    from loopstream.tools.registry import default_registry
+    from loopstream.runtime.inline import Runtime
+    from loopstream.tools.builtin import default_registry
 
     registry = default_registry()
     provider = ScriptedProvider(adder_script(2))

@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode, seal
 from loopstream.core.processor import Emit
-from loopstream.runtime.inline import SessionConfig, build_events
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.providers.base import (
@@ -40,6 +38,8 @@ from loopstream.replay import (
     replay_raw,
     verify,
 )
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig, build_events
 from loopstream.tools import ToolRegistry, default_registry, tool
 
 STEPS_1000 = 249  # 2 + 4 * 249 + 3 = 1,001 events

@@ -8,9 +8,7 @@ import pytest
 from fastavro import schemaless_writer
 
 from loopstream.core import events as ev
-from loopstream.runtime.assembly import build_runtime
 from loopstream.core.codec import REGISTRY, decode, encode
-from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -19,6 +17,8 @@ from loopstream.processors.retry import backoff_ms, retry_delay_ms
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools import default_registry
 from tests.helpers import make_event
 

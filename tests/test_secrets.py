@@ -8,8 +8,6 @@ import os
 import pytest
 
 from loopstream.core import events as ev
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.core.secrets import Redactor, current, is_secret_name, redact
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
@@ -18,6 +16,8 @@ from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools import ToolRegistry, tool
 
 KEY = "sk-test-0123456789abcdefDEADBEEF"

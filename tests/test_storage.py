@@ -1,10 +1,10 @@
 """Storage grows linearly: no event copies the context, so bytes per step stay flat."""
 from __future__ import annotations
 
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 
 
 def test_bytes_per_step_at_step_200_within_1_5x_of_step_10(tmp_path) -> None:

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from loopstream.core.log import Log
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import fold
 from loopstream.kafka.contract import (
     ContractError,
     Goal,
@@ -19,14 +22,11 @@ from loopstream.kafka.contract import (
     encode_update,
     parse_kafka_url,
 )
-from loopstream.core.log import Log
-from loopstream.runtime.assembly import processors_for
-from loopstream.runtime.inline import Runtime, SessionConfig
-from loopstream.core.sqlite_log import SQLiteLog
-from loopstream.core.state import fold
-from loopstream.runtime.worker import Worker, _Partition
 from loopstream.providers.base import ProviderError
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.runtime.assembly import processors_for
+from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.worker import Worker, _Partition
 
 CONFIG = SessionConfig(provider="scripted", model="scripted", tools=["add"])
 

@@ -12,16 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import RuntimeStuck, SessionConfig
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold, open_work
 from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider
+from loopstream.replay.rollback import RollbackError, rollback
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import RuntimeStuck, SessionConfig
 from loopstream.tools import ToolContext, ToolError, default_registry
 from loopstream.tools.checkpoint import Workspace, checkpoint_repo
-from loopstream.replay.rollback import RollbackError, rollback
 from loopstream.tools.workspace import side_effect_registry
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="workspace checkpoints need git")

@@ -130,16 +130,3 @@ class ToolRegistry:
                 "unknown_tool",
             )
         return t.invoke(arguments, ctx)
-
-
-def default_registry(*, allow_writes: bool = False) -> ToolRegistry:
-    """The built-in tools: arithmetic and read-only file tools; with `allow_writes`, also the
-    side-effect tools write_file, edit_file and shell (loopstream.tools.workspace)."""
-    from loopstream.tools import arithmetic, files
-
-    registry = ToolRegistry().add(*arithmetic.TOOLS, *files.TOOLS)
-    if allow_writes:
-        from loopstream.tools import workspace
-
-        registry.add(*workspace.TOOLS)
-    return registry
