@@ -17,6 +17,7 @@ from rich.table import Table
 from loopstream.core import events as ev
 from loopstream.core.describe import short, status_of, summarize
 from loopstream.core.log import Log, LogError, SessionNotFound
+from loopstream.core.sampling import DEFAULT_MAX_OUTPUT_TOKENS, DEFAULT_TEMPERATURE, SamplingError, sampling_from
 from loopstream.kafka.bus import BusError, open_log
 
 app = typer.Typer(
@@ -81,6 +82,9 @@ def run(
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
     system_prompt: Annotated[Optional[Path], typer.Option(help="File with a system prompt to use instead of the default.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
+    max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
+    stop: Annotated[Optional[list[str]], typer.Option(help="A text that ends a model reply where it appears (repeatable, at most 4).")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print progress.")] = False,
     db: DbOpt = None,
     bus: BusOpt = None,
@@ -91,6 +95,11 @@ def run(
     from loopstream.runtime.inline import SessionConfig
     from loopstream.tools.builtin import default_registry
 
+    try:
+        sampling = sampling_from({"temperature": temperature, "max_output_tokens": max_output_tokens,
+                                  "stop": stop or []}, where="run")
+    except SamplingError as exc:
+        raise UserError(f"--{exc.setting.replace('_', '-')}: {exc.reason}") from None
     registry = default_registry(allow_writes=allow_writes)
     names = [t.strip() for t in tools.split(",") if t.strip()] if tools else registry.names()
     _need_writes(names, allow_writes)
@@ -135,7 +144,7 @@ def run(
                                 limits=limits)
         config = SessionConfig(
             provider=chosen.name, model=chosen.model, tools=names, system_prompt=prompt,
-            max_steps=max_steps, workdir=str(workdir.resolve()), extra=extra,
+            max_steps=max_steps, workdir=str(workdir.resolve()), extra=extra, sampling=sampling,
         )
         sid = runtime.start_session(goal, config)
         if not quiet:

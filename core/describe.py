@@ -20,11 +20,20 @@ def _call(name: str, arguments_json: str) -> str:
     return f"{name}({inner})"
 
 
+def _sampling(p: ev.SessionStarted) -> str:
+    """The recorded sampling settings (a v1 event may leave them to the server: not shown)."""
+    parts = [f"temperature={p.temperature:g}" if p.temperature is not None else "",
+             f"max_output_tokens={p.max_output_tokens}" if p.max_output_tokens is not None else "",
+             f"stop={p.stop!r}" if p.stop else "", f"top_p={p.top_p:g}" if p.top_p is not None else "",
+             f"seed={p.seed}" if p.seed is not None else ""]
+    return "".join(" " + x for x in parts if x)
+
+
 def summarize(event: ev.Event, width: int = 80) -> str:
     p = event.payload
     match p:
         case ev.SessionStarted():
-            s = f"agent={p.agent} provider={p.provider} model={p.model} tools={','.join(p.tools)}"
+            s = f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} tools={','.join(p.tools)}"
         case ev.GoalReceived():
             s = repr(p.text)
         case ev.ModelRequested():

@@ -28,6 +28,13 @@ class SessionStarted(Payload):
     max_steps: int
     workdir: str
     config_json: str = "{}"
+    # v2: the agent's sampling settings (core/sampling.py), sent on every model call.
+    # A v1 event reads them as None/empty; the fold takes the defaults for what is None.
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    stop: list[str] = []
+    top_p: float | None = None
+    seed: int | None = None
 
 
 class GoalReceived(Payload):

@@ -45,7 +45,7 @@ class ModelProcessor:
             limiter.acquire(estimate)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
-            reply = provider.complete(state.messages, specs)
+            reply = provider.complete(state.messages, specs, state.sampling)  # the session's recorded settings
         except ProviderError as exc:
             return [Emit(ev.ModelFailed(
                 request_id=req.request_id,

@@ -5,7 +5,9 @@ planning → ModelRequested; after a failed model call RetryScheduled (backoff),
 ModelFallback to the next model of the chain, then SessionFailed; a budget exceeded
 (steps, tokens, cost, wall time) → SessionFailed;
 a context over its token budget → CompactionRequested (the compaction processor answers);
-acting → one ToolRequested per tool call, or SessionFinished with the reply's text.
+acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
+that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
+truncated_answer) tells the model, and after max_answer_retries of those, SessionFailed.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from loopstream.providers.tokens import estimate_tokens
 
 DEFAULT_MAX_MODEL_ATTEMPTS = 3
 DEFAULT_MAX_OUTPUT_RETRIES = 2
+DEFAULT_MAX_ANSWER_RETRIES = 2  # empty or truncated final answers the model is asked to redo
+CUT_AT_CAP = frozenset({"length", "max_tokens"})  # finish reasons of a reply stopped by the output cap (OpenAI, Anthropic)
 
 
 class Orchestrator:
@@ -108,6 +112,8 @@ class Orchestrator:
                 for call in state.last_reply_calls
             ]
         answer = state.last_reply_text.strip()
+        if (refused := self._unfinished(state, answer)) is not None:
+            return refused
         guard = state.config.get("guardrails")
         if guard and (trip := check_output(guard, answer)):
             tries = int(guard.get("max_output_retries", DEFAULT_MAX_OUTPUT_RETRIES))
@@ -121,3 +127,22 @@ class Orchestrator:
             input_tokens=state.input_tokens,
             output_tokens=state.output_tokens,
         ))]
+
+    def _unfinished(self, state: SessionState, answer: str) -> list[Emit] | None:
+        """An empty reply, or one the output cap cut off, is no final answer: the model is told
+        and answers again, at most `max_answer_retries` times; then the session fails."""
+        if answer and state.last_finish_reason not in CUT_AT_CAP:
+            return None
+        cap = state.sampling.max_output_tokens
+        if answer:
+            rule, note = "truncated_answer", (f"Your reply was cut off at the limit of {cap} output tokens. "
+                                              "Reply again, shorter: give the final answer directly, or call a tool.")
+            why = f"the model's answers were cut at the output cap ({cap} tokens; raise --max-output-tokens)"
+        else:
+            rule, note = "empty_answer", "Your reply was empty. Reply with the final answer to the goal, or call a tool."
+            why = "the model's answers were empty"
+        tries = int(state.config.get("max_answer_retries", DEFAULT_MAX_ANSWER_RETRIES))
+        if state.unfinished_answers >= tries:
+            return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="stop")),
+                    Emit(ev.SessionFailed(reason=f"{why} {state.unfinished_answers + 1} time(s)", error_kind=rule))]
+        return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="tell_model"))]

@@ -168,14 +168,12 @@ class LocalServer:
 
 
 def local_provider(server: LocalServer, *, action_mode: str = "json_schema", timeout: float = 600.0) -> OpenAICompatProvider:
-    """An OpenAI-compatible provider for `server`, deterministic (temperature 0)."""
+    """An OpenAI-compatible provider for `server` (sampling: the session's settings on each call)."""
     return OpenAICompatProvider(
         base_url=server.base_url,
         api_key=None,
         model=MODEL_NAME,
         action_mode=action_mode,  # type: ignore[arg-type]
         timeout=timeout,
-        temperature=0.0,
-        max_tokens=1024,  # a runaway 0.5B model otherwise fills the whole context
         name="local",
     )

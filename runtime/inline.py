@@ -19,6 +19,7 @@ from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.fsm import machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, SessionNotFound
 from loopstream.core.processor import Emit, Processor
+from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, redact
 from loopstream.core.state import SessionState, fold, open_work
 
@@ -41,6 +42,7 @@ class SessionConfig:
     max_steps: int = 12
     workdir: str = "."
     extra: dict = field(default_factory=dict)
+    sampling: Sampling = field(default_factory=Sampling)  # how the model samples (core/sampling.py)
 
 
 def build_events(
@@ -111,6 +113,7 @@ class Runtime:
             max_steps=config.max_steps,
             workdir=config.workdir,
             config_json=json.dumps(config.extra, sort_keys=True),
+            **record_fields(config.sampling),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         blank = SessionState(session_id=sid, correlation_id=corr)
