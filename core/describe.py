@@ -22,9 +22,9 @@ def _call(name: str, arguments_json: str) -> str:
 
 def _sampling(p: ev.SessionStarted) -> str:
     """The recorded sampling settings (a v1 event may leave them to the server: not shown)."""
-    parts = [f"temperature={p.temperature:g}" if p.temperature is not None else "",
-             f"max_output_tokens={p.max_output_tokens}" if p.max_output_tokens is not None else "",
-             f"stop={p.stop!r}" if p.stop else "", f"top_p={p.top_p:g}" if p.top_p is not None else "",
+    parts = [f"temp={p.temperature:g}" if p.temperature is not None else "",
+             f"max_out={p.max_output_tokens}" if p.max_output_tokens is not None else "",
+             f"stop={','.join(map(repr, p.stop))}" if p.stop else "", f"top_p={p.top_p:g}" if p.top_p is not None else "",
              f"seed={p.seed}" if p.seed is not None else ""]
     return "".join(" " + x for x in parts if x)
 
