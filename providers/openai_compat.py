@@ -54,6 +54,15 @@ class OpenAICompatProvider:
     def close(self) -> None:
         self._client.close()
 
+    def retarget(self, base_url: str, api_key: str | None) -> None:
+        """Send the next calls to another server (the shared local model, once found or restarted)."""
+        self.base_url = base_url.rstrip("/")
+        self._server = f"OpenAI-compatible server at {self.base_url}"
+        if api_key:
+            self._client.headers["Authorization"] = f"Bearer {api_key}"
+        else:
+            self._client.headers.pop("Authorization", None)
+
     def count_tokens(self, messages: list[Message]) -> int:
         """Exact prompt tokens from a llama.cpp server (its chat template, then its tokenizer).
         Other OpenAI-compatible servers have no counting endpoint: the caller estimates."""

@@ -441,11 +441,20 @@ def test_factory_local_default_is_unstarted_server_context() -> None:
             make_provider(env={})
         return
     from loopstream.providers.local import LocalServer
+    from loopstream.providers.local_shared import SharedLocalProvider, SharedLocalServer
 
-    p, ctx = make_provider(env={})
+    p, ctx = make_provider(env={})  # shared by default: a lease on the machine's server, not taken yet
+    assert isinstance(ctx, SharedLocalServer) and ctx.state is None and ctx.idle == 300
+    assert isinstance(p, SharedLocalProvider) and p.name == "local" and p.action_mode == "json_schema"
+    assert p.sampling == Sampling()
+
+    p, ctx = make_provider(env={"LOOPSTREAM_LOCAL_SHARED": "0"})  # opted out: this run's own server
     assert isinstance(ctx, LocalServer) and ctx._server is None
     assert isinstance(p, OpenAICompatProvider) and p.name == "local" and p.action_mode == "json_schema"
     assert p.base_url == ctx.base_url and p.sampling == Sampling()
+
+    with pytest.raises(ProviderConfigError, match="LOOPSTREAM_LOCAL_IDLE_SECONDS"):
+        make_provider(env={"LOOPSTREAM_LOCAL_IDLE_SECONDS": "5 minutes"})
 
 
 def test_open_provider_yields_and_closes() -> None:
