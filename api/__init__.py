@@ -2,11 +2,12 @@
 
 The public API, in one import line::
 
-    from loopstream import SQLiteLog, SessionConfig, build_runtime, open_provider
+    from loopstream import Sampling, SQLiteLog, SessionConfig, build_runtime, open_provider
 
 Everything else lives in the layer folders (`loopstream.core`, `.runtime`, `.processors`,
 `.providers`, `.tools`, `.replay`, `.kafka`, `.cli`); see docs/architecture.md.
 """
+from loopstream.core.sampling import Sampling
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.factory import open_provider
 from loopstream.runtime.assembly import build_runtime
@@ -14,5 +15,5 @@ from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry, tool
 
-__all__ = ["Runtime", "SQLiteLog", "SessionConfig", "ToolRegistry", "build_runtime", "default_registry",
+__all__ = ["Runtime", "SQLiteLog", "Sampling", "SessionConfig", "ToolRegistry", "build_runtime", "default_registry",
            "open_provider", "tool"]

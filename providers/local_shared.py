@@ -8,7 +8,7 @@ Files, in `<cache dir>/servers/` (per user: the user cache dir, or LOOPSTREAM_CA
 
 - `<key>.lock` — flock'd (exclusively, briefly) by whoever reads or changes the state;
 - `<key>.json` — the state: supervisor pid and start time, port, API token, model path, lease file;
-- `<key>.<pid>.lease` — every client holds a shared flock on it while it uses the server (the
+- `<key>.<pid>.<random>.lease` — every client holds a shared flock on it while it uses the server (the
   kernel drops it when the client exits, even by a crash); the supervisor stops once nobody has
   held it for the idle time (LOOPSTREAM_LOCAL_IDLE_SECONDS, default 300);
 - `<key>.log` — the supervisor's output.
@@ -205,6 +205,14 @@ def _log_tail(directory: Path, key: str) -> str:
     return lines[-1][:300] if lines else "(empty log)"
 
 
+def _drop_dead_leases(directory: Path, key: str) -> None:
+    """Lease files of supervisors that died without cleaning up (killed): nobody serves them."""
+    for lease in directory.glob(f"{key}.*.lease"):
+        pid = lease.name.split(".")[1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            lease.unlink(missing_ok=True)
+
+
 class SharedLocalServer:
     """A lease on the machine's shared local model server, started if none is running.
 
@@ -238,6 +246,7 @@ class SharedLocalServer:
             state = ServerState.read(path)
             if state is None or not is_ours(state, model):
                 path.unlink(missing_ok=True)  # stale: never trusted again (the process is left alone)
+                _drop_dead_leases(directory, key)
                 state = spawn_supervisor(model, key, directory, self.idle)
             # Taken under the state lock: the supervisor decides to stop under it too, so it
             # never stops between our check and our lease.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import signal
 import sys
 import threading
@@ -54,7 +55,7 @@ def serve(model: Path, key: str, directory: Path, idle: float, token: str) -> in
     stopping = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda *_: stopping.set())
-    lease = f"{key}.{os.getpid()}.lease"
+    lease = f"{key}.{os.getpid()}.{secrets.token_hex(4)}.lease"  # never the name of an older server's
     lease_fd = os.open(directory / lease, os.O_RDWR | os.O_CREAT, 0o600)
     state_path, lock_path = directory / f"{key}.json", directory / f"{key}.lock"
     try:
