@@ -15,7 +15,7 @@ from loopstream.core.events import Event
 from loopstream.core.log import Delivery, LogError, SessionInfo, check_batch
 from loopstream.kafka import clients
 from loopstream.kafka.clients import EVENTS, KafkaError, KafkaException, TopicPartition
-from loopstream.kafka.projection import (  # noqa: F401  (Record, DROPPED, PENDING: part of this module's API)
+from loopstream.kafka.projection import (  # noqa: F401  (DROPPED: for callers)
     ACCEPTED,
     DROPPED,
     H_BATCH,
@@ -87,12 +87,16 @@ class KafkaLog:
         self._subs: list[KafkaSubscription] = []
         self._closed = False
         self.partitions = clients.ensure_topic(clients.admin(bootstrap), topic, partitions, timeout)
-        self.projection = Projection(projection_path, topic, abandon_ms=abandon_ms)
         self._producer = clients.producer(bootstrap, timeout=timeout, overrides=producer_config)
         self._tail = clients.reader(bootstrap, "loopstream-projection", EVENTS, tail_config)
         # An idle consumer for watermark queries: on the tail consumer they would queue
         # behind its in-flight fetch.
         self._meta = clients.reader(bootstrap, "loopstream-watermarks", EVENTS)
+        try:
+            self.projection = Projection(projection_path, topic, abandon_ms=abandon_ms)
+        except BaseException:
+            self._close_clients()
+            raise
         stored = self.projection.positions()
         self._pos = {p: stored.get(p, 0) for p in range(self.partitions)}
         self._tail.assign([TopicPartition(topic, p, off) for p, off in self._pos.items()])
@@ -239,14 +243,17 @@ class KafkaLog:
             for sub in self._subs:
                 sub.close()
             left = self._producer.flush(self.timeout)
-            clients.close(self._producer)
-            self._producer = None  # type: ignore[assignment]
-            self._tail.close()
-            self._meta.close()
+            self._close_clients()
             self._subs.clear()
             self.projection.close()
             if left:
                 raise LogError(f"{left} records were still unacknowledged when the log closed")
+
+    def _close_clients(self) -> None:
+        clients.close(self._producer)
+        self._producer = None  # type: ignore[assignment]
+        self._tail.close()
+        self._meta.close()
 
     def __enter__(self) -> KafkaLog:
         return self
