@@ -60,15 +60,19 @@ class DriverHarness(Protocol):
 
     def interrupt_after(self, session_id: str, events: int, timeout: float = 30.0) -> SessionState:
         """Drive the session and stop the driver once it has appended `events` events to it
-        (a crash or a stop mid-session); the state the log holds then. Call `restart` next."""
+        (a crash or a stop mid-session); the state the log holds then. The driver stays
+        stopped until `restart`."""
 
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> SessionState:
-        """Record a decision (an approval, a denial) from another process: a second log
-        handle on the same storage, as `loopstream approve` does."""
+        """Record a decision (an approval, a denial, a cancel) from another process: a second
+        log handle on the same storage, as `loopstream approve` does; the state it leads to."""
+
+    def stop(self) -> None:
+        """Stop the driver (its process ends); `log` stays readable."""
 
     def restart(self) -> None:
-        """Replace the driver by a new instance (new log handles, new processors) over the
-        same storage, as after a restart of its process."""
+        """Stop the driver if it runs, and start a new instance of it (new log handles, new
+        processors) over the same storage, as after a restart of its process."""
 
     def close(self) -> None:
         """Stop the driver and close its log handles."""
@@ -421,6 +425,41 @@ class DriverConformance:
             (failed,) = [e.payload for e in events if e.type == "ToolFailed"]
             assert failed.error_kind == "denied_by_user"
             assert state.answer == "told: ERROR (denied_by_user): person:ada denied this call: not today"
+
+    def test_a_decision_recorded_while_the_driver_is_down_is_acted_on_by_the_next_one(
+            self, harness: Harness) -> None:
+        drive = harness(Agent(ScriptedProvider(told_model)))
+        sid = drive.start("add 40", config(permissions=ASK))
+        assert drive.run_until_settled(sid).status == "awaiting_approval"
+        drive.stop()
+        drive.record(sid, [ev.ApprovalDecided(call_id="s1.0.1", approved=True, by="person:ada", reason="")],
+                     actor="person:ada", key="s1.0.1")
+        drive.restart()
+        state = drive.run_until_settled(sid)
+        assert state.status == "done" and state.answer == "told: 42"
+        events = check_log(drive.log, sid, state)
+        assert [e.type for e in events] == ADDER_ONE[:5] + ["ApprovalRequested", "ApprovalDecided",
+                                                            "ToolCompleted"] + ADDER_ONE[6:]
+
+    def test_a_cancel_recorded_while_the_model_answers_ends_the_session_and_drops_the_reply(
+            self, harness: Harness) -> None:
+        running: dict[str, Any] = {}
+
+        def model(messages):  # a person cancels from another process while the model "thinks"
+            running["cancelled"] = running["drive"].record(
+                running["sid"], [ev.SessionCancelled(reason="changed my mind")], actor="person:ada")
+            return reply(ToolCall(call_id="1", name="add", arguments={"a": 1, "b": 1}))
+
+        provider = ScriptedProvider(model)
+        drive = running["drive"] = harness(Agent(provider))
+        sid = running["sid"] = drive.start("add 1 and 1", config())
+        state = drive.run_until_settled(sid)
+        assert state.status == "cancelled"
+        drive.stop()  # lets the model call in flight finish, and its reply reach the driver
+        assert running["cancelled"].status == "cancelled" and provider.calls == 1
+        events = check_log(drive.log, sid, state)
+        assert [e.type for e in events] == ADDER_ONE[:3] + ["SessionCancelled"]
+        assert events[-1].actor == "person:ada" and events[-1].payload.reason == "changed my mind"
 
     # -- the same events under every driver -------------------------------------------------
     def test_a_deterministic_session_writes_exactly_the_expected_events(self, harness: Harness) -> None:

@@ -69,20 +69,16 @@ def record_elsewhere(opener: Opener, session_id: str, payloads: Sequence[ev.Payl
 
 # -- the inline driver --------------------------------------------------------------------------
 class InlineDriver:
-    """`loopstream run`: build_runtime(log, model, registry, fallbacks=…, limits=…), driven in
-    this thread; it returns when the session ends or waits for a person."""
+    """`loopstream run`: build_runtime(log, model, registry, fallbacks=…, limits=…) over its
+    own log handle, driven in the caller's thread; it returns when the session ends or waits
+    for a person. `log` is a second handle, the scenario's."""
 
     def __init__(self, opener: Opener, agent: Agent) -> None:
         self.opener, self.agent = opener, agent
+        self.log = opener()
         self._left: int | None = None  # events until interrupt_after stops the driver
-        self._open()
-
-    def _open(self) -> None:
-        a = self.agent
-        self.log = self.opener()
-        limits = {p.name: a.limiter for p in [a.provider, *a.fallbacks]} if a.limiter else None
-        self.runtime = build_runtime(self.log, a.provider, default_registry().add(*a.tools), on_event=self._seen,
-                                     fallbacks=a.fallbacks, limits=limits)
+        self._driver_log: Log | None = None
+        self.restart()
 
     def _seen(self, event: ev.Event) -> None:
         if self._left is not None:
@@ -94,6 +90,7 @@ class InlineDriver:
         return self.runtime.start_session(goal, config, idempotency_key=idempotency_key)
 
     def run_until_settled(self, session_id: str, timeout: float = 30.0) -> SessionState:
+        assert self._driver_log is not None, "the driver was stopped: restart() first"
         return self.runtime.run_session(session_id)
 
     def interrupt_after(self, session_id: str, events: int, timeout: float = 30.0) -> SessionState:
@@ -104,16 +101,27 @@ class InlineDriver:
             pass
         finally:
             self._left = None
+            self.stop()
         return fold(self.log.read(session_id))
 
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> SessionState:
         return record_elsewhere(self.opener, session_id, payloads, actor, key)
 
+    def stop(self) -> None:
+        if self._driver_log is not None:
+            self._driver_log.close()
+            self._driver_log = None
+
     def restart(self) -> None:
-        self.log.close()
-        self._open()
+        self.stop()
+        a = self.agent
+        self._driver_log = self.opener()
+        limits = {p.name: a.limiter for p in [a.provider, *a.fallbacks]} if a.limiter else None
+        self.runtime = build_runtime(self._driver_log, a.provider, default_registry().add(*a.tools),
+                                     on_event=self._seen, fallbacks=a.fallbacks, limits=limits)
 
     def close(self) -> None:
+        self.stop()
         self.log.close()
 
 
@@ -139,8 +147,9 @@ class WorkerDriver:
         self.threads: list[threading.Thread] = []
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
-        self._left: int | None = None
+        self._left: tuple[str, int] | None = None  # (session, events) until interrupt_after stops the workers
         self._interrupted = threading.Event()
+        self._start_workers()  # long-running, as deployed
 
     # -- the workers ---------------------------------------------------------------------------
     def _processors(self, role: str) -> list:
@@ -153,14 +162,27 @@ class WorkerDriver:
         return procs
 
     def _start_workers(self) -> None:
-        if self.workers:
-            return
         for role in self.roles:
             worker = Worker(self.opener(), self._processors(role), f"{self.prefix}.{role}", on_event=self._seen)
             thread = threading.Thread(target=self._run, args=(worker,), name=f"driver-{role}", daemon=True)
             self.workers.append(worker)
             self.threads.append(thread)
             thread.start()
+        self._wait_joined()
+
+    def _wait_joined(self, timeout: float = 30.0) -> None:
+        """Until every worker is in its group (it had a delivery). On Tansu, a consumer that
+        leaves while its first JoinGroup is pending stays in the group as its leader, and the
+        next member waits in SyncGroup for ever: so the driver is up, and may be stopped, only
+        once each worker has joined. The deliveries come from a session of its own that the
+        orchestrator ends at once (its goal is blocked by an input guardrail): no model call."""
+        Runtime(self.log, []).start_session("warm-up", SessionConfig(
+            provider="none", model="none", tools=[], extra={"guardrails": {"input_deny": ["warm-up"]}}))
+        deadline = time.monotonic() + timeout
+        while not all(w.stats.snapshot().get("delivered", 0) for w in self.workers):
+            assert not self.errors, f"a worker died: {self.errors!r}"
+            assert time.monotonic() < deadline, f"the workers did not join in {timeout}s: {self._stats()}"
+            time.sleep(0.02)
 
     def _run(self, worker: Worker) -> None:
         try:
@@ -180,10 +202,10 @@ class WorkerDriver:
 
     def _seen(self, event: ev.Event) -> None:
         with self._lock:
-            if self._left is None:
+            if self._left is None or self._left[0] != event.session_id:
                 return
-            self._left -= 1
-            if self._left == 0:
+            self._left = (event.session_id, self._left[1] - 1)
+            if self._left[1] == 0:
                 self._interrupted.set()
                 for w in self.workers:
                     w.stop()
@@ -207,13 +229,12 @@ class WorkerDriver:
         return Runtime(self.log, []).start_session(goal, config, idempotency_key=idempotency_key)
 
     def run_until_settled(self, session_id: str, timeout: float = 30.0) -> SessionState:
-        self._start_workers()
+        assert self.workers, "the workers were stopped: restart() first"
         return self._wait(session_id, settled, timeout)
 
     def interrupt_after(self, session_id: str, events: int, timeout: float = 30.0) -> SessionState:
         with self._lock:
-            self._left = events
-        self._start_workers()
+            self._left = (session_id, events)
         try:
             self._wait(session_id, lambda s: self._interrupted.is_set() or settled(s), timeout)
             assert self._interrupted.is_set(), "the session settled before the driver was stopped"
@@ -226,11 +247,13 @@ class WorkerDriver:
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> SessionState:
         return record_elsewhere(self.opener, session_id, payloads, actor, key)
 
+    def stop(self) -> None:
+        self._stop_workers()
+
     def restart(self) -> None:
         self._stop_workers()
         self._interrupted.clear()
-        self.log.close()
-        self.log = self.opener()
+        self._start_workers()
 
     def close(self) -> None:
         try:
