@@ -325,9 +325,9 @@ class DriverConformance:
         assert [e.payload.model for e in events if e.type == "ModelResponded"] == ["backup"]
 
     def test_a_client_side_rate_limit_makes_model_calls_wait(self, harness: Harness) -> None:
-        limiter = RateLimiter(requests_per_minute=1200)  # 20 a second once the burst is spent
-        limiter.requests.level = 0
+        limiter = RateLimiter(requests_per_minute=60)  # 1 a second once the burst is spent
         drive = harness(Agent(ScriptedProvider(adder_script(1)), limiter=limiter))
+        limiter.requests.level = -1  # overspent now, after the driver started: the first call waits ~2 s
         sid = drive.start("count", config())
         state = drive.run_until_settled(sid)
         assert state.status == "done"

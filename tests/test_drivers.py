@@ -26,8 +26,6 @@ from loopstream.core import events as ev
 from loopstream.core.log import Log
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, fold, open_work
-from loopstream.processors.model import ModelProcessor
-from loopstream.processors.tools import ToolProcessor
 from loopstream.runtime.assembly import build_runtime, processors_for
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.runtime.worker import Worker
@@ -135,10 +133,9 @@ class WorkerDriver:
     """`loopstream worker --role R` for each of `roles`: a Worker with processors_for(R), its own
     consumer group and log handle, running in a thread of this process until stopped.
 
-    Built as kafka/roles.py `open_role` builds it: the model and the tool role get the model;
-    no fallback models and no rate limit (open_role passes none, `loopstream worker` has no
-    option for them). processors_for takes no tool registry, so the scenario's own tools are
-    added to the processors it returns."""
+    Built as kafka/roles.py `open_role` builds it: processors_for(R) with the model (and its
+    fallbacks and rate limiter: `loopstream worker --fallback-model/--rpm/--tpm`) and the
+    scenario's tools as the registry."""
 
     def __init__(self, opener: Opener, agent: Agent, roles: Sequence[str], group_prefix: str) -> None:
         self.opener, self.agent, self.roles, self.prefix = opener, agent, tuple(roles), group_prefix
@@ -153,13 +150,10 @@ class WorkerDriver:
 
     # -- the workers ---------------------------------------------------------------------------
     def _processors(self, role: str) -> list:
-        procs = processors_for(role, provider=self.agent.provider)
-        for p in procs:
-            if isinstance(p, ToolProcessor):
-                p.registry.add(*self.agent.tools)
-            if isinstance(p, ModelProcessor):
-                p.tool_specs.update({t.name: t.spec() for t in self.agent.tools})
-        return procs
+        a = self.agent
+        limits = {p.name: a.limiter for p in [a.provider, *a.fallbacks]} if a.limiter else None
+        return processors_for(role, provider=a.provider, registry=default_registry().add(*a.tools),
+                              fallbacks=a.fallbacks, limits=limits)
 
     def _start_workers(self) -> None:
         for role in self.roles:
@@ -262,25 +256,6 @@ class WorkerDriver:
             self.log.close()
 
 
-NO_FALLBACKS = ("kafka/roles.py open_role passes no fallback models to processors_for (and `loopstream worker` "
-                "has no --fallback-model): the orchestrator records ModelFallback, then the model role keeps "
-                "calling the primary model, and the session fails")
-NO_RATE_LIMIT = ("the worker roles have no client-side rate limit: processors_for builds the ModelProcessor "
-                 "without limits and `loopstream worker` has no --rpm/--tpm")
-
-
-class WorkerDrift(DriverConformance):
-    """Where the worker roles differ from `loopstream run` today."""
-
-    @pytest.mark.xfail(strict=True, reason=NO_FALLBACKS)
-    def test_a_model_that_keeps_failing_falls_back_to_the_next_model(self, harness: Harness) -> None:
-        super().test_a_model_that_keeps_failing_falls_back_to_the_next_model(harness)
-
-    @pytest.mark.xfail(strict=True, reason=NO_RATE_LIMIT)
-    def test_a_client_side_rate_limit_makes_model_calls_wait(self, harness: Harness) -> None:
-        super().test_a_client_side_rate_limit_makes_model_calls_wait(harness)
-
-
 # -- the drivers ------------------------------------------------------------------------------------
 def sqlite_opener(tmp_path: Path) -> Opener:
     return partial(SQLiteLog, tmp_path / f"{uuid.uuid4().hex[:8]}.db")
@@ -320,20 +295,20 @@ class TestInlineSQLite(DriverConformance):
         return inline_sqlite(tmp_path, opened)
 
 
-class TestWorkerRolesSQLite(WorkerDrift):
+class TestWorkerRolesSQLite(DriverConformance):
     @pytest.fixture
     def harness(self, tmp_path: Path, opened: Opened) -> Harness:
         return workers_sqlite(tmp_path, opened, ROLES)
 
 
-class TestWorkerAllSQLite(WorkerDrift):
+class TestWorkerAllSQLite(DriverConformance):
     @pytest.fixture
     def harness(self, tmp_path: Path, opened: Opened) -> Harness:
         return workers_sqlite(tmp_path, opened, ["all"])
 
 
 @pytest.mark.kafka
-class TestWorkerRolesKafka(WorkerDrift):
+class TestWorkerRolesKafka(DriverConformance):
     @pytest.fixture
     def harness(self, kafka_broker: str, opened: Opened) -> Harness:
         return workers_kafka(kafka_broker, opened)
