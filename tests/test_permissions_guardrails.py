@@ -87,8 +87,8 @@ def test_ask_rule_waits_for_a_person(log, approved) -> None:
     state = rt.run_session(sid)
     assert state.status == "awaiting_approval" and list(state.open_approvals) == ["s1.0.1"]
     assert types(log, sid)[-1] == "ApprovalRequested" and "ToolCompleted" not in types(log, sid)
-    rt.record(sid, [ev.ApprovalDecided(call_id="s1.0.1", approved=approved, by="person:test", reason="no")],
-              actor="person:test", key="s1.0.1")
+    rt.writer.record(sid, [ev.ApprovalDecided(call_id="s1.0.1", approved=approved, by="person:test", reason="no")],
+                     actor="person:test", key="s1.0.1")
     state = rt.run_session(sid)
     assert state.status == "done"
     after = [e.type for e in log.read(sid)][types(log, sid).index("ApprovalDecided"):]

@@ -39,7 +39,8 @@ from loopstream.replay import (
     verify,
 )
 from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig, build_events
+from loopstream.runtime.inline import SessionConfig
+from loopstream.runtime.writer import build_events
 from loopstream.tools import ToolRegistry, default_registry, tool
 
 STEPS_1000 = 249  # 2 + 4 * 249 + 3 = 1,001 events
@@ -527,7 +528,8 @@ def test_determinism_reports_a_decision_of_another_type(log, tmp_path) -> None:
     other.append(src, seal([e.model_copy(update={"chain_hash": None}) for e in events[:at]], None), 0)
     state = fold(other.read(src))
     wrong = ev.SessionFinished(answer="?", steps=1, input_tokens=0, output_tokens=0)
-    other.append(src, build_events(state, events[at - 1], [Emit(wrong)], "orchestrator"), at)
+    other.append(src, build_events(state, events[at - 1].event_id, [Emit(wrong)], "orchestrator", time_ms=1),
+                 at)
     d = check_determinism(other, src).divergence
     assert d is not None and d.seq == at and d.expected[0] == "ToolRequested" and d.recorded[0] == "SessionFinished"
 
