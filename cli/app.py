@@ -277,8 +277,10 @@ def _decide(session: str, call_id: Optional[str], approved: bool, reason: str,
     if call_id not in state.open_approvals:
         raise UserError(f"call {call_id!r} is not waiting for approval; waiting: {', '.join(state.open_approvals)}")
     by = f"person:{getpass.getuser()}"
-    writer.record(sid, [ev.ApprovalDecided(call_id=call_id, approved=approved, by=by, reason=reason)],
-                  actor=by, key=call_id)
+    written = writer.record(sid, [ev.ApprovalDecided(call_id=call_id, approved=approved, by=by, reason=reason)],
+                            actor=by, key=call_id)
+    if written.outcome == "dropped":
+        raise UserError(f"call {call_id!r} of session {sid} was decided by someone else meanwhile")
     verb = "approved" if approved else "denied"
     out.print(f"{verb} {call_id} of session {sid}; a waiting `loopstream run` continues by itself, "
               f"otherwise: loopstream resume {sid}", highlight=False)
@@ -324,7 +326,8 @@ def cancel(
     if (state := writer.load(sid)).terminal:
         raise UserError(f"session {sid} already ended ({state.status})")
     by = f"person:{getpass.getuser()}"
-    writer.record(sid, [ev.SessionCancelled(reason=reason)], actor=by)
+    if writer.record(sid, [ev.SessionCancelled(reason=reason)], actor=by).outcome == "dropped":
+        raise UserError(f"session {sid} ended meanwhile")
     out.print(f"cancelled session {sid}")
 
 

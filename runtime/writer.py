@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, seal
-from loopstream.core.fsm import machine_next_state
+from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
 from loopstream.core.processor import Emit
 from loopstream.core.secrets import Secrets, redact
@@ -145,13 +145,21 @@ class SessionWriter:
         self._write(blank, build, owed=lambda _: False)  # a session already there is not started again
         return sid
 
-    def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> SessionState:
+    def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> Written:
         """Append what a person or another system decided (approve, deny, cancel, a message)
-        at the session's head, from any process; if the log moves on meanwhile, it is
-        checked again at the new head. Illegal there: IllegalTransition."""
+        at the session's head, from any process. The same decision recorded twice at one
+        head is written once (its ids derive from the head, the payload and `key`). If the
+        log moves on meanwhile, it is appended after the new head if it still applies there
+        (legal in the new state; an approval's call still waiting), else dropped. Illegal at
+        the head it was first built for: IllegalTransition."""
         state = self.load(session_id)
-        emits = [Emit(p, key=key) for p in payloads]
-        return self._write(state, lambda s: self._build(s, s.last_event_id, emits, actor), owed=lambda _: True).state
+        emits = [Emit(p, key=f"{key}.{ev.derived_id(p.model_dump_json())[:12]}") for p in payloads]
+
+        def applies(now: SessionState) -> bool:
+            return all((now.status, p.TYPE) in LEGAL and (
+                not isinstance(p, ev.ApprovalDecided) or p.call_id in now.open_approvals) for p in payloads)
+
+        return self._write(state, lambda s: self._build(s, s.last_event_id, emits, actor), applies)
 
     def emit(self, state: SessionState, item: Owed, cause: ev.Event, emits: Sequence[Emit], actor: str) -> Written:
         """Append what a handler emitted for the owed `item` (its event `cause`), caused by it."""
