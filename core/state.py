@@ -9,6 +9,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
@@ -285,14 +286,21 @@ def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str)
     return before + [summary_message(summary, from_seq, to_seq)] + after
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(SessionState))
+_read_fields = attrgetter(*_FIELDS)
+
+
 def clone(state: SessionState) -> SessionState:
-    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated)."""
-    return dataclasses.replace(
-        state,
-        messages=list(state.messages),
-        pending_calls={c: p.copy() for c, p in state.pending_calls.items()},
-        fallbacks_used=list(state.fallbacks_used),
-    )
+    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated;
+    fields the fold replaces rather than mutates are shared too). Field by field: a tenth of
+    `dataclasses.replace`'s time, and every write folds a clone."""
+    new = object.__new__(SessionState)
+    for name, value in zip(_FIELDS, _read_fields(state)):
+        setattr(new, name, value)
+    new.messages = list(state.messages)
+    new.pending_calls = {c: p.copy() for c, p in state.pending_calls.items()}
+    new.fallbacks_used = list(state.fallbacks_used)
+    return new
 
 
 def fold(
