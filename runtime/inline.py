@@ -41,9 +41,12 @@ class Runtime:
     def processors(self) -> list[Processor]:
         return self.dispatch.processors
 
-    def start_session(self, goal: str, config: SessionConfig, **kw) -> str:
-        """`SessionWriter.start` (idempotency key, correlation id, reply topic, actor)."""
-        return self.writer.start(goal, config, **kw)
+    def start_session(self, goal: str, config: SessionConfig, *, session_id: str | None = None,
+                      correlation_id: str | None = None, idempotency_key: str | None = None, actor: str = "cli",
+                      reply_topic: str | None = None) -> str:
+        """Start a session through the writer (`SessionWriter.start`); its id."""
+        return self.writer.start(goal, config, session_id=session_id, correlation_id=correlation_id,
+                                 idempotency_key=idempotency_key, actor=actor, reply_topic=reply_topic)
 
     def load(self, session_id: str) -> SessionState:
         return self.writer.load(session_id)

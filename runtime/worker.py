@@ -24,11 +24,10 @@ from loopstream.core.processor import Emit, Observer, Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import SessionState, fold, open_work
 from loopstream.runtime.dispatch import Dispatch
-from loopstream.runtime.writer import Clock, SessionWriter, Written
+from loopstream.runtime.writer import Clock, EventCallback, SessionWriter, Written
 
 logger = logging.getLogger("loopstream.worker")
 
-EventCallback = Callable[[ev.Event], None]
 DONE = "done"
 
 
