@@ -50,7 +50,7 @@ def test_a_redelivered_event_that_is_no_longer_owed_calls_no_processor(tmp_path:
     counters = [Counting(a) for a in ("orchestrator", "model", "compaction", "tools")]
     again = Worker(log, counters, "again")
     total = sum(len(log.read(s)) for s in [*done, waiting])
-    run_workers([again], lambda: again.stats.snapshot().get("delivered", 0) >= total)
+    run_workers([again], lambda: again.stats.snapshot().get("delivered", 0) >= total and again.in_flight() == 0)
     calls = {c.name: c.calls for c in counters}
     assert calls == {"orchestrator": [(waiting, 1)], "model": [], "compaction": [], "tools": []}, calls
     assert again.stats.snapshot()["delivered"] == total
