@@ -177,3 +177,25 @@ if __name__ == "__main__":  # python -m loopstream.core.fsm docs/architecture.md
     import sys
 
     write_docs(sys.argv[1]) if len(sys.argv) > 1 else print(mermaid())
+
+
+# owed_by: provisional (branch kernel); the fsm branch owns the table
+# Who owes the next move in each state: the driver reads it (core/state.py `open_work`) to
+# decide which processor is called, so no processor checks whether its event is still owed.
+# awaiting_approval is owed by a person (approve / deny); open_work refines it per tool call:
+# a call of the same reply that is not waiting for a person is still owed by the tools.
+OWED_BY: dict[str, str | None] = {
+    "new": None, "idle": None,
+    "planning": "orchestrator", "acting": "orchestrator", "backing_off": "orchestrator",
+    "awaiting_model": "model",
+    "compacting": "compaction",
+    "awaiting_tools": "tools",
+    "awaiting_approval": "person",
+    **{s: None for s in TERMINAL},
+}
+
+
+def owed_by(status: str) -> str | None:
+    """The actor that owes the next move in `status`: "orchestrator", "model", "compaction",
+    "tools" or "person"; None when nothing is owed (new, idle, terminal)."""
+    return OWED_BY[status]

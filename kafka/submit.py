@@ -22,7 +22,7 @@ from loopstream.kafka.contract import (
     parse_kafka_url,
     session_id_for,
 )
-from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.writer import SessionConfig, SessionWriter
 
 
 @dataclass
@@ -92,8 +92,8 @@ def submit_goal(bus: str, goal: Goal, *, wait: bool = False, timeout: float = 30
 def start_local(log: Log, goal: Goal, config: SessionConfig) -> str:
     """`submit` on a SQLite bus: append the session directly (workers pick it up)."""
     key = goal.idempotency_key or uuid.uuid4().hex
-    return Runtime(log, []).start_session(goal.goal, config, idempotency_key=key,
-                                          correlation_id=goal.correlation_id or key, actor="submit")
+    return SessionWriter(log).start(goal.goal, config, idempotency_key=key,
+                                   correlation_id=goal.correlation_id or key, actor="submit")
 
 
 def wait_local(log: Log, session_id: str, timeout: float) -> SessionState:

@@ -22,7 +22,7 @@ import pytest
 
 from loopstream.core import events as ev
 from loopstream.core.log import Log
-from loopstream.core.state import SessionState, fold, open_work
+from loopstream.core.state import Owed, SessionState, fold, open_work
 from loopstream.processors.guardrails import validate_guardrails
 from loopstream.providers.base import ModelReply, Provider, ProviderError, ToolCall
 from loopstream.providers.ratelimit import RateLimiter
@@ -394,7 +394,7 @@ class DriverConformance:
         sid = drive.start("add 40", config(permissions=ASK))
         state = drive.run_until_settled(sid)
         assert state.status == "awaiting_approval" and list(state.open_approvals) == ["s1.0.1"]
-        assert open_work(state) == [] and state.wake_at_ms is None
+        assert open_work(state) == [Owed(seq=state.seq, actor="person")]
         events = check_log(drive.log, sid, state)
         assert [e.type for e in events] == ADDER_ONE[:5] + ["ApprovalRequested"]
         # Driven again, and left running a while, it writes nothing more: nothing is owed.

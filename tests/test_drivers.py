@@ -27,8 +27,9 @@ from loopstream.core.log import Log
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, fold, open_work
 from loopstream.runtime.assembly import build_runtime, processors_for
-from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.worker import Worker
+from loopstream.runtime.writer import SessionWriter
 from loopstream.tools.builtin import default_registry
 
 pytest.register_assert_rewrite("tests.driver_conformance")  # its asserts show their values
@@ -60,7 +61,7 @@ def record_elsewhere(opener: Opener, session_id: str, payloads: Sequence[ev.Payl
     """A decision written through a second log handle, as `loopstream approve` does."""
     other = opener()
     try:
-        return Runtime(other, []).record(session_id, payloads, actor=actor, key=key)
+        return SessionWriter(other).record(session_id, payloads, actor=actor, key=key).state
     finally:
         other.close()
 
@@ -126,7 +127,7 @@ class InlineDriver:
 # -- the worker -----------------------------------------------------------------------------------
 def settled(state: SessionState) -> bool:
     """Ended, or waiting for a person with nothing owed and no clock to wait on."""
-    return state.terminal or (not open_work(state) and state.wake_at_ms is None)
+    return state.terminal or all(o.actor == "person" for o in open_work(state))
 
 
 class WorkerDriver:
@@ -170,7 +171,7 @@ class WorkerDriver:
         next member waits in SyncGroup for ever: so the driver is up, and may be stopped, only
         once each worker has joined. The deliveries come from a session of its own that the
         orchestrator ends at once (its goal is blocked by an input guardrail): no model call."""
-        Runtime(self.log, []).start_session("warm-up", SessionConfig(
+        SessionWriter(self.log).start("warm-up", SessionConfig(
             provider="none", model="none", tools=[], extra={"guardrails": {"input_deny": ["warm-up"]}}))
         deadline = time.monotonic() + timeout
         while not all(w.stats.snapshot().get("delivered", 0) for w in self.workers):
@@ -220,7 +221,7 @@ class WorkerDriver:
 
     # -- the harness ---------------------------------------------------------------------------
     def start(self, goal: str, config: SessionConfig, *, idempotency_key: str | None = None) -> str:
-        return Runtime(self.log, []).start_session(goal, config, idempotency_key=idempotency_key)
+        return SessionWriter(self.log).start(goal, config, idempotency_key=idempotency_key)
 
     def run_until_settled(self, session_id: str, timeout: float = 30.0) -> SessionState:
         assert self.workers, "the workers were stopped: restart() first"

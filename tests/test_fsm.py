@@ -16,7 +16,7 @@ from loopstream.core.fsm import (
     mermaid,
     next_state,
 )
-from loopstream.core.state import SessionState, apply, fold
+from loopstream.core.state import PendingCall, SessionState, apply, fold
 from loopstream.providers.base import ToolCall
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
@@ -25,7 +25,7 @@ BY_TYPE = {p.TYPE: p for p in SAMPLE_PAYLOADS}
 
 def _state(status: str, pending: int) -> SessionState:
     s = SessionState(status=status)
-    s.pending_calls = {f"c{i}": ToolCall(call_id=f"c{i}", name="add") for i in range(pending)}
+    s.pending_calls = {f"c{i}": PendingCall(ToolCall(call_id=f"c{i}", name="add"), 0) for i in range(pending)}
     return s
 
 
