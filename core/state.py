@@ -106,8 +106,8 @@ Transition = Callable[[SessionState, str, int | None], str]
 def apply(state: SessionState, event: ev.Event, transition: Transition = next_state) -> SessionState:
     """Apply one event. Mutates and returns `state` (use `fold` for a fresh one).
 
-    `transition` answers where the FSM goes; the default is the compiled table, the
-    runtime passes the `transitions` machine when it checks events before appending."""
+    `transition` answers where the FSM goes; the default, `fsm.next_state`, is the lookup
+    read off the one `transitions` machine (the live check before an append is the same)."""
     if event.seq != state.seq + 1:
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
