@@ -194,6 +194,10 @@ _ROWS = _rows(MACHINE)
 LEGAL: frozenset[tuple[str, str]] = frozenset(_ROWS)  # (state, event type) pairs with a row
 # (state, event type) -> destination, where the first row has no condition: the fold's shortcut.
 UNCONDITIONAL: dict[tuple[str, str], Status] = {k: rows[0][0] for k, rows in _ROWS.items() if rows[0][1] is None}
+# (state, event type) pairs whose every row has a condition: legal or not only once the
+# payload is applied (acting + UserMessage), so the fold asks on a copy first.
+CONDITIONAL_ONLY: frozenset[tuple[str, str]] = frozenset(
+    k for k, rows in _ROWS.items() if all(cond is not None for _, cond in rows))
 
 
 def next_state(state: Any, event_type: str, seq: int | None = None) -> Status:

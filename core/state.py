@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
 from loopstream.core.conversation import Message, ToolCall
-from loopstream.core.fsm import LEGAL, UNCONDITIONAL, IllegalTransition, next_state
+from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state
 
 
 @dataclass(slots=True)  # slots: the fold sets a dozen attributes per event
@@ -115,6 +115,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     key = (state.status, event.type)
     if key not in LEGAL:  # reject before touching anything
         raise IllegalTransition(state.status, event.type, event.seq)
+    if key in CONDITIONAL_ONLY and transition is not _payload_only:  # every row's condition may fail:
+        transition(apply(clone(state), event, _payload_only), event.type, event.seq)  # ask on a copy first
     p = event.payload
     match p:  # the most frequent events first: a case is an isinstance check
         case ev.ModelRequested():
@@ -241,6 +243,11 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def _payload_only(state: SessionState, event_type: str, seq: int | None) -> str:
+    """A transition that stays put: `apply` with it applies only the payload."""
+    return state.status
 
 
 def _apply_overrides(state: SessionState, overrides: dict) -> None:

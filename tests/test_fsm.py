@@ -189,3 +189,14 @@ def test_every_state_is_reachable_every_event_type_has_a_row_and_the_diagram_say
         assert f"    {row.status} : " in diagram
     assert "    awaiting_approval : owed by person and tools (" in diagram
     assert "    planning : owed by orchestrator (" in diagram
+
+
+def test_an_event_refused_by_its_condition_leaves_the_state_untouched() -> None:
+    """(acting, UserMessage) is legal only if the last reply had no calls: a condition read
+    once the payload is applied; the refused message must not reach the conversation."""
+    order = ["SessionStarted", "GoalReceived", "ModelRequested", "ModelResponded"]  # the reply has a call
+    state = fold([make_event(BY_TYPE[t], seq=i) for i, t in enumerate(order)])
+    before = (state.status, state.seq, list(state.messages))
+    with pytest.raises(IllegalTransition, match=r"event UserMessage is not legal in state 'acting' at seq 4"):
+        apply(state, make_event(BY_TYPE["UserMessage"], seq=4))
+    assert (state.status, state.seq, list(state.messages)) == before
