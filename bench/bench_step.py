@@ -6,11 +6,13 @@ A scripted session (providers/scripted.py, `adder:STEPS`: each step is one model
 asks for one `add` call, so the model and the tool cost microseconds and what is left is the
 harness: folds, FSM checks, envelopes, the hash chain, encoding, SQLite appends) runs over a
 real SQLite file in a temp dir. A step is the time between two consecutive ModelRequested
-events. Printed: µs per step near step 10 and near the last step (the median of the 11 steps
-around each: does it stay flat?) and the mean over the run, for this tree and for the
-baseline commit, side by side with the ratio. The baseline is taken with `git archive` into a
-temp dir and its folders laid out as the `loopstream` package (as its pyproject maps them);
-each tree is measured in its own subprocess, alternating, `--repeat` times (medians shown).
+events, less the time of the model call it made. Printed, in CPU time of the process (what a
+step costs on shared cores) and in wall time: µs per step near step 10 and near the last step
+(the median of the 11 steps around each: does it stay flat?) and the mean over the run, for
+this tree and for the baseline commit, side by side with the ratio. Each tree (this working
+tree as it is; the baseline taken with `git archive`) has its folders laid out in a temp dir
+as the `loopstream` package its pyproject describes, and is measured in its own subprocess,
+alternating, `--repeat` times (medians shown).
 `--profile` adds a cProfile top-10 of this tree's run. Prints figures; asserts nothing.
 """
 from __future__ import annotations
@@ -55,20 +57,27 @@ def _api():
     return build_runtime, SessionConfig, SQLiteLog, scripted_from_spec
 
 
+def _clocks() -> tuple[float, float]:
+    """(wall, this process's CPU time in all its threads): the CPU figure is what a step costs
+    when other processes share the cores; the wall figure adds their scheduling."""
+    return time.perf_counter(), time.process_time()
+
+
 class Timed:
     """The scripted provider, timed: its own time (it reads the whole conversation each call)
     is the model's, not the harness's, and is taken out of each step."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
-        self.spent: list[float] = []
+        self.spent: list[tuple[float, float]] = []  # (wall, cpu) seconds per call
 
     def complete(self, messages, tools):
-        start = time.perf_counter()
+        start = _clocks()
         try:
             return self.inner.complete(messages, tools)
         finally:
-            self.spent.append(time.perf_counter() - start)
+            end = _clocks()
+            self.spent.append((end[0] - start[0], end[1] - start[1]))
 
     def __getattr__(self, name: str):
         return getattr(self.inner, name)
@@ -79,15 +88,14 @@ def measure(steps: int, profile: str | None = None) -> dict:
     build_runtime, SessionConfig, SQLiteLog, scripted_from_spec = _api()
     import loopstream.core.fsm as fsm
 
-    marks: list[float] = []
+    marks: list[tuple[float, float]] = []
     model = Timed(scripted_from_spec(f"adder:{steps}"))
 
     def on_event(event) -> None:
         if event.type == "ModelRequested":
-            marks.append(time.perf_counter())
+            marks.append(_clocks())
 
-    with tempfile.TemporaryDirectory() as tmp:
-        log = SQLiteLog(Path(tmp) / "bench.db")
+    with tempfile.TemporaryDirectory() as tmp, SQLiteLog(Path(tmp) / "bench.db") as log:
         rt = build_runtime(log, model, on_event=on_event)
         sid = rt.start_session("count", SessionConfig(provider="scripted", model=f"scripted:adder:{steps}",
                                                       tools=["add"], max_steps=steps + 5, workdir=tmp))
@@ -100,14 +108,15 @@ def measure(steps: int, profile: str | None = None) -> dict:
         if profiler is not None:
             profiler.disable()
         events = len(log.read_raw(sid))
-    # step k: from ModelRequested k to ModelRequested k+1, less the model call it made
-    step_us = [(b - a - m) * 1e6 for a, b, m in zip(marks, marks[1:], model.spent)]
-    model_us = [m * 1e6 for m in model.spent[:len(step_us)]]
-    out = {
-        "fsm": os.path.realpath(fsm.__file__), "status": str(state.status), "steps": len(step_us), "events": events,
-        "early": _near(step_us, 10), "late": _near(step_us, len(step_us)), "mean": statistics.fmean(step_us),
-        "model_early": _near(model_us, 10), "model_late": _near(model_us, len(model_us)),
-    }
+    out = {"fsm": os.path.realpath(fsm.__file__), "status": str(state.status), "events": events}
+    for i, clock in enumerate(("wall", "cpu")):
+        # step k: from ModelRequested k to ModelRequested k+1, less the model call it made
+        step_us = [(b[i] - a[i] - m[i]) * 1e6 for a, b, m in zip(marks, marks[1:], model.spent)]
+        model_us = [m[i] * 1e6 for m in model.spent[:len(step_us)]]
+        out["steps"] = len(step_us)
+        out[clock] = {"early": _near(step_us, 10), "late": _near(step_us, len(step_us)),
+                      "mean": statistics.fmean(step_us),
+                      "model_early": _near(model_us, 10), "model_late": _near(model_us, len(model_us))}
     if profiler is not None:
         import pstats
         text = io.StringIO()
@@ -169,6 +178,12 @@ def describe_head() -> str:
     return f"{branch.stdout.strip() or '?'} @ {head.stdout.strip() or '?'}{' + changes' if dirty else ''}"
 
 
+def _line(name: str, runs: list[dict], clock: str, width: int) -> tuple[float, float, float]:
+    early, late, mean = (statistics.median(r[clock][k] for r in runs) for k in ("early", "late", "mean"))
+    print(f"{name:{width}}{early:>11,.0f} µs{late:>13,.0f} µs{mean:>7,.0f} µs{late / early:>11.2f}×")
+    return early, late, mean
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="model steps, each with one tool call")
@@ -200,27 +215,25 @@ def main() -> int:
         profiled = run_child(args.steps, this, args.profile) if args.profile else None
 
     first = rows["this"][0]
-    print(f"per-step harness overhead: a {first['steps']:,}-step scripted session ({first['events']:,} events: one model call "
-          f"and one `add` call a step), SQLite file in a temp dir, {args.repeat} run(s) per tree, medians")
-    print(f"{'':28}{'near step 10':>14}{f'near step {args.steps}':>16}{'mean':>10}{'last/first':>12}")
-
-    def line(name: str, runs: list[dict]) -> tuple[float, float, float]:
-        early, late, mean = (statistics.median(r[k] for r in runs) for k in ("early", "late", "mean"))
-        print(f"{name:28}{early:>11,.0f} µs{late:>13,.0f} µs{mean:>7,.0f} µs{late / early:>11.2f}×")
-        return early, late, mean
-
-    this = line(f"this tree ({describe_head()})", rows["this"])
-    if rows["base"]:
-        was = line(f"baseline {args.baseline}", rows["base"])
-        print(f"{'baseline / this tree':28}" + "".join(f"{w / t:>{n}.1f}×" for w, t, n in zip(was, this, (13, 15, 9))))
+    print(f"per-step harness overhead: a {first['steps']:,}-step scripted session ({first['events']:,} events: "
+          f"one model call and one `add` call a step), SQLite file in a temp dir, {args.repeat} run(s) per tree "
+          "(medians), the scripted model's own time taken out")
+    names = {"this": f"this tree ({describe_head()})", "base": f"baseline {args.baseline}"}
+    width = max(len(n) for n in names.values()) + 2
+    for clock, title in (("cpu", "CPU time (process, all threads)"), ("wall", "wall time")):
+        print(f"\n{title:{width}}{'near step 10':>14}{f'near step {args.steps}':>16}{'mean':>10}{'last/first':>12}")
+        this = _line(names["this"], rows["this"], clock, width)
+        if rows["base"]:
+            was = _line(names["base"], rows["base"], clock, width)
+            print(f"{'baseline / this tree':{width}}"
+                  + "".join(f"{w / t:>{n}.1f}×" for w, t, n in zip(was, this, (13, 15, 9))))
+    print()
     for name, runs in rows.items():
         if runs:
-            m = [statistics.median(r[k] for r in runs) for k in ("model_early", "model_late")]
-            print(f"  {'this tree' if name == 'this' else 'baseline'}: the scripted model's own time, taken out: "
-                  f"{m[0]:,.0f} µs near step 10, {m[1]:,.0f} µs near step {args.steps}")
-    for name, runs in rows.items():
-        for r in runs[:1]:
-            print(f"  {'this tree' if name == 'this' else 'baseline'} measured from {r['fsm']} (session {r['status']})")
+            m = [statistics.median(r["cpu"][k] for r in runs) for k in ("model_early", "model_late")]
+            print(f"{'this tree' if name == 'this' else 'baseline'} measured from {runs[0]['fsm']} "
+                  f"(session {runs[0]['status']}); the model's own CPU time taken out: {m[0]:,.0f} µs near step 10, "
+                  f"{m[1]:,.0f} µs near step {args.steps}")
     if profiled is not None:
         print(f"\ncProfile of this tree's run ({args.profile}), top 10:")
         print(profiled["profile"].strip())
