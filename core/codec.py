@@ -179,13 +179,28 @@ def seal(events: Sequence[Event], prev: bytes | None) -> list[Event]:
     for e in events:
         if prev is None and e.seq != 0:
             raise ValueError(f"seal: event at seq {e.seq} needs the chain hash of seq {e.seq - 1}")
-        prev = chain_link(prev, _encode_body(e))
-        out.append(e.model_copy(update={"chain_hash": prev}))
+        body = _encode_body(e)
+        prev = chain_link(prev, body)
+        sealed = e.model_copy(update={"chain_hash": prev})
+        _remember_body(sealed, body)
+        out.append(sealed)
     return out
 
 
+# The bodies `seal` just encoded, by the sealed event (kept alive here, so its id is not
+# reused): appending a sealed event encodes it again, and this spares writing the body twice.
+_SEALED_BODIES: dict[int, tuple[Event, bytes]] = {}
+
+
+def _remember_body(event: Event, body: bytes) -> None:
+    if len(_SEALED_BODIES) >= 256:
+        _SEALED_BODIES.clear()
+    _SEALED_BODIES[id(event)] = (event, body)
+
+
 def encode(event: Event) -> bytes:
-    body = _encode_body(event)
+    known = _SEALED_BODIES.pop(id(event), None)
+    body = known[1] if known is not None and known[0] is event else _encode_body(event)
     if event.chain_hash is None:
         return body + _NO_HASH
     if len(event.chain_hash) != 32:

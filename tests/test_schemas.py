@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loopstream.core import events as ev
-from loopstream.core.codec import REGISTRY, CodecError, decode, encode
+from loopstream.core.codec import REGISTRY, CodecError, decode, encode, seal
 from loopstream.schemas import SCHEMA_DIR
 from tests.helpers import SAMPLE_PAYLOADS, assert_read_like_fastavro, make_event
 
@@ -107,3 +107,13 @@ def test_unknown_type_is_a_clear_error() -> None:
     data = good.replace(b"GoalReceived", b"GoalRecieved")  # same length: only the type differs
     with pytest.raises(CodecError, match="unknown type/version GoalRecieved v1"):
         decode(data)
+
+
+def test_a_sealed_event_encodes_as_written_afresh_and_a_changed_copy_is_not_served_its_body() -> None:
+    (sealed,) = seal([make_event(ev.GoalReceived(text="first"), seq=0)], None)
+    changed = sealed.model_copy(update={"payload": ev.GoalReceived(text="other")})
+    assert encode(changed) != encode(sealed.model_copy())  # a copy is another object: encoded afresh
+    fresh = encode(sealed.model_copy())
+    assert encode(sealed) == fresh  # the body seal kept
+    assert encode(sealed) == fresh  # and again, once it is no longer kept
+    assert decode(encode(changed)).payload.text == "other"
