@@ -14,7 +14,7 @@ from operator import attrgetter
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
 from loopstream.core.conversation import Message, ToolCall
-from loopstream.core.fsm import LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
+from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
 
 
 @dataclass(slots=True)
@@ -124,8 +124,8 @@ Transition = Callable[[SessionState, str, int | None], str]
 def apply(state: SessionState, event: ev.Event, transition: Transition = next_state) -> SessionState:
     """Apply one event. Mutates and returns `state` (use `fold` for a fresh one).
 
-    `transition` answers where the FSM goes; the default is the compiled table, the
-    runtime passes the `transitions` machine when it checks events before appending."""
+    `transition` answers where the FSM goes; the default, `fsm.next_state`, is the lookup
+    read off the one `transitions` machine (the live check before an append is the same)."""
     if event.seq != state.seq + 1:
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
@@ -133,6 +133,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     key = (state.status, event.type)
     if key not in LEGAL:  # reject before touching anything
         raise IllegalTransition(state.status, event.type, event.seq)
+    if key in CONDITIONAL_ONLY and transition is not _payload_only:  # every row's condition may fail:
+        transition(apply(clone(state), event, _payload_only), event.type, event.seq)  # ask on a copy first
     p = event.payload
     match p:  # the most frequent events first: a case is an isinstance check
         case ev.ModelRequested():
@@ -249,6 +251,11 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def _payload_only(state: SessionState, event_type: str, seq: int | None) -> str:
+    """A transition that stays put: `apply` with it applies only the payload."""
+    return state.status
 
 
 def _apply_overrides(state: SessionState, overrides: dict) -> None:

@@ -26,6 +26,7 @@ def test_state_diagram_matches_the_table() -> None:
 def test_every_event_type_is_documented() -> None:
     rows = re.findall(r"^\| (\w+) \|", between(ARCH, "events"), re.M)
     assert set(rows) - {"event"} == set(ev.PAYLOAD_TYPES)
+    assert between(ARCH, "events").strip() == ev.events_table()  # python -m loopstream.core.fsm docs/architecture.md
 
 
 def _layout_rows() -> dict[str, tuple[str, str]]:
