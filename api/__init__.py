@@ -11,9 +11,10 @@ from loopstream.core.sampling import Sampling
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.factory import open_provider
 from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.inline import Runtime
+from loopstream.runtime.writer import SessionConfig, SessionWriter
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry, tool
 
-__all__ = ["Runtime", "SQLiteLog", "Sampling", "SessionConfig", "ToolRegistry", "build_runtime", "default_registry",
-           "open_provider", "tool"]
+__all__ = ["Runtime", "SQLiteLog", "Sampling", "SessionConfig", "SessionWriter", "ToolRegistry", "build_runtime",
+           "default_registry", "open_provider", "tool"]

@@ -33,8 +33,8 @@ from pathlib import Path
 from loopstream.kafka.log import KafkaLog
 from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.assembly import processors_for
-from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.runtime.worker import Worker
+from loopstream.runtime.writer import SessionConfig, SessionWriter
 
 FAST = {"session.timeout.ms": "2000", "heartbeat.interval.ms": "500", "fetch.wait.max.ms": "20"}
 
@@ -130,11 +130,11 @@ def run(bootstrap: str, n: int, steps: int, mode: str, concurrency: int, tmp: Pa
     client = KafkaLog(bootstrap, topic=f"{prefix}.events", projection_path=tmp / f"{prefix}.client.db")
     workers = Workers(mode, bootstrap, prefix, steps, concurrency, tmp)
     config = SessionConfig(provider="scripted", model=f"scripted:adder:{steps}", tools=["add"])
-    rt = Runtime(client, [])
+    writer = SessionWriter(client)
     try:
-        warm = rt.start_session("warm-up", config)
+        warm = writer.start("warm-up", config)
         wait_done(client, [warm], 120)
-        sids = [rt.start_session(f"bench {i}", config) for i in range(n)]
+        sids = [writer.start(f"bench {i}", config) for i in range(n)]
         wait_done(client, sids, 600)
         first, last, steps_ms, hops_ms = None, None, [], []
         for sid in sids:

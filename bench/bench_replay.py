@@ -7,7 +7,7 @@ times, best of --repeat runs:
   - verify: the hash chain over the stored bytes
   - rebuild: read + decode + fold + verify (the replay's core; target >= 100k events/s)
   - replay report: the same plus the timeline (what `loopstream replay` shows)
-  - determinism check: every decision re-made by the current orchestrator
+  - determinism check: the in-process driver re-run over the session (recorded replies, frozen clock)
   - fork at event 500 (copy 0..500 + SessionForked, one atomic append; target well under 1 s)
 and a breakdown of the rebuild (read, decode, fold, verify). Prints figures; asserts nothing.
 """

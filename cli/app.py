@@ -164,7 +164,7 @@ def _drive(runtime, sid: str, quiet: bool):
         for call_id, reason in state.open_approvals.items():
             if call_id not in shown:
                 shown.add(call_id)
-                call = state.pending_calls.get(call_id)
+                call = state.pending_calls[call_id].call if call_id in state.pending_calls else None
                 what = f"{call.name}({json.dumps(call.arguments)})" if call else call_id
                 err.print(f"[bold yellow]waiting for approval[/] of {what} ({reason})\n"
                           f"  approve: loopstream approve {sid} {call_id}\n"
@@ -222,12 +222,12 @@ def resume(
 ) -> None:
     """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log."""
     from loopstream.runtime.assembly import build_runtime, open_model
-    from loopstream.runtime.inline import Runtime
+    from loopstream.runtime.writer import SessionWriter
     from loopstream.tools.builtin import default_registry
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
-    state = Runtime(log, []).load(sid)
+    state = SessionWriter(log).load(sid)
     if state.terminal:
         raise UserError(f"session {sid} already ended ({state.status}); to continue from an earlier point: "
                         f"loopstream fork {sid} --at SEQ")
@@ -271,12 +271,12 @@ def rollback(
 
 def _decide(session: str, call_id: Optional[str], approved: bool, reason: str,
             db: Optional[Path], bus: Optional[str]) -> None:
-    from loopstream.runtime.inline import Runtime
+    from loopstream.runtime.writer import SessionWriter
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
-    runtime = Runtime(log, [])
-    state = runtime.load(sid)
+    writer = SessionWriter(log)
+    state = writer.load(sid)
     if not state.open_approvals:
         raise UserError(f"session {sid} is not waiting for an approval (it is {state.status})")
     if call_id is None:
@@ -286,8 +286,10 @@ def _decide(session: str, call_id: Optional[str], approved: bool, reason: str,
     if call_id not in state.open_approvals:
         raise UserError(f"call {call_id!r} is not waiting for approval; waiting: {', '.join(state.open_approvals)}")
     by = f"person:{getpass.getuser()}"
-    runtime.record(sid, [ev.ApprovalDecided(call_id=call_id, approved=approved, by=by, reason=reason)],
-                   actor=by, key=call_id)
+    written = writer.record(sid, [ev.ApprovalDecided(call_id=call_id, approved=approved, by=by, reason=reason)],
+                            actor=by, key=call_id)
+    if written.outcome == "dropped":
+        raise UserError(f"call {call_id!r} of session {sid} was decided by someone else meanwhile")
     verb = "approved" if approved else "denied"
     out.print(f"{verb} {call_id} of session {sid}; a waiting `loopstream run` continues by itself, "
               f"otherwise: loopstream resume {sid}", highlight=False)
@@ -325,15 +327,16 @@ def cancel(
     bus: BusOpt = None,
 ) -> None:
     """Cancel a session that has not ended."""
-    from loopstream.runtime.inline import Runtime
+    from loopstream.runtime.writer import SessionWriter
 
     log = open_log(bus, db)
     sid = _resolve(log, session)
-    runtime = Runtime(log, [])
-    if (state := runtime.load(sid)).terminal:
+    writer = SessionWriter(log)
+    if (state := writer.load(sid)).terminal:
         raise UserError(f"session {sid} already ended ({state.status})")
     by = f"person:{getpass.getuser()}"
-    runtime.record(sid, [ev.SessionCancelled(reason=reason)], actor=by)
+    if writer.record(sid, [ev.SessionCancelled(reason=reason)], actor=by).outcome == "dropped":
+        raise UserError(f"session {sid} ended meanwhile")
     out.print(f"cancelled session {sid}")
 
 
@@ -484,6 +487,9 @@ def worker(
     provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted (as for `run`).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
+    fallback_model: Annotated[Optional[list[str]], typer.Option(help="As for `run` (repeatable, in order); give the orchestrator the same ones: it records them in the sessions it starts.")] = None,
+    rpm: Annotated[Optional[float], typer.Option(min=0.1, help="Client-side limit of this process: model requests per minute.")] = None,
+    tpm: Annotated[Optional[float], typer.Option(min=1, help="Client-side limit of this process: model tokens per minute.")] = None,
     group_prefix: Annotated[Optional[str], typer.Option(help="Consumer groups are PREFIX.<role> (default: the bus's topic prefix, `loopstream`).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once (threads).")] = 8,
     agents: Annotated[Optional[Path], typer.Option(help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
@@ -509,7 +515,8 @@ def worker(
                   f"{' + goal intake ' + intake.group if intake else ''}[/]", highlight=False)
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
-                               action_mode=action_mode, group_prefix=group_prefix, concurrency=concurrency,
+                               action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
+                               group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
                                allow_writes=allow_writes)
     try:

@@ -69,7 +69,9 @@ class _Emitter:
         for k in range(1, 10):
             self.emit(indent + k - 1, f"if {target} > {(1 << (7 * k)) - 1}:")
             self.emit(indent + k, f"{target} += (data[pos] - 1) << {7 * k}; pos += 1")
-        self.emit(indent + 9, f"if {target} >= {1 << 70}: raise ValueError('varint longer than 10 bytes')")
+        # A long is 64 bits: a 10th byte may add bit 63 and nothing more (fastavro would wrap
+        # higher bits; a 10th byte that says "more" makes the varint longer than 10 bytes).
+        self.emit(indent + 9, f"if {target} >= {1 << 64}: raise ValueError('varint beyond 64 bits or 10 bytes')")
 
     def value(self, schema: Any, indent: int, target: str, named: dict[str, Any]) -> None:
         """Emit code that reads one value of `schema` into the variable `target`."""

@@ -23,16 +23,18 @@ import hashlib
 import io
 import json
 import re
+import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
+from pydantic import BaseModel
 
 from loopstream.core.avro_compiled import Reader, Unsupported, compile_reader
 from loopstream.core.construct import construct, factory
-from loopstream.core.events import PAYLOAD_TYPES, Event, Payload, ToolCallRecord
+from loopstream.core.events import PAYLOAD_TYPES, Event, Payload
 from loopstream.schemas import SCHEMA_DIR
 
 _FILE = re.compile(r"^(?P<name>[a-z_]+)\.v(?P<version>\d+)\.avsc$")
@@ -87,8 +89,26 @@ def load_registry(schema_dir: Path = SCHEMA_DIR) -> SchemaRegistry:
     return reg
 
 
+def _models_in(root: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """`root` and every model its fields hold (in lists and optionals too), by record name."""
+    found: dict[str, type[BaseModel]] = {}
+
+    def visit(annotation: Any) -> None:
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if found.setdefault(annotation.__name__, annotation) is annotation:
+                for f in annotation.model_fields.values():
+                    visit(f.annotation)
+        else:
+            for arg in typing.get_args(annotation):
+                visit(arg)
+
+    visit(root)
+    return found
+
+
 def _compile(reg: SchemaRegistry, envelope_raw: dict) -> None:
-    exact = {ToolCallRecord.__name__: ToolCallRecord, **PAYLOAD_TYPES}
+    # The models the schemas' records decode to: the payloads and the records they hold.
+    exact = {name: m for cls in PAYLOAD_TYPES.values() for name, m in _models_in(cls).items()}
     for name, by_version in reg.raw.items():
         latest = max(by_version)
         schema = by_version[latest]
@@ -172,13 +192,28 @@ def seal(events: Sequence[Event], prev: bytes | None) -> list[Event]:
     for e in events:
         if prev is None and e.seq != 0:
             raise ValueError(f"seal: event at seq {e.seq} needs the chain hash of seq {e.seq - 1}")
-        prev = chain_link(prev, _encode_body(e))
-        out.append(e.model_copy(update={"chain_hash": prev}))
+        body = _encode_body(e)
+        prev = chain_link(prev, body)
+        sealed = e.model_copy(update={"chain_hash": prev})
+        _remember_body(sealed, body)
+        out.append(sealed)
     return out
 
 
+# The bodies `seal` just encoded, by the sealed event (kept alive here, so its id is not
+# reused): appending a sealed event encodes it again, and this spares writing the body twice.
+_SEALED_BODIES: dict[int, tuple[Event, bytes]] = {}
+
+
+def _remember_body(event: Event, body: bytes) -> None:
+    if len(_SEALED_BODIES) >= 256:
+        _SEALED_BODIES.clear()
+    _SEALED_BODIES[id(event)] = (event, body)
+
+
 def encode(event: Event) -> bytes:
-    body = _encode_body(event)
+    known = _SEALED_BODIES.pop(id(event), None)
+    body = known[1] if known is not None and known[0] is event else _encode_body(event)
     if event.chain_hash is None:
         return body + _NO_HASH
     if len(event.chain_hash) != 32:
@@ -249,11 +284,11 @@ def _decode_fastavro(data: bytes) -> Event:
                 up = REGISTRY.upcasters.get((event_type, v))
                 if up:
                     fields = up(fields)
+        env["payload"] = _payload(cls, fields)
     except Exception as exc:
         raise CodecError(
             f"corrupt payload at seq {env['seq']} of session {env['session_id']}: {exc}"
         ) from exc
-    env["payload"] = _payload(cls, fields)
     env["schema_version"] = latest
     return construct(Event, env)
 
@@ -294,8 +329,9 @@ def decode_session(raw: Sequence[bytes], session_id: str, from_seq: int = 0) -> 
 
 
 def _payload(cls: type[Payload], fields: dict[str, Any]) -> Payload:
-    # Trusted input (our own schema just decoded it): skip validation, but nested
-    # records still need their model type.
-    if cls.TYPE == "ModelResponded":
-        fields["tool_calls"] = [construct(ToolCallRecord, c) for c in fields["tool_calls"]]
-    return construct(cls, fields)
+    # Trusted input (our own schema just decoded it): skip validation, unless the payload
+    # holds records (ModelResponded's tool calls): validation builds their models.
+    return cls.model_validate(fields) if cls in _NESTED else construct(cls, fields)
+
+
+_NESTED = frozenset(cls for cls in PAYLOAD_TYPES.values() if len(_models_in(cls)) > 1)

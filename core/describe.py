@@ -1,23 +1,42 @@
-"""One-line, human-readable summaries of events (for `show`, progress and replay)."""
+"""One-line, human-readable summaries of events: the one summary per payload that `show`,
+progress, `replay` and `diff` print."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 from loopstream.core import events as ev
+from loopstream.core.fsm import STATES, TERMINAL, TRANSITIONS
 
 
 def short(text: str, width: int = 80) -> str:
     text = " ".join(text.split())
-    return text if len(text) <= width else text[: width - 1] + "…"
+    return text if len(text) <= width else text[: max(1, width - 1)] + "…"
 
 
-def _call(name: str, arguments_json: str) -> str:
+def call_text(name: str, arguments_json: str) -> str:
+    """A tool call as `name(a=1, b='x')` (its JSON arguments as written, if not an object)."""
     try:
         args = json.loads(arguments_json)
-        inner = ", ".join(f"{k}={v!r}" for k, v in args.items()) if isinstance(args, dict) else arguments_json
     except ValueError:
-        inner = arguments_json
-    return f"{name}({inner})"
+        return f"{name}({arguments_json})"
+    if isinstance(args, dict):
+        return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
+    return f"{name}({arguments_json})"
+
+
+def _forked(p: ev.SessionForked) -> str:
+    text = f"fork of {p.parent_session_id} at seq {p.parent_seq} ({p.parent_event_hash[:12]})"
+    try:
+        over, acked = json.loads(p.overrides_json or "{}"), json.loads(p.acknowledged_side_effects_json or "[]")
+    except ValueError:
+        over, acked = {"overrides": p.overrides_json}, []
+    if over and isinstance(over, dict):
+        text += " overrides " + ", ".join(f"{k}={short(repr(v), 40)}" for k, v in over.items())
+    if acked and isinstance(acked, list):
+        text += f"; {len(acked)} side effect(s) acknowledged"
+    return text + (f"; reason {p.reason!r}" if p.reason else "")
 
 
 def _sampling(p: ev.SessionStarted) -> str:
@@ -29,62 +48,76 @@ def _sampling(p: ev.SessionStarted) -> str:
     return "".join(" " + x for x in parts if x)
 
 
-def summarize(event: ev.Event, width: int = 80) -> str:
-    p = event.payload
-    match p:
-        case ev.SessionStarted():
-            s = f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} tools={','.join(p.tools)}"
-        case ev.GoalReceived():
-            s = repr(p.text)
-        case ev.ModelRequested():
-            s = f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "") + f" model={p.model}"
-        case ev.ModelResponded():
-            calls = "; ".join(_call(c.name, c.arguments_json) for c in p.tool_calls)
-            body = f"calls {calls}" if calls else f"says {p.text!r}"
-            s = f"{body} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms, {p.mode})"
-        case ev.ModelFailed():
-            s = f"{p.error_kind}: {p.message}" + (" (retryable)" if p.retryable else "")
-        case ev.RetryScheduled():
-            s = f"{p.target} attempt {p.attempt} in {p.delay_ms} ms ({p.reason})"
-        case ev.ModelFallback():
-            s = f"{p.from_model} → {p.to_model} ({p.reason})"
-        case ev.CompactionRequested():
-            s = f"events {p.from_seq}-{p.to_seq} (~{p.estimated_tokens} tok > budget {p.budget_tokens})"
-        case ev.ContextCompacted():
-            s = f"events {p.from_seq}-{p.to_seq} → {p.method} summary ({p.tokens_before} → {p.tokens_after} tok)"
-        case ev.GuardrailTripped():
-            s = f"{p.stage} {p.action}: {p.message} [{p.rule}]"
-        case ev.ToolCallReviewed():
-            s = (f"{'allowed' if p.allowed else 'blocked'} {p.call_id} by {p.model}: {p.reason} "
-                 f"({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)")
-        case ev.ApprovalRequested():
-            s = f"{_call(p.name, p.arguments_json)} waits for a person ({p.reason}); call {p.call_id}"
-        case ev.ApprovalDecided():
-            s = f"{'approved' if p.approved else 'denied'} {p.call_id} by {p.by}" + (f": {p.reason}" if p.reason else "")
-        case ev.ToolRequested():
-            s = _call(p.name, p.arguments_json)
-        case ev.ToolCompleted():
-            s = f"{p.name} → {p.result!r} ({p.latency_ms} ms)"
-        case ev.ToolFailed():
-            s = f"{p.name} {p.error_kind}: {p.message}"
-        case ev.SessionFinished():
-            s = f"answer {p.answer!r} after {p.steps} steps ({p.input_tokens}+{p.output_tokens} tok)"
-        case ev.SessionFailed():
-            s = f"{p.error_kind}: {p.reason}"
-        case ev.SessionCancelled():
-            s = p.reason
-        case _:
-            s = short(json.dumps(p.model_dump(), default=str), width)
-    return short(s, width)
+def _responded(p: ev.ModelResponded) -> str:
+    calls = "; ".join(call_text(c.name, c.arguments_json) for c in p.tool_calls)
+    body = f"calls {calls}" if calls else f"says {p.text!r}"
+    return f"{body} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms, {p.mode})"
 
 
-STATUS_BY_LAST_TYPE = {
-    "SessionFinished": "done",
-    "SessionFailed": "failed",
-    "SessionCancelled": "cancelled",
-    "ApprovalRequested": "awaiting approval",
+# One summary per event type; tests/test_describe.py checks that every type has its own.
+SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
+    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} "
+                                  f"tools={','.join(p.tools) or '-'} max_steps={p.max_steps}"),
+    ev.GoalReceived: lambda p: repr(p.text),
+    ev.ModelRequested: lambda p: f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "")
+                                 + f" model={p.model}",
+    ev.ModelResponded: _responded,
+    ev.ModelFailed: lambda p: f"{p.error_kind}: {p.message}" + (" (retryable)" if p.retryable else ""),
+    ev.RetryScheduled: lambda p: f"{p.target} attempt {p.attempt} in {p.delay_ms} ms ({p.reason})",
+    ev.ModelFallback: lambda p: f"{p.from_model} → {p.to_model} ({p.reason})",
+    ev.ToolRequested: lambda p: call_text(p.name, p.arguments_json),
+    ev.ToolCompleted: lambda p: f"{p.name} → {p.result!r} ({p.latency_ms} ms)",
+    ev.ToolFailed: lambda p: f"{p.name} {p.error_kind}: {p.message}",
+    ev.CompactionRequested: lambda p: (f"events {p.from_seq}-{p.to_seq} (~{p.estimated_tokens} tok "
+                                       f"> budget {p.budget_tokens})"),
+    ev.ContextCompacted: lambda p: (f"events {p.from_seq}-{p.to_seq} → {p.method} summary "
+                                    f"({p.tokens_before} → {p.tokens_after} tok)"),
+    ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
+                                   + (f" call {p.call_id}" if p.call_id else ""),
+    ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "
+                                    f"{p.reason} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)"),
+    ev.ApprovalRequested: lambda p: (f"{call_text(p.name, p.arguments_json)} waits for a person ({p.reason}); "
+                                     f"call {p.call_id}"),
+    ev.ApprovalDecided: lambda p: f"{'approved' if p.approved else 'denied'} {p.call_id} by {p.by}"
+                                  + (f": {p.reason}" if p.reason else ""),
+    ev.SessionFinished: lambda p: (f"answer {p.answer!r} after {p.steps} steps "
+                                   f"({p.input_tokens}+{p.output_tokens} tok)"),
+    ev.SessionFailed: lambda p: f"{p.error_kind}: {p.reason}",
+    ev.SessionCancelled: lambda p: p.reason,
+    ev.SessionForked: _forked,
+    ev.UserMessage: lambda p: repr(p.text),
+    ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
+                                         f"({p.files_changed} files changed)"),
 }
 
 
+def summary(payload: ev.Payload) -> str:
+    """What `payload` says, on one line, untruncated (a type without a summary: its fields)."""
+    for cls in type(payload).__mro__:  # a newer version of a payload (a subclass) reads like its parent
+        fn = SUMMARIES.get(cls)
+        if fn is not None:
+            return fn(payload)
+    return ", ".join(f"{k}={v!r}" for k, v in payload.model_dump().items())
+
+
+def summarize(event: ev.Event, width: int = 80) -> str:
+    """`summary` of the event's payload, cut to `width` characters."""
+    return short(summary(event.payload), width)
+
+
+def _status_by_last_type() -> dict[str, str]:
+    """The event types whose every row in the table ends in one state that a list of sessions
+    shows as such: an ended session, or one waiting for a person."""
+    dests: dict[str, set[str]] = {}
+    for trigger, _, dest, _ in TRANSITIONS:
+        dests.setdefault(trigger, set()).add(dest)
+    shown = set(TERMINAL) | {row.status for row in STATES if row.owed_by == "person"}
+    return {t: next(iter(d)).replace("_", " ") for t, d in dests.items() if len(d) == 1 and d <= shown}
+
+
+STATUS_BY_LAST_TYPE = _status_by_last_type()
+
+
 def status_of(last_type: str) -> str:
+    """A session's status as a list shows it, from the type of its last event."""
     return STATUS_BY_LAST_TYPE.get(last_type, "running")

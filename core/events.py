@@ -2,24 +2,45 @@
 
 One payload class per event type; `Event` is the envelope around a payload. Payloads
 carry only what is new at that step, never a copy of the context, so storage stays linear.
+
+An event type is declared once, here: a direct subclass of `Payload` is an event type
+named by its class (`TYPE`), registered in `PAYLOAD_TYPES`, its docstring (what it
+carries) and `WRITTEN_BY` make its row of the event table in docs/architecture.md.
+docs/architecture.md ("Adding an event type") lists what else a new type needs.
 """
 from __future__ import annotations
 
 import hashlib
 import time
 import uuid
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
 
 class Payload(BaseModel):
+    """An event's payload. Each direct subclass is one event type and must say, in its
+    docstring, what it carries and, in `WRITTEN_BY`, who writes it."""
+
     model_config = ConfigDict(frozen=True)
-    TYPE: ClassVar[str]
+    TYPE: ClassVar[str]  # the event type: the class name (a subclass of a payload keeps its parent's)
+    WRITTEN_BY: ClassVar[str]
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        if Payload not in cls.__bases__:
+            return
+        if not cls.__doc__ or not cls.__dict__.get("WRITTEN_BY"):
+            raise TypeError(f"event type {cls.__name__}: say what it carries (docstring) and who writes it "
+                            "(WRITTEN_BY)")
+        cls.TYPE = cls.__name__
 
 
 class SessionStarted(Payload):
-    TYPE = "SessionStarted"
+    """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
+    settings (v2: temperature, output cap, stop sequences, top_p, seed)."""
+    WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
     model: str
@@ -38,14 +59,16 @@ class SessionStarted(Payload):
 
 
 class GoalReceived(Payload):
-    TYPE = "GoalReceived"
+    """The goal text, idempotency key, reply topic."""
+    WRITTEN_BY = "cli / goal intake"
     text: str
     idempotency_key: str | None = None
     reply_topic: str | None = None
 
 
 class ModelRequested(Payload):
-    TYPE = "ModelRequested"
+    """Request id (derived from session, step, attempt), step, attempt, model."""
+    WRITTEN_BY = "orchestrator"
     request_id: str
     step: int
     attempt: int
@@ -53,6 +76,8 @@ class ModelRequested(Payload):
 
 
 class ToolCallRecord(BaseModel):
+    """One tool call of a model reply (a record inside ModelResponded)."""
+
     model_config = ConfigDict(frozen=True)
     call_id: str
     name: str
@@ -60,7 +85,8 @@ class ToolCallRecord(BaseModel):
 
 
 class ModelResponded(Payload):
-    TYPE = "ModelResponded"
+    """The reply's text and tool calls, tokens, latency, action mode."""
+    WRITTEN_BY = "model"
     request_id: str
     text: str
     tool_calls: list[ToolCallRecord]
@@ -73,7 +99,8 @@ class ModelResponded(Payload):
 
 
 class ModelFailed(Payload):
-    TYPE = "ModelFailed"
+    """Error kind, message, retryable, HTTP status, the server's Retry-After (v2)."""
+    WRITTEN_BY = "model"
     request_id: str
     error_kind: str
     message: str
@@ -84,7 +111,9 @@ class ModelFailed(Payload):
 
 
 class RetryScheduled(Payload):
-    TYPE = "RetryScheduled"
+    """Target (model or tool), which request or call failed, the next attempt, the delay
+    (backoff with jitter, or Retry-After)."""
+    WRITTEN_BY = "orchestrator (a model call) / tools (a transient failure of an idempotent tool)"
     target: str
     ref_id: str
     attempt: int
@@ -94,14 +123,16 @@ class RetryScheduled(Payload):
 
 
 class ModelFallback(Payload):
-    TYPE = "ModelFallback"
+    """The model given up on, the next model of the fallback chain, why."""
+    WRITTEN_BY = "orchestrator"
     from_model: str
     to_model: str
     reason: str
 
 
 class ToolRequested(Payload):
-    TYPE = "ToolRequested"
+    """Call id, tool name, JSON arguments."""
+    WRITTEN_BY = "orchestrator"
     call_id: str
     name: str
     arguments_json: str
@@ -109,7 +140,8 @@ class ToolRequested(Payload):
 
 
 class ToolCompleted(Payload):
-    TYPE = "ToolCompleted"
+    """Call id, result text, latency."""
+    WRITTEN_BY = "tools"
     call_id: str
     name: str
     result: str
@@ -117,7 +149,8 @@ class ToolCompleted(Payload):
 
 
 class ToolFailed(Payload):
-    TYPE = "ToolFailed"
+    """Call id, error kind (unknown_tool, invalid_arguments, tool_exception, …), message."""
+    WRITTEN_BY = "tools"
     call_id: str
     name: str
     error_kind: str
@@ -125,42 +158,10 @@ class ToolFailed(Payload):
     latency_ms: int
 
 
-class SessionFinished(Payload):
-    TYPE = "SessionFinished"
-    answer: str
-    steps: int
-    input_tokens: int
-    output_tokens: int
-
-
-class SessionFailed(Payload):
-    TYPE = "SessionFailed"
-    reason: str
-    error_kind: str
-
-
-class SessionCancelled(Payload):
-    TYPE = "SessionCancelled"
-    reason: str
-
-
-class SessionForked(Payload):
-    TYPE = "SessionForked"
-    parent_session_id: str
-    parent_seq: int
-    parent_event_hash: str
-    reason: str
-    overrides_json: str = "{}"
-    acknowledged_side_effects_json: str = "[]"
-
-
-class UserMessage(Payload):
-    TYPE = "UserMessage"
-    text: str
-
-
 class CompactionRequested(Payload):
-    TYPE = "CompactionRequested"
+    """The context is over its token budget: the seq range to summarize, the estimate, the
+    budget."""
+    WRITTEN_BY = "orchestrator"
     request_id: str
     from_seq: int
     to_seq: int
@@ -169,7 +170,9 @@ class CompactionRequested(Payload):
 
 
 class ContextCompacted(Payload):
-    TYPE = "ContextCompacted"
+    """The range replaced from here on, the summary (model or extractive), tokens
+    before/after."""
+    WRITTEN_BY = "compaction"
     request_id: str
     from_seq: int
     to_seq: int
@@ -179,16 +182,10 @@ class ContextCompacted(Payload):
     tokens_after: int
 
 
-class WorkspaceCheckpointed(Payload):
-    TYPE = "WorkspaceCheckpointed"
-    call_id: str
-    commit: str
-    workdir: str
-    files_changed: int
-
-
 class GuardrailTripped(Payload):
-    TYPE = "GuardrailTripped"
+    """Stage, the rule, the message the model is told, action (tell_model or stop). The
+    orchestrator's own rules empty_answer and truncated_answer refuse an empty or cap-cut final answer."""
+    WRITTEN_BY = "orchestrator (input, output) / tools (tool calls)"
     stage: str
     rule: str
     message: str
@@ -197,7 +194,10 @@ class GuardrailTripped(Payload):
 
 
 class ToolCallReviewed(Payload):
-    TYPE = "ToolCallReviewed"
+    """The reviewer model's verdict on a tool call (guardrails `review_tool_calls`):
+    allowed, reason, model, tokens (they count toward the session's), latency; recorded
+    before the call goes on, so a redo never asks again."""
+    WRITTEN_BY = "tools"
     call_id: str
     allowed: bool
     reason: str
@@ -208,7 +208,8 @@ class ToolCallReviewed(Payload):
 
 
 class ApprovalRequested(Payload):
-    TYPE = "ApprovalRequested"
+    """A permission rule says ask: the call, its arguments, the rule."""
+    WRITTEN_BY = "tools"
     call_id: str
     name: str
     arguments_json: str
@@ -216,23 +217,75 @@ class ApprovalRequested(Payload):
 
 
 class ApprovalDecided(Payload):
-    TYPE = "ApprovalDecided"
+    """Call id, approved or not, by whom, why."""
+    WRITTEN_BY = "a person (`loopstream approve` / `deny`)"
     call_id: str
     approved: bool
     by: str
     reason: str
 
 
-PAYLOAD_TYPES: dict[str, type[Payload]] = {
-    cls.TYPE: cls
-    for cls in (
-        SessionStarted, GoalReceived, ModelRequested, ModelResponded, ModelFailed,
-        RetryScheduled, ModelFallback, CompactionRequested, ContextCompacted,
-        GuardrailTripped, ToolCallReviewed, ApprovalRequested, ApprovalDecided,
-        ToolRequested, ToolCompleted, ToolFailed, SessionFinished, SessionFailed,
-        SessionCancelled, SessionForked, UserMessage, WorkspaceCheckpointed,
-    )
-}
+class SessionFinished(Payload):
+    """The final answer, steps, token totals."""
+    WRITTEN_BY = "orchestrator"
+    answer: str
+    steps: int
+    input_tokens: int
+    output_tokens: int
+
+
+class SessionFailed(Payload):
+    """Reason, error kind."""
+    WRITTEN_BY = "orchestrator"
+    reason: str
+    error_kind: str
+
+
+class SessionCancelled(Payload):
+    """Reason."""
+    WRITTEN_BY = "a person"
+    reason: str
+
+
+class SessionForked(Payload):
+    """Parent session, parent seq and its chain hash, reason, overrides (model, provider,
+    prompt, tools, step budget), the acknowledged side effects."""
+    WRITTEN_BY = "a person (`loopstream.replay.fork`)"
+    parent_session_id: str
+    parent_seq: int
+    parent_event_hash: str
+    reason: str
+    overrides_json: str = "{}"
+    acknowledged_side_effects_json: str = "[]"
+
+
+class UserMessage(Payload):
+    """A message added while no model or tool call is owed an answer."""
+    WRITTEN_BY = "a person"
+    text: str
+
+
+class WorkspaceCheckpointed(Payload):
+    """Before a side-effect tool runs: call id, the commit that snapshots the workdir
+    (private git repository `.loopstream/checkpoints`), workdir, files changed since the
+    previous checkpoint."""
+    WRITTEN_BY = "tools"
+    call_id: str
+    commit: str
+    workdir: str
+    files_changed: int
+
+
+# Every event type, by name, in the order declared above.
+PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.TYPE: cls for cls in Payload.__subclasses__()}
+
+
+def events_table() -> str:
+    """The event table of docs/architecture.md: one row per event type, from its class."""
+    rows = ["| event | written by | carries |", "|---|---|---|"]
+    for name, cls in PAYLOAD_TYPES.items():
+        rows.append(f"| {name} | {cls.WRITTEN_BY} | {' '.join((cls.__doc__ or '').split())} |")
+    return "\n".join(rows)
 
 
 class Event(BaseModel):

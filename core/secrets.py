@@ -7,7 +7,7 @@ values a program passes explicitly (`extra`). Values shorter than 8 characters a
 skipped (too likely to match ordinary text). Each occurrence in any string field of a
 payload (nested ones too, e.g. a tool call's `arguments_json`) becomes `[REDACTED:NAME]`.
 
-`core.runtime.build_events`, the one place emitted events are built, applies it; the
+The session writer (`runtime/writer.py`), the one place events are built, applies it; the
 state is folded from the log, so the model and the tools see the redacted text too.
 One compiled regex of all secret values is cached per environment, so a payload with
 no secret in it costs one `search` per string field.

@@ -9,12 +9,43 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
 from loopstream.core.conversation import Message, ToolCall
-from loopstream.core.fsm import LEGAL, UNCONDITIONAL, IllegalTransition, next_state
+from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
 from loopstream.core.sampling import Sampling, recorded, sampling_from
+
+
+@dataclass(slots=True)
+class PendingCall:
+    """One tool call of the session that has no result yet: everything the loop knows about it."""
+
+    call: ToolCall
+    owed_seq: int  # the event its next step is owed from: ToolRequested, or the latest that carries it on
+    checkpoint_seq: int | None = None  # its WorkspaceCheckpointed: from there on the tool counts as started
+    attempt: int = 1  # the attempt now scheduled (a transient failure's RetryScheduled adds one)
+    retry_at_ms: int | None = None  # not before this time: a retry's backoff
+    review: bool | None = None  # the reviewer model's verdict (ToolCallReviewed), once given
+    approval: str | None = None  # why a person must decide, while they have not (ApprovalRequested)
+    approved: bool | None = None  # the person's decision (ApprovalDecided)
+
+    def copy(self) -> PendingCall:
+        return PendingCall(self.call, self.owed_seq, self.checkpoint_seq, self.attempt, self.retry_at_ms,
+                           self.review, self.approval, self.approved)
+
+
+@dataclass(frozen=True, slots=True)
+class Owed:
+    """An event whose handling is still owed, and by whom (`core.fsm.owed_by`, refined per call)."""
+
+    seq: int
+    actor: str  # "orchestrator" | "model" | "compaction" | "tools" | "person"
+    not_before_ms: int | None = None  # not due before this time (a retry's backoff)
+
+    def due(self, now_ms: int) -> bool:
+        return self.not_before_ms is None or now_ms >= self.not_before_ms
 
 
 @dataclass(slots=True)  # slots: the fold sets a dozen attributes per event
@@ -52,16 +83,7 @@ class SessionState:
     # ToolRequested events that repeat a call reuse it instead of parsing the JSON again.
     # Replaced, never mutated.
     last_reply_parsed: dict[str, tuple[str, ToolCall]] = field(default_factory=dict)
-    pending_calls: dict[str, ToolCall] = field(default_factory=dict)
-    pending_call_seqs: dict[str, int] = field(default_factory=dict)
-    # call id -> seq of its WorkspaceCheckpointed: the workspace was snapshotted, the side-effect
-    # tool runs next (open_work points at this seq instead of the ToolRequested).
-    checkpointed_calls: dict[str, int] = field(default_factory=dict)
-    tool_attempts: dict[str, int] = field(default_factory=dict)  # call id -> attempt now scheduled
-    tool_retry_at: dict[str, int] = field(default_factory=dict)  # call id -> not before (ms), while pending
-    tool_reviews: dict[str, bool] = field(default_factory=dict)  # call id -> the reviewer model's verdict
-    open_approvals: dict[str, str] = field(default_factory=dict)  # call id -> why a person must decide
-    approvals: dict[str, bool] = field(default_factory=dict)  # call id -> a person's decision
+    pending_calls: dict[str, PendingCall] = field(default_factory=dict)  # call id -> its record, until it settles
     guardrail_trips: int = 0
     unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
     tool_calls: int = 0
@@ -87,13 +109,9 @@ class SessionState:
         return self.seq + 1
 
     @property
-    def wake_at_ms(self) -> int | None:
-        """When a session that waits on the clock (a model or tool retry) can move again."""
-        if self.status == "backing_off":
-            return self.retry_not_before_ms
-        if self.status in ("awaiting_tools", "awaiting_approval") and self.tool_retry_at:
-            return min(self.tool_retry_at.values())
-        return None
+    def open_approvals(self) -> dict[str, str]:
+        """call id -> why a person must decide, for the calls waiting for a person."""
+        return {c: p.approval for c, p in self.pending_calls.items() if p.approval is not None}
 
     @property
     def terminal(self) -> bool:
@@ -115,8 +133,8 @@ Transition = Callable[[SessionState, str, int | None], str]
 def apply(state: SessionState, event: ev.Event, transition: Transition = next_state) -> SessionState:
     """Apply one event. Mutates and returns `state` (use `fold` for a fresh one).
 
-    `transition` answers where the FSM goes; the default is the compiled table, the
-    runtime passes the `transitions` machine when it checks events before appending."""
+    `transition` answers where the FSM goes; the default, `fsm.next_state`, is the lookup
+    read off the one `transitions` machine (the live check before an append is the same)."""
     if event.seq != state.seq + 1:
         raise SequenceGap(
             f"session {event.session_id}: expected seq {state.seq + 1}, got {event.seq}"
@@ -124,6 +142,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     key = (state.status, event.type)
     if key not in LEGAL:  # reject before touching anything
         raise IllegalTransition(state.status, event.type, event.seq)
+    if key in CONDITIONAL_ONLY and transition is not _payload_only:  # every row's condition may fail:
+        transition(apply(clone(state), event, _payload_only), event.type, event.seq)  # ask on a copy first
     p = event.payload
     match p:  # the most frequent events first: a case is an isinstance check
         case ev.ModelRequested():
@@ -149,17 +169,12 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.open_request_id = state.open_request_seq = None
         case ev.ToolRequested():
             known = state.last_reply_parsed.get(p.call_id)
-            if known is not None and known[0] == p.arguments_json and known[1].name == p.name:
-                state.pending_calls[p.call_id] = known[1]
-            else:
-                state.pending_calls[p.call_id] = _tool_call(p.call_id, p.name, p.arguments_json)
-            state.pending_call_seqs[p.call_id] = event.seq
+            if known is None or known[0] != p.arguments_json or known[1].name != p.name:
+                known = (p.arguments_json, _tool_call(p.call_id, p.name, p.arguments_json))
+            state.pending_calls[p.call_id] = PendingCall(known[1], event.seq)
             state.tool_calls += 1
         case ev.ToolCompleted():
-            state.tool_retry_at.pop(p.call_id, None)
             state.pending_calls.pop(p.call_id, None)
-            state.pending_call_seqs.pop(p.call_id, None)
-            state.checkpointed_calls.pop(p.call_id, None)
             state.messages.append(_message("tool", p.result, event.seq, tool_call_id=p.call_id, name=p.name))
         case ev.SessionStarted():
             state.session_id = event.session_id
@@ -182,11 +197,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.last_failed_request_id = p.request_id
             state.open_request_id = state.open_request_seq = None
         case ev.RetryScheduled() if p.target == "tool":
-            state.tool_attempts[p.ref_id] = p.attempt
-            state.tool_retry_at[p.ref_id] = p.not_before_ms
-            state.checkpointed_calls.pop(p.ref_id, None)  # a retry checkpoints again before it runs
-            if p.ref_id in state.pending_call_seqs:
-                state.pending_call_seqs[p.ref_id] = event.seq  # the tool processor retries from here
+            if (rec := state.pending_calls.get(p.ref_id)) is not None:  # the tool processor retries from here
+                rec.owed_seq, rec.attempt, rec.retry_at_ms = event.seq, p.attempt, p.not_before_ms
+                rec.checkpoint_seq = None  # a retry checkpoints again before it runs
         case ev.RetryScheduled():
             state.retry_not_before_ms = p.not_before_ms
         case ev.ModelFallback():
@@ -194,10 +207,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.model = p.to_model
             state.consecutive_model_failures = 0
         case ev.ToolFailed():
-            state.tool_retry_at.pop(p.call_id, None)
             state.pending_calls.pop(p.call_id, None)
-            state.pending_call_seqs.pop(p.call_id, None)
-            state.checkpointed_calls.pop(p.call_id, None)
             state.tool_errors += 1
             state.messages.append(_message("tool", f"ERROR ({p.error_kind}): {p.message}", event.seq,
                                            tool_call_id=p.call_id, name=p.name))
@@ -216,24 +226,23 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.guardrail_trips += 1
             note = f"BLOCKED by guardrail ({p.rule}): {p.message}"
             if p.call_id is not None and p.call_id in state.pending_calls:
-                name = state.pending_calls.pop(p.call_id).name
-                state.pending_call_seqs.pop(p.call_id, None)
+                name = state.pending_calls.pop(p.call_id).call.name
                 state.messages.append(_message("tool", note, event.seq, tool_call_id=p.call_id, name=name))
             elif p.stage == "output" and p.action == "tell_model":
                 state.messages.append(_message("user", note, event.seq))
         case ev.ToolCallReviewed():
-            state.tool_reviews[p.call_id] = p.allowed
             state.input_tokens += p.input_tokens  # a review is model use: it counts toward the budgets
             state.output_tokens += p.output_tokens
-            if p.allowed and p.call_id in state.pending_call_seqs:
-                state.pending_call_seqs[p.call_id] = event.seq  # the tool processor carries on from here
+            if (rec := state.pending_calls.get(p.call_id)) is not None:
+                rec.review = p.allowed
+                if p.allowed:
+                    rec.owed_seq = event.seq  # the tool processor carries on from here
         case ev.ApprovalRequested():
-            state.open_approvals[p.call_id] = p.reason
+            if (rec := state.pending_calls.get(p.call_id)) is not None:
+                rec.approval, rec.owed_seq = p.reason, event.seq  # owed by a person from here
         case ev.ApprovalDecided():
-            state.open_approvals.pop(p.call_id, None)
-            state.approvals[p.call_id] = p.approved
-            if p.call_id in state.pending_call_seqs:
-                state.pending_call_seqs[p.call_id] = event.seq  # the tool processor acts on the decision
+            if (rec := state.pending_calls.get(p.call_id)) is not None:
+                rec.approval, rec.approved, rec.owed_seq = None, p.approved, event.seq  # the tools act on it
         case ev.SessionFinished():
             state.answer = p.answer
         case ev.SessionFailed():
@@ -245,8 +254,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.UserMessage():
             state.messages.append(_message("user", p.text, event.seq))
         case ev.WorkspaceCheckpointed():
-            if p.call_id in state.pending_calls:
-                state.checkpointed_calls[p.call_id] = event.seq
+            if (rec := state.pending_calls.get(p.call_id)) is not None:  # the tool runs right after it
+                rec.owed_seq = rec.checkpoint_seq = event.seq
+                rec.retry_at_ms = None
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
     fixed = UNCONDITIONAL.get(key) if transition is next_state else None  # most rows need no condition
@@ -256,6 +266,11 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def _payload_only(state: SessionState, event_type: str, seq: int | None) -> str:
+    """A transition that stays put: `apply` with it applies only the payload."""
+    return state.status
 
 
 def _apply_overrides(state: SessionState, overrides: dict) -> None:
@@ -295,21 +310,21 @@ def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str)
     return before + [summary_message(summary, from_seq, to_seq)] + after
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(SessionState))
+_read_fields = attrgetter(*_FIELDS)
+
+
 def clone(state: SessionState) -> SessionState:
-    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated)."""
-    return dataclasses.replace(
-        state,
-        messages=list(state.messages),
-        pending_calls=dict(state.pending_calls),
-        pending_call_seqs=dict(state.pending_call_seqs),
-        checkpointed_calls=dict(state.checkpointed_calls),
-        tool_attempts=dict(state.tool_attempts),
-        tool_retry_at=dict(state.tool_retry_at),
-        fallbacks_used=list(state.fallbacks_used),
-        tool_reviews=dict(state.tool_reviews),
-        open_approvals=dict(state.open_approvals),
-        approvals=dict(state.approvals),
-    )
+    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated;
+    fields the fold replaces rather than mutates are shared too). Field by field: a tenth of
+    `dataclasses.replace`'s time, and every write folds a clone."""
+    new = object.__new__(SessionState)
+    for name, value in zip(_FIELDS, _read_fields(state)):
+        setattr(new, name, value)
+    new.messages = list(state.messages)
+    new.pending_calls = {c: p.copy() for c, p in state.pending_calls.items()}
+    new.fallbacks_used = list(state.fallbacks_used)
+    return new
 
 
 def fold(
@@ -322,28 +337,31 @@ def fold(
     return out
 
 
-def open_work(state: SessionState) -> list[int]:
-    """Seqs of the events whose handling is still owed: what a restarted runtime redoes.
+def open_work(state: SessionState) -> list[Owed]:
+    """The events whose handling is still owed, and by whom: what a driver dispatches next
+    (and what a restarted one redoes). The FSM table says who owes each state
+    (`core.fsm.owed_by`); this adds which event:
 
-    planning/acting: the orchestrator must decide from the latest event; awaiting_model:
-    the open ModelRequested; awaiting_tools/approval: each ToolRequested without a result
-    and not waiting for a person (after a decision: the ApprovalDecided), except
-    that a call whose workspace checkpoint is taken is owed by its WorkspaceCheckpointed,
-    and those come first: a side-effect tool runs right after its own checkpoint, so each
-    checkpoint holds the workspace exactly as the events before it left it.
+    - orchestrator (planning, acting, backing_off): the head of the log; backing off, not
+      before the retry's time;
+    - model / compaction: the open ModelRequested / CompactionRequested;
+    - tools / person (awaiting_tools, awaiting_approval): one item per pending call, from
+      the event its next step is owed from (`PendingCall.owed_seq`): owed by a person while
+      its approval is open, by the tools otherwise (not before a retry's time). Calls whose
+      workspace checkpoint is taken come first: a side-effect tool runs right after its own
+      checkpoint, so each checkpoint holds the workspace exactly as the events before it left it.
     """
-    if state.status in ("planning", "acting", "backing_off"):
-        return [state.seq]
-    if state.status == "awaiting_model" and state.open_request_seq is not None:
-        return [state.open_request_seq]
-    if state.status == "compacting" and state.open_compaction_seq is not None:
-        return [state.open_compaction_seq]
-    if state.status in ("awaiting_tools", "awaiting_approval"):
-        checkpointed = sorted(state.checkpointed_calls.values())
-        return checkpointed + sorted(
-            s for c, s in state.pending_call_seqs.items()
-            if c not in state.checkpointed_calls and c not in state.open_approvals  # those wait for a person
-        )
+    actor = owed_by(state.status)
+    if actor == "orchestrator":
+        return [Owed(state.seq, actor, state.retry_not_before_ms if state.status == "backing_off" else None)]
+    if actor == "model" and state.open_request_seq is not None:
+        return [Owed(state.open_request_seq, actor)]
+    if actor == "compaction" and state.open_compaction_seq is not None:
+        return [Owed(state.open_compaction_seq, actor)]
+    if actor in ("tools", "person"):
+        calls = sorted(state.pending_calls.values(), key=lambda p: (p.checkpoint_seq is None, p.owed_seq))
+        return [Owed(p.owed_seq, "person") if p.approval is not None else Owed(p.owed_seq, "tools", p.retry_at_ms)
+                for p in calls]
     return []
 
 

@@ -14,17 +14,19 @@ from typing import Any
 from loopstream.core import events as ev
 from loopstream.core.log import Log, LogError
 from loopstream.core.state import fold
+from loopstream.kafka import clients
 from loopstream.kafka.background import BackgroundLoop
+from loopstream.kafka.clients import CONTRACT, TopicPartition
 from loopstream.kafka.contract import ContractError, Goal, KafkaBus, SessionUpdate, decode_goal, session_id_for
 from loopstream.kafka.results import ResultsPublisher, result_update
-from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.writer import SessionConfig, SessionWriter
 
 logger = logging.getLogger("loopstream.intake")
 
 
 class GoalIntake(BackgroundLoop):
     """Consumes the goals topic (group `<group prefix>.intake`) and starts one session per
-    goal with `Runtime.start_session(idempotency_key=…, correlation_id=…, reply_topic=…)`.
+    goal with `SessionWriter.start(idempotency_key=…, correlation_id=…, reply_topic=…)`.
     A record's offset is committed after its session is in the log."""
 
     def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
@@ -34,21 +36,14 @@ class GoalIntake(BackgroundLoop):
         self.label = "goal intake"
         self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
         self.publisher = publisher
-        self.runtime = Runtime(log, [], on_event=on_event, secrets=secrets)
+        self.writer = SessionWriter(log, on_event=on_event, secrets=secrets)
         self.poll_timeout = poll_timeout
         self.relay: Any = None  # with `results=transactional`: the TransactionalResultsRelay
         self.started = 0
 
     def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
-        from confluent_kafka import Consumer, TopicPartition
-
         self.publisher.producer.ensure_topic(self.kbus.goals_topic)
-        consumer = Consumer({
-            "bootstrap.servers": self.kbus.bootstrap, "group.id": self.group,
-            "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 100,
-            **self.kbus.consumer_config,
-        })
+        consumer = clients.member(self.kbus.bootstrap, self.group, CONTRACT, self.kbus.consumer_config)
         consumer.subscribe([self.kbus.goals_topic])
         try:
             while not self._stop.is_set():
@@ -93,8 +88,8 @@ class GoalIntake(BackgroundLoop):
         known = self.log.next_seq(sid) > 0
         if goal.progress:
             config = dataclasses.replace(config, extra={**config.extra, "progress_updates": True})
-        self.runtime.start_session(goal.goal, config, idempotency_key=key, correlation_id=corr,
-                                   reply_topic=reply, actor="goal-intake")
+        self.writer.start(goal.goal, config, idempotency_key=key, correlation_id=corr,
+                          reply_topic=reply, actor="goal-intake")
         if not known:
             self.started += 1
             return sid

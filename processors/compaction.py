@@ -40,16 +40,15 @@ def compaction_range(messages: list[Message], keep_recent: int = DEFAULT_KEEP_RE
 
 class CompactionProcessor:
     name = "compaction"
+    acts_for = "compaction"  # compacting: the open CompactionRequested
     triggers = frozenset({"CompactionRequested"})
 
     def __init__(self, provider: Provider | None = None) -> None:
         self.provider = provider
 
-    def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
+    def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
         req = event.payload
         assert isinstance(req, ev.CompactionRequested)
-        if state.status != "compacting" or state.open_compaction_id != req.request_id:
-            return []  # already compacted (a redelivery)
         span = [m for m in state.messages if m.seq is not None and req.from_seq <= m.seq <= req.to_seq]
         # At most half of what it replaces, so a compaction always shrinks the context.
         limit = min(int(state.config.get("compaction_summary_chars", DEFAULT_SUMMARY_CHARS)),

@@ -19,6 +19,7 @@ from loopstream.providers.tokens import estimate_tokens
 
 class ModelProcessor:
     name = "model"
+    acts_for = "model"  # awaiting_model: the open ModelRequested
     triggers = frozenset({"ModelRequested"})
 
     def __init__(self, provider: Provider, tool_specs: list[ToolSpec], fallbacks: Sequence[Provider] = (),
@@ -32,11 +33,9 @@ class ModelProcessor:
         """The session's current model: the primary, or a fallback after ModelFallback."""
         return self.by_model.get(model, self.provider) if model != self.provider.model else self.provider
 
-    def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
+    def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
         req = event.payload
         assert isinstance(req, ev.ModelRequested)
-        if state.open_request_id != req.request_id:
-            return []  # already answered (a redelivery): nothing to do
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         provider = self.provider_for(state.model)
         limiter = self.limits.get(provider.name)

@@ -31,30 +31,22 @@ CUT_AT_CAP = frozenset({"length", "max_tokens"})  # finish reasons of a reply st
 
 class Orchestrator:
     name = "orchestrator"
+    acts_for = "orchestrator"  # planning, acting, backing_off: the head of the log is owed a decision
     triggers = frozenset(ev.PAYLOAD_TYPES) - {"SessionStarted"}
 
-    def handle(self, event: ev.Event, state: SessionState) -> list[Emit]:
-        if event.seq != state.seq:
-            return []  # decisions are made on the head of the log only, never on a stale event
+    def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
         guard = state.config.get("guardrails")
         if guard and event.type in ("GoalReceived", "UserMessage") and (trip := check_input(guard, event.payload.text)):
             return [Emit(trip), Emit(ev.SessionFailed(reason=f"input blocked by guardrail {trip.rule}",
                                                       error_kind="guardrail"))]
-        if state.status in ("planning", "backing_off"):
-            return self._plan(state)
-        if state.status == "acting":
-            return self._act(state)
-        return []
+        return self._act(state) if state.status == "acting" else self._plan(state, now_ms)
 
-    def _plan(self, state: SessionState) -> list[Emit]:
-        now = ev.now_ms()
+    def _plan(self, state: SessionState, now: int) -> list[Emit]:
         step = state.step if state.step_open else state.step + 1
         if (stop := budgets.exceeded(state, step if not state.step_open else 0, now)) is not None:
             return [Emit(stop)]
         if state.status == "planning" and state.consecutive_model_failures:
             return self._after_failure(state, now)
-        if state.status == "backing_off" and state.retry_not_before_ms and now < state.retry_not_before_ms:
-            return []  # not yet: the runtime waits until state.wake_at_ms
         if state.status == "planning" and (compact := self._compaction(state)) is not None:
             return [Emit(compact)]
         attempt = state.attempt + 1 if state.step_open else 1

@@ -1,33 +1,38 @@
 """Determinism check: would today's code make the decisions this session's log records?
 
-For every prefix of a stored session, fold the state and ask the Orchestrator what it
-would emit at that head; compare with the events the log recorded next (type and every
-payload field). Model replies and tool results are taken from the log, never re-called:
-only decisions are re-driven. The first divergence names the recorded seq, what the
-current code expects and what was recorded.
+The real in-process driver (`runtime.inline.Runtime`) runs the session again over a
+scratch copy (an in-memory SQLite log) with the real orchestrator and a frozen clock:
+before each dispatch the clock is set to when the recorded event was made. Replies
+(model, compaction, tools) are never re-executed: the `Recorded` processors answer each
+owed request with what the log recorded for it, and inputs from outside the loop (the
+goal, a person's message, approval or cancel, a fork's marker) are copied in where they
+were recorded. Each orchestrator decision the driver writes is compared with the log;
+the first one that differs (type or any payload field) is reported, with the seq.
 
-The orchestrator reads the clock (budgets, backoff times), so each decision is re-made at
-the time it was originally made: the recorded event's time (for a RetryScheduled, its
-not_before_ms - delay_ms, the instant the delay was computed from). While a check runs,
-`loopstream.core.events.now_ms` is swapped for that clock in this process.
+A fork's copied prefix was decided in its parent: that part is driven under the parent's
+session id (the ids the orchestrator derives name the session that decided).
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.codec import CodecError, decode
-from loopstream.core.fsm import IllegalTransition
+from loopstream.core.fsm import next_state
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.processor import Emit
-from loopstream.core.state import SequenceGap, SessionState, apply
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import SessionState
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.replay.chain import ChainReport, verify_raw
+from loopstream.runtime.inline import Runtime
+from loopstream.runtime.writer import SessionWriter
 
-# Events that come from outside the loop (people, goal producers): not decisions.
-INPUT_TYPES = frozenset({"GoalReceived", "UserMessage", "SessionForked", "SessionCancelled", "ApprovalDecided"})
+# Events that come from outside the loop (people, goal producers, forks): copied, not re-made.
+INPUT_TYPES = frozenset({"SessionStarted", "GoalReceived", "UserMessage", "SessionForked", "SessionCancelled",
+                         "ApprovalDecided"})
+REPLYING = ("model", "compaction", "tools")  # the actors whose work is answered from the log
 
 
 @dataclass
@@ -78,7 +83,7 @@ def check_determinism(log: Log, session_id: str, to_seq: int | None = None) -> D
     return check_raw(raw, session_id)
 
 
-def check_raw(raw: Sequence[bytes], session_id: str = "", orchestrator: Orchestrator | None = None) -> DeterminismReport:
+def check_raw(raw: Sequence[bytes], session_id: str = "") -> DeterminismReport:
     """The check over stored event bytes (only the part the chain vouches for)."""
     chain = verify_raw(raw, session_id)
     good = raw if chain.ok else raw[: chain.first_bad_seq]
@@ -87,99 +92,132 @@ def check_raw(raw: Sequence[bytes], session_id: str = "", orchestrator: Orchestr
     except CodecError as exc:
         bad = ChainReport(session_id, "broken", len(good), None, str(exc))
         return DeterminismReport(session_id, len(good), 0, bad)
-    return check_events(events, session_id, chain, orchestrator)
+    return check_events(events, session_id, chain)
 
 
-def check_events(
-    events: Sequence[ev.Event], session_id: str = "", chain: ChainReport | None = None,
-    orchestrator: Orchestrator | None = None,
-) -> DeterminismReport:
-    orch = orchestrator or Orchestrator()
+def check_events(events: Sequence[ev.Event], session_id: str = "", chain: ChainReport | None = None) -> DeterminismReport:
     chain = chain or ChainReport(session_id, "unchained", len(events))
-    forks = [(e.seq, e.payload.parent_session_id) for e in events if isinstance(e.payload, ev.SessionForked)]
     report = DeterminismReport(session_id or (events[0].session_id if events else ""), len(events), 0, chain)
-    state = SessionState()
-    n = len(events)
-    for i, event in enumerate(events):
-        try:
-            apply(state, event)
-        except (IllegalTransition, SequenceGap) as exc:
-            report.divergence = Divergence(event.seq, event.seq - 1, state.status, None,
-                                           (event.type, _dump(event.payload)),
-                                           reason=f"the current fold rejects it: {exc}")
-            return report
-        if state.status not in ("planning", "acting", "backing_off") or i + 1 >= n:
-            continue
-        nxt = events[i + 1]
-        if nxt.type in INPUT_TYPES:
-            continue  # someone outside the loop spoke first: not a decision to re-make
-        emits = _decide(orch, event, state, _decider(forks, event.seq, state.session_id), _clock_for(nxt))
-        if not emits and nxt.actor != orch.name:
-            continue  # another processor's move
-        report.decisions_checked += 1
-        divergence = _compare(emits, events, i, state.status)
-        if divergence is not None:
-            report.divergence = divergence
-            return report
+    for lo, hi, decider in _segments(events):
+        report.divergence = _drive(events, lo, hi, decider, report)
+        if report.divergence is not None:
+            break
     return report
 
 
-def _decide(orch: Orchestrator, head: ev.Event, state: SessionState, session_id: str, clock: int) -> list[Emit]:
-    own = state.session_id
-    state.session_id = session_id  # ids the orchestrator derives name the session that decided
-    try:
-        with _frozen_clock(clock):
-            return orch.handle(head, state)
-    finally:
-        state.session_id = own
+def _segments(events: Sequence[ev.Event]) -> list[tuple[int, int, str]]:
+    """(from, to, session that decided) spans: up to each fork marker its parent decided."""
+    out, lo = [], 0
+    for e in events:
+        if isinstance(e.payload, ev.SessionForked):
+            out.append((lo, e.seq, e.payload.parent_session_id))
+            lo = e.seq
+    return out + [(lo, len(events), events[0].session_id if events else "")]
 
 
-def _decider(forks: list[tuple[int, str]], head_seq: int, own: str) -> str:
-    """A fork's copied prefix was decided in its parent: the first fork marker after the
-    head names the session that made the decision."""
-    for seq, parent in forks:
-        if seq > head_seq:
-            return parent
-    return own
+class Recorded:
+    """Answers owed work of `actor` with the batch the log recorded for it: no call is made."""
+
+    triggers = frozenset(ev.PAYLOAD_TYPES)
+
+    def __init__(self, actor: str, events: Sequence[ev.Event]) -> None:
+        self.name = self.acts_for = actor
+        self.events = events
+
+    def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
+        batch = _batch(self.events, state.next_seq)
+        if not batch or batch[0].causation_id != self.events[event.seq].event_id:
+            return []
+        return [Emit(e.payload, key=str(i)) for i, e in enumerate(batch)]
+
+
+class _Clock:
+    now = 0
+
+    def __call__(self) -> int:
+        return self.now
+
+
+def _drive(events: Sequence[ev.Event], lo: int, hi: int, sid: str, report: DeterminismReport) -> Divergence | None:
+    """Run the driver over events [lo, hi) in session `sid` (the prefix before lo copied in)."""
+    clock = _Clock()
+    seqs = {e.event_id: e.seq for e in events}
+    with SQLiteLog(":memory:") as scratch:
+        # The compiled table: the same answers as the `transitions` machine (tests/test_fsm.py), faster.
+        writer = SessionWriter(scratch, clock=clock, transition=next_state)
+        runtime = Runtime(scratch, [Orchestrator(), *(Recorded(a, events) for a in REPLYING)], writer=writer)
+        state = writer.copy(sid, events[:lo]).state if lo else SessionState(session_id=sid)
+        i = lo
+        while i < hi:
+            rec = events[i]
+            clock.now = _clock_for(rec)
+            if _is_input(rec):
+                state = writer.copy(sid, [rec]).state
+                i += 1
+                continue
+            cause = seqs.get(rec.causation_id or "")
+            item = next((o for o in runtime.dispatch.work(state) if o.seq == cause), None)
+            if item is None or not item.due(clock.now):
+                why = (f"the current code owes nothing at seq {cause} in state {state.status!r}" if item is None
+                       else f"the current code waits there until {item.not_before_ms}, the log acted at {clock.now}")
+                return Divergence(rec.seq, state.seq, state.status, None, (rec.type, _dump(rec.payload)),
+                                  reason=f"{why}; the log has {rec.type}")
+            head = state
+            try:
+                written = runtime.act(state, item, clock.now)
+            except RuntimeError as exc:  # an illegal decision (the writer's FSM check)
+                return Divergence(rec.seq, head.seq, head.status, None, (rec.type, _dump(rec.payload)),
+                                  reason=str(exc))
+            made = [e for w in written for e in w.events]
+            if item.actor != "orchestrator" and made:
+                state, i = written[-1].state, i + len(made)
+                continue
+            report.decisions_checked += 1
+            if (diverged := _compare(made, events, i, head)) is not None:
+                return diverged
+            state, i = written[-1].state, i + len(made)
+    return None
+
+
+def _batch(events: Sequence[ev.Event], i: int) -> list[ev.Event]:
+    """The recorded batch starting at seq `i`: one cause, one actor (written together)."""
+    if i >= len(events):
+        return []
+    end = i + 1
+    while end < len(events) and (events[end].causation_id, events[end].actor) == (events[i].causation_id,
+                                                                                  events[i].actor):
+        end += 1
+    return list(events[i:end])
+
+
+def _is_input(e: ev.Event) -> bool:
+    """Not made by a processor: from outside the loop, or a driver giving up on a handler."""
+    return (e.type in INPUT_TYPES or e.causation_id is None
+            or (isinstance(e.payload, ev.SessionFailed) and e.payload.error_kind == "internal"))
 
 
 def _clock_for(recorded: ev.Event) -> int:
+    """When the decision behind `recorded` was made (a retry's delay counts from then)."""
     p = recorded.payload
     if isinstance(p, ev.RetryScheduled):
         return p.not_before_ms - p.delay_ms
     return recorded.time
 
 
-@contextlib.contextmanager
-def _frozen_clock(ms: int) -> Iterator[None]:
-    saved = ev.now_ms
-    ev.now_ms = lambda: ms  # type: ignore[assignment]
-    try:
-        yield
-    finally:
-        ev.now_ms = saved  # type: ignore[assignment]
-
-
-def _compare(emits: list[Emit], events: Sequence[ev.Event], i: int, status: str) -> Divergence | None:
-    head = events[i]
-    if not emits:
-        nxt = events[i + 1]
-        return Divergence(nxt.seq, head.seq, status, None, (nxt.type, _dump(nxt.payload)),
+def _compare(made: list[ev.Event], events: Sequence[ev.Event], i: int, head: SessionState) -> Divergence | None:
+    if not made:
+        rec = events[i]
+        return Divergence(rec.seq, head.seq, head.status, None, (rec.type, _dump(rec.payload)),
                           reason="the current code decides nothing here")
-    for j, emit in enumerate(emits):
-        k = i + 1 + j
-        expected = (emit.payload.TYPE, _dump(emit.payload))
-        if k >= len(events):
-            return None  # the log ends inside this decision (a crash before the batch, or --to)
-        rec = events[k]
-        recorded = (rec.type, _dump(rec.payload))
+    for k, new in enumerate(made[: len(events) - i]):  # the log may end inside this decision (--to)
+        rec = events[i + k]
+        expected, recorded = (new.type, _dump(new.payload)), (rec.type, _dump(rec.payload))
         if expected[0] != recorded[0]:
-            return Divergence(rec.seq, head.seq, status, expected, recorded,
+            return Divergence(rec.seq, head.seq, head.status, expected, recorded,
                               reason=f"expected {expected[0]}, recorded {recorded[0]}")
-        fields = sorted(f for f in expected[1].keys() | recorded[1].keys()
-                        if expected[1].get(f) != recorded[1].get(f))
+        fields = sorted(f for f in expected[1].keys() | recorded[1].keys() if expected[1].get(f) != recorded[1].get(f))
         if fields:
-            return Divergence(rec.seq, head.seq, status, expected, recorded, fields,
+            return Divergence(rec.seq, head.seq, head.status, expected, recorded, fields,
                               reason=f"{rec.type} differs in {', '.join(fields)}")
     return None
 

@@ -9,19 +9,13 @@ made with no changes that ran the same way diffs as identical.
 """
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
+from loopstream.core.describe import call_text, summarize
 from loopstream.core.log import Log
-from loopstream.replay.replayer import (
-    ModelCall,
-    ReplayReport,
-    ToolCallView,
-    _call,
-    replay,
-)
+from loopstream.replay.replayer import ModelCall, ReplayReport, ToolCallView, replay
 
 IGNORED_FIELDS = frozenset({"request_id", "latency_ms"})
 
@@ -107,7 +101,7 @@ def _summary(r: ReplayReport) -> SessionSummary:
         if isinstance(item, ModelCall) and item.ok and item.model not in models:
             models.append(item.model)
         elif isinstance(item, ToolCallView):
-            tools.append(_call(item.name, item.arguments_json))
+            tools.append(call_text(item.name, item.arguments_json))
     st, t = r.state, r.totals
     return SessionSummary(
         session_id=r.session_id, status=st.status, answer=st.answer, error=st.error, events=st.seq + 1,
@@ -129,9 +123,7 @@ def _relation(a: SessionSummary, b: SessionSummary) -> str:
 
 
 def _one_line(e: ev.Event) -> str:
-    d = {k: v for k, v in e.payload.model_dump().items() if k not in IGNORED_FIELDS}
-    text = json.dumps(d, default=str, ensure_ascii=False)
-    return f"seq {e.seq} {e.type} {text[:160]}{'…' if len(text) > 160 else ''}"
+    return f"seq {e.seq} {e.type} {summarize(e, 160)}"
 
 
 def render(report: DiffReport, *, width: int = 100) -> str:

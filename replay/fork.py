@@ -8,7 +8,8 @@ copy is O(at_seq) bytes and everything the child does afterwards appends only ne
 
 The child continues live from the state its prefix folds to: run it with
 `Runtime.run_session(result.child_session_id)`. If at_seq lands mid-step (a model or
-tool call in flight), the runtime's `open_work` redoes the owed call. Overrides (model,
+tool call in flight), the driver redoes the owed call (`open_work`). The child is written
+by the session writer (`SessionWriter.copy`), like every other write. Overrides (model,
 provider, system prompt, tools, step budget) are applied by the fold from SessionForked,
 so they take effect from the child's next step.
 """
@@ -20,13 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.codec import REGISTRY, decode, seal
-from loopstream.core.fsm import IllegalTransition, machine_next_state
+from loopstream.core.codec import decode
+from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.sampling import SamplingError, sampling_from
-from loopstream.core.secrets import redact
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.replay.chain import chain_hashes, verify_raw
+from loopstream.runtime.writer import SessionWriter
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
 
@@ -143,14 +144,15 @@ def fork(
     registry: ToolRegistry | None = None,
     child_session_id: str | None = None,
     actor: str = "fork",
+    writer: SessionWriter | None = None,
 ) -> ForkResult:
     """Fork `session_id` after its event `at_seq` into a new session (see the module doc).
 
     Raises ForkNeedsAcknowledgement (listing them) if the parent ran side-effecting tool
     calls after at_seq, unless acknowledge_side_effects; ForkError if at_seq is out of
     range or terminal, the parent's chain is broken up to at_seq, a message is not legal
-    where the fork lands, or `tools` names a tool `registry` does not have. `sampling`
-    changes some of the recorded sampling settings (core/sampling.py), e.g. {"temperature": 0.7}."""
+    where the fork lands, `tools` names a tool `registry` does not have, or the child id is taken.
+    `sampling` changes some of the recorded sampling settings (core/sampling.py), e.g. {"temperature": 0.7}."""
     raw = log.read_raw(session_id)
     if not raw:
         raise SessionNotFound(session_id)
@@ -205,29 +207,22 @@ def fork(
 
     child = child_session_id or ev.new_session_id()
     parent_hash = chain_hashes(prefix_raw)[-1].hex()
-    copies = _copy(prefix, child)
     marker = ev.SessionForked(
         parent_session_id=session_id, parent_seq=at_seq, parent_event_hash=parent_hash, reason=reason,
         overrides_json=json.dumps(overrides, sort_keys=True),
         acknowledged_side_effects_json=json.dumps([s.as_json() for s in effects], sort_keys=True),
     )
-    new = [_event(child, at_seq + 1, marker, copies[-1].event_id, actor)]
-    if message is not None:
-        new.append(_event(child, at_seq + 2, ev.UserMessage(text=message), new[0].event_id, actor))
-    batch = seal(copies + new, None)
-
-    # The copied prefix was legal in the parent; the new events are checked against the
-    # `transitions` machine, as the runtime checks every event it appends.
-    state = fold(batch[: len(copies)])
-    for e in batch[len(copies):]:
-        try:
-            apply(state, e, machine_next_state)
-        except IllegalTransition:
-            raise ForkError(_illegal_hint(e, at_state, prefix)) from None
-    log.append(child, batch, 0)
+    then = [marker] if message is None else [marker, ev.UserMessage(text=message)]
+    try:  # the copied prefix was legal in the parent; the new events pass the FSM check
+        written = (writer or SessionWriter(log)).copy(child, prefix, then, actor)
+    except IllegalTransition as exc:
+        bad = next(e for e in then if e.TYPE == exc.event_type)
+        raise ForkError(_illegal_hint(bad.TYPE, at_state, prefix)) from None
+    if written.outcome == "dropped":
+        raise ForkError(f"session {child} already exists")
     return ForkResult(
         child_session_id=child, parent_session_id=session_id, at_seq=at_seq, parent_event_hash=parent_hash,
-        events_copied=len(copies), overrides=overrides, side_effects=effects, state=state,
+        events_copied=len(prefix), overrides=overrides, side_effects=effects, state=written.state,
         bytes_copied=sum(len(b) for b in prefix_raw), message=message,
     )
 
@@ -249,36 +244,9 @@ def batch_bounds(events: Sequence[ev.Event], seq: int) -> tuple[int, int]:
     return first, end
 
 
-def _copy(prefix: Sequence[ev.Event], child: str) -> list[ev.Event]:
-    """The parent's events for the child: new ids (derived, so a retried fork with the
-    same child id collides instead of duplicating), causation remapped, same facts."""
-    ids: dict[str, str] = {}
-    out = []
-    for e in prefix:
-        new_id = ev.derived_id(child, "fork", e.event_id)
-        ids[e.event_id] = new_id
-        out.append(e.model_copy(update={
-            "event_id": new_id,
-            "session_id": child,
-            "causation_id": ids.get(e.causation_id, e.causation_id) if e.causation_id else None,
-            "correlation_id": child,
-            "chain_hash": None,
-        }))
-    return out
-
-
-def _event(session_id: str, seq: int, payload: ev.Payload, cause: str, actor: str) -> ev.Event:
-    payload = redact(payload)  # as build_events does: no secret value reaches the log
-    return ev.Event(
-        event_id=ev.derived_id(session_id, cause, payload.TYPE), session_id=session_id, seq=seq,
-        type=payload.TYPE, time=ev.now_ms(), causation_id=cause, correlation_id=session_id, actor=actor,
-        schema_version=REGISTRY.latest(payload.TYPE), payload=payload,
-    )
-
-
-def _illegal_hint(event: ev.Event, at_state: SessionState, prefix: Sequence[ev.Event]) -> str:
-    if event.type != "UserMessage":
-        return f"{event.type} is not legal in state {at_state.status!r}"
+def _illegal_hint(event_type: str, at_state: SessionState, prefix: Sequence[ev.Event]) -> str:
+    if event_type != "UserMessage":
+        return f"{event_type} is not legal in state {at_state.status!r}"
     ok = _message_ok_seqs(prefix)
     near = f"; the nearest earlier seq where it is: {ok[-1]}" if ok else ""
     return (f"a message cannot be added at seq {at_state.seq}: the session is {at_state.status!r} "

@@ -6,12 +6,12 @@ model call and no tool call (nothing here imports a provider or runs a processor
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.codec import decode_prefix
+from loopstream.core.describe import call_text, short, summary
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.state import SequenceGap, SessionState, apply
@@ -186,25 +186,9 @@ def _timeline(events: list[ev.Event], state: SessionState) -> ReplayReport:
     for e in events:
         p = e.payload
         match p:
-            case ev.SessionStarted():
-                timeline.append(Note(e.seq, e.type, f"agent={p.agent} provider={p.provider} model={p.model} "
-                                     f"tools={','.join(p.tools) or '-'} max_steps={p.max_steps}"))
-            case ev.GoalReceived():
-                timeline.append(Note(e.seq, e.type, repr(p.text)))
-            case ev.UserMessage():
-                timeline.append(Note(e.seq, e.type, repr(p.text)))
             case ev.SessionForked():
                 forked_from = p
-                over = json.loads(p.overrides_json or "{}")
-                acked = json.loads(p.acknowledged_side_effects_json or "[]")
-                text = f"fork of {p.parent_session_id} at seq {p.parent_seq} ({p.parent_event_hash[:12]})"
-                if over:
-                    text += " overrides " + ", ".join(f"{k}={_short(repr(v), 40)}" for k, v in over.items())
-                if acked:
-                    text += f"; {len(acked)} side effect(s) acknowledged"
-                if p.reason:
-                    text += f"; reason {p.reason!r}"
-                timeline.append(Note(e.seq, e.type, text))
+                timeline.append(Note(e.seq, e.type, summary(p)))
             case ev.ModelRequested():
                 step = p.step
                 call = ModelCall(step=p.step, attempt=p.attempt, model=p.model, request_id=p.request_id,
@@ -219,7 +203,7 @@ def _timeline(events: list[ev.Event], state: SessionState) -> ReplayReport:
                 call.latency_ms, call.mode, call.finish_reason = p.latency_ms, p.mode, p.finish_reason
                 call.input_tokens, call.output_tokens = p.input_tokens, p.output_tokens
                 call.text = p.text
-                call.tool_calls = [_call(c.name, c.arguments_json) for c in p.tool_calls]
+                call.tool_calls = [call_text(c.name, c.arguments_json) for c in p.tool_calls]
                 if p.model:
                     call.model = p.model
                 totals.model_latency_ms += p.latency_ms
@@ -230,7 +214,7 @@ def _timeline(events: list[ev.Event], state: SessionState) -> ReplayReport:
                 call.retryable = p.retryable
                 totals.model_failures += 1
                 totals.model_latency_ms += p.latency_ms
-                errors.append(Note(e.seq, e.type, f"{p.error_kind}: {p.message}"))
+                errors.append(Note(e.seq, e.type, summary(p)))
             case ev.ToolRequested():
                 tool = ToolCallView(call_id=p.call_id, name=p.name, arguments_json=p.arguments_json,
                                     step=p.step, request_seq=e.seq)
@@ -250,24 +234,19 @@ def _timeline(events: list[ev.Event], state: SessionState) -> ReplayReport:
                     tool.error_kind, tool.error = p.error_kind, p.message
                 totals.tool_errors += 1
                 totals.tool_latency_ms += p.latency_ms
-                errors.append(Note(e.seq, e.type, f"{p.name} {p.error_kind}: {p.message}"))
+                errors.append(Note(e.seq, e.type, summary(p)))
             case ev.ToolCallReviewed():
-                timeline.append(Note(e.seq, "review", f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} · "
-                                     f"{p.model} · {p.input_tokens}+{p.output_tokens} tok · {p.reason}"))
+                timeline.append(Note(e.seq, "review", summary(p)))
             case ev.GuardrailTripped() if p.call_id is not None and p.call_id in open_tools:
                 tool = open_tools.pop(p.call_id)  # the call was blocked: this settles it
                 tool.result_seq, tool.ok = e.seq, False
                 tool.error_kind, tool.error = f"blocked by guardrail {p.rule}", p.message
                 errors.append(Note(e.seq, e.type, f"{tool.name} blocked by guardrail {p.rule}: {p.message}"))
-            case ev.SessionFinished():
-                timeline.append(Note(e.seq, e.type, repr(p.answer)))
             case ev.SessionFailed():
-                timeline.append(Note(e.seq, e.type, f"{p.error_kind}: {p.reason}"))
-                errors.append(Note(e.seq, e.type, f"{p.error_kind}: {p.reason}"))
-            case ev.SessionCancelled():
-                timeline.append(Note(e.seq, e.type, p.reason))
-            case _:  # RetryScheduled, ModelFallback and types added later
-                timeline.append(Note(e.seq, e.type, _payload_text(p)))
+                timeline.append(Note(e.seq, e.type, summary(p)))
+                errors.append(Note(e.seq, e.type, summary(p)))
+            case _:  # start, goal, messages, retries, fallbacks, the end, and types added later
+                timeline.append(Note(e.seq, e.type, summary(p)))
     totals.steps = len(steps)
     totals.input_tokens, totals.output_tokens = state.input_tokens, state.output_tokens
     if events:
@@ -312,7 +291,7 @@ def render(report: ReplayReport, *, width: int = 100, max_lines: int | None = No
     lines += body
     if report.errors:
         lines.append(f"errors ({len(report.errors)}):")
-        lines += [f"  seq {e.seq:>5}  {e.type}  {_short(e.text, width - 30)}" for e in report.errors]
+        lines += [f"  seq {e.seq:>5}  {e.type}  {short(e.text, width - 30)}" for e in report.errors]
     else:
         lines.append("errors: none")
     lines.append(
@@ -323,9 +302,9 @@ def render(report: ReplayReport, *, width: int = 100, max_lines: int | None = No
     )
     status = f"status: {st.status}"
     if st.answer is not None:
-        status += f" · answer {_short(repr(st.answer), width - 20)}"
+        status += f" · answer {short(repr(st.answer), width - 20)}"
     if st.error:
-        status += f" · error {_short(st.error, width - 20)}"
+        status += f" · error {short(st.error, width - 20)}"
     lines.append(status)
     return "\n".join(lines)
 
@@ -333,7 +312,7 @@ def render(report: ReplayReport, *, width: int = 100, max_lines: int | None = No
 def _line(item: ModelCall | ToolCallView | Note, width: int) -> str:
     if isinstance(item, Note):
         prefix = f"{item.seq:>11}  {_LABEL.get(item.type, item.type):<6} "
-        return prefix + _short(item.text, width - len(prefix))
+        return prefix + short(item.text, width - len(prefix))
     seqs = f"{item.request_seq}→{item.result_seq if item.result_seq is not None else '…'}"
     if isinstance(item, ModelCall):
         prefix = f"{seqs:>11}  model  "
@@ -347,16 +326,16 @@ def _line(item: ModelCall | ToolCallView | Note, width: int) -> str:
             what = "calls " + "; ".join(item.tool_calls) if item.tool_calls else f"says {item.text!r}"
             text += (f" · {item.latency_ms} ms · {item.input_tokens}+{item.output_tokens} tok · "
                      f"{item.mode} · {what}")
-        return prefix + _short(text, width - len(prefix))
+        return prefix + short(text, width - len(prefix))
     prefix = f"{seqs:>11}  tool   "
-    text = _call(item.name, item.arguments_json)
+    text = call_text(item.name, item.arguments_json)
     if item.ok is None:
         text += " · no result"
     elif not item.ok:
         text += f" · FAILED {item.error_kind}: {item.error} · {item.latency_ms} ms"
     else:
         text += f" → {item.result!r} · {item.latency_ms} ms"
-    return prefix + _short(text, width - len(prefix))
+    return prefix + short(text, width - len(prefix))
 
 
 _LABEL = {
@@ -364,22 +343,3 @@ _LABEL = {
     "SessionFinished": "done", "SessionFailed": "FAILED", "SessionCancelled": "cancel",
     "RetryScheduled": "retry", "ModelFallback": "fallbk",
 }
-
-
-def _call(name: str, arguments_json: str) -> str:
-    try:
-        args = json.loads(arguments_json)
-    except ValueError:
-        return f"{name}({arguments_json})"
-    if isinstance(args, dict):
-        return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in args.items()) + ")"
-    return f"{name}({arguments_json})"
-
-
-def _payload_text(p: ev.Payload) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in p.model_dump().items())
-
-
-def _short(text: str, width: int) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= width else text[: max(1, width - 1)] + "…"

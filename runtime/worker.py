@@ -1,63 +1,8 @@
-"""A worker: processors driven by a log subscription instead of by the embedded runtime.
+"""The subscription driver: processors run by a log subscription (Kafka, or SQLite's).
 
-`Worker(log, processors, group)` subscribes to the log as consumer group `group` and, for
-each delivered event, runs the processors whose `triggers` hold its type: the same plain
-handlers `Runtime` uses in-process, here as an independent process over Kafka (or over
-SQLite, whose `subscribe` works the same way). Several workers with different groups (an
-orchestrator, a model worker, a tool worker) together drive every session.
-
-Per delivery
-------------
-1. The session's state is folded to the **head of the log** (a per-session cache, folded
-   incrementally from `log.read(session, cache.next_seq)`), never just up to the delivered
-   event: the orchestrator decides only when the event is the head, and the model/tool
-   processors skip requests that the head shows answered.
-2. Each matching processor's `handle(event, state)` runs in a thread pool (`concurrency`
-   threads), so a slow model or tool call of one session does not hold the other sessions
-   of its partition. Deliveries of one session run one after another, in log order.
-3. Emits become events with `runtime.build_events` (ids derived from the cause), checked
-   against the `transitions` machine, and are appended with optimistic concurrency
-   (`expected_seq = state.next_seq`). `DuplicateEvent`: someone (a redelivery, another
-   member of the group) wrote this very fact already: refresh, drop. `ConcurrencyError`:
-   another writer moved the session; refresh, and if the cause is still owed
-   (`state.open_work`, e.g. a second tool call of the same reply), append the same emits
-   after the new head (same ids, no re-execution); otherwise drop: whatever was written
-   is delivered to its own handlers, and the orchestrator decides again on it.
-4. A session waiting on the clock (`state.wake_at_ms`, backing off before a retry) keeps
-   its delivery open and is handled again at that time, without a thread waiting.
-5. Offsets: a delivery's position is committed only when it and every earlier delivery
-   of its partition are finished (done, not waiting, not failing). So a crash at any
-   point redelivers everything unfinished: at-least-once. Redelivery is harmless:
-   deterministic ids make a repeated append a `DuplicateEvent`, the processors' "already
-   answered" checks skip requests that have a result, and the orchestrator ignores any
-   event that is not the head. A handler that raises is retried with backoff (its
-   partition's commits wait; after `max_attempts` a handler bug is logged, skipped, and
-   its session ends with a SessionFailed that names it (error_kind "internal"), while
-   errors of the log or broker (`LogError`) are retried for ever).
-
-Why not Kafka transactions
---------------------------
-Exactly-once on Kafka is "consume-transform-produce" in one transaction: produce the
-emitted events and commit the consumer offset atomically (`send_offsets_to_transaction`).
-Where that fits, publishing results, it is available opt-in: `kafka://…?results=transactional`
-runs `kafka/relay.py`'s TransactionalResultsRelay. For a worker the place would be around
-step 3 + the commit of step 5, per delivery. It is not used there, because (see `kafka/log.py`) on the Tansu broker `read_committed` consumers
-still saw the records of aborted transactions and an open transaction was never timed out,
-so transactions bought nothing there and could wedge a partition; and even on real Kafka a
-transaction cannot express "append only if the session is at seq N", which the acceptance
-rule of `KafkaLog` provides. Instead: an idempotent producer (`enable.idempotence`,
-acks=all: no duplicates from producer retries), deterministic event ids, first-writer-wins
-acceptance in every reader, and commit-after-handling. The visible result is the same as
-effectively-once: a crash can make a handler run twice (a model call may be paid twice, a
-read-only tool re-run), but the log keeps one copy of each fact. On real Kafka, a
-transactional producer (`transactional.id` per worker and partition) would additionally
-hide a losing racer's records from `read_committed` readers and make the offset commit
-atomic with the append; the acceptance rule would still be needed for seq conflicts.
-
-Stopping: `stop()` (SIGTERM/SIGINT via `install_signal_handlers`) stops polling, lets the
-running handlers finish (up to `drain_timeout`), commits what is finished and closes the
-subscription; a delivery still waiting on the clock is left uncommitted and redelivered
-to the next worker.
+It only moves events: per-session ordering, clock waits, commit after handling, poison
+handling. What is dispatched is the shared rule (`runtime/dispatch.py`), what is written
+goes through the session writer; docs/architecture.md#the-worker says how and why.
 """
 from __future__ import annotations
 
@@ -68,28 +13,21 @@ import signal
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.fsm import machine_next_state
-from loopstream.core.log import (
-    ConcurrencyError,
-    Delivery,
-    DuplicateEvent,
-    Log,
-    LogError,
-)
-from loopstream.core.processor import Emit, Processor
+from loopstream.core.log import Delivery, Log, LogError
+from loopstream.core.processor import Emit, Observer, Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import SessionState, fold, open_work
-from loopstream.runtime.inline import build_events
+from loopstream.runtime.dispatch import Dispatch
+from loopstream.runtime.writer import Clock, EventCallback, SessionWriter, Written
 
 logger = logging.getLogger("loopstream.worker")
 
-EventCallback = Callable[[ev.Event], None]
 DONE = "done"
 
 
@@ -152,12 +90,14 @@ class WorkerStats:
 
 
 class Worker:
-    """Run `processors` over `log` as consumer group `group` (see the module docstring)."""
+    """Run `processors` (and observers) over `log` as consumer group `group`: each delivered
+    event that is owed to one of their actors is dispatched, one session's deliveries in log
+    order, different sessions in parallel (`concurrency` threads)."""
 
     def __init__(
         self,
         log: Log,
-        processors: Sequence[Processor],
+        processors: Sequence[Processor | Observer],
         group: str,
         concurrency: int = 8,
         *,
@@ -170,15 +110,16 @@ class Worker:
         drain_timeout: float = 30.0,
         retry_delays: Sequence[float] = (0.2, 0.5, 1, 2, 5, 10, 30),
         max_attempts: int = 10,
+        clock: Clock = ev.now_ms,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
         self.log, self.group = log, group
         self.processors = list(processors)
-        self.triggers = frozenset().union(*(p.triggers for p in self.processors)) if self.processors else frozenset()
+        self.dispatch = Dispatch(self.processors)
+        self.triggers = self.dispatch.triggers
         self.concurrency = concurrency
-        self.secrets = secrets if isinstance(secrets, Mapping) else tuple(secrets)
-        self.on_event = on_event
+        self.writer = SessionWriter(log, secrets=secrets, on_event=on_event, clock=clock)
         self.poll_max, self.poll_timeout = poll_max, poll_timeout
         self.max_buffered, self.cache_size = max_buffered, cache_size
         self.drain_timeout = drain_timeout
@@ -345,61 +286,43 @@ class Worker:
 
     def _handle(self, event: ev.Event) -> str | tuple[str, float]:
         state = self.state(event.session_id)
-        acted = False
-        for proc in self.processors:
-            if event.type not in proc.triggers:
-                continue
-            emits = proc.handle(event, state)
-            self.stats.add(f"handled.{proc.name}")
-            if emits:
-                acted = True
-                state = self._append(state, event, emits, proc.name)
-        # Waiting on the clock: the head (a model retry), or an owed event such as a tool
-        # retry that is not due yet; handled again when it is.
-        if state.wake_at_ms is not None and not acted and (event.seq == state.seq or event.seq in open_work(state)):
-            self.stats.add("clock_waits")
-            delay = max(0.0, (state.wake_at_ms - ev.now_ms()) / 1000) + 0.005
-            return ("wake", time.monotonic() + delay)
+        item = self.dispatch.owed(state, event.seq)  # None: not owed (any more), or not ours
+        if item is not None:
+            now = self.writer.clock()
+            if not item.due(now):  # a retry's backoff: handled again when it is due
+                self.stats.add("clock_waits")
+                return ("wake", time.monotonic() + (item.not_before_ms - now) / 1000 + 0.005)
+            self.stats.add(f"handled.{item.actor}")
+            for written in self.dispatch.act(self.writer, state, item, event, now):
+                state = self._count(written)
+        for observer in self.dispatch.observers:
+            if event.type in observer.triggers:
+                observer.handle(event, state)
         return DONE
+
+    def _count(self, written: Written) -> SessionState:
+        if written.appended:
+            self.stats.add("appended", len(written.events))
+        else:
+            self.stats.add("duplicates" if written.outcome == "duplicate" else "dropped")
+        if written.conflicts:
+            self.stats.add("conflicts", written.conflicts)
+        self._remember(written.state)
+        return written.state
 
     def _fail_session(self, cause: ev.Event, reason: str) -> None:
         """End a session whose owed work (`cause`) a handler cannot do, unless it has moved on."""
         try:
             state = self.refresh(cause.session_id)
-            if state.terminal or (cause.seq != state.seq and cause.seq not in open_work(state)):
+            item = next((o for o in open_work(state) if o.seq == cause.seq), None)
+            if item is None:
                 return
-            self._append(state, cause, [Emit(ev.SessionFailed(reason=reason, error_kind="internal"),
-                                             key="handler-failed")], self.group)
-            self.stats.add("sessions_failed")
+            failed = ev.SessionFailed(reason=reason, error_kind="internal")
+            if self._count(self.writer.emit(state, item, cause, [Emit(failed, key="handler-failed")],
+                                            self.group)).terminal:
+                self.stats.add("sessions_failed")
         except Exception as exc:  # the log is down too: the session stays as it is
             logger.error("%s: could not end session %s: %s", self.group, cause.session_id, exc)
-
-    def _append(self, state: SessionState, cause: ev.Event, emits: Sequence[Emit], actor: str) -> SessionState:
-        for _ in range(8):
-            batch = build_events(state, cause, emits, actor, self.secrets)
-            try:
-                preview = fold(batch, state, transition=machine_next_state)
-            except Exception as exc:  # illegal after all: a bug, never stored (retried, then the session fails)
-                self.stats.add("illegal")
-                raise RuntimeError(f"{actor} emitted an illegal batch: {exc}") from exc
-            try:
-                self.log.append(state.session_id, batch, state.next_seq)
-            except DuplicateEvent:
-                self.stats.add("duplicates")
-                return self.refresh(state.session_id)
-            except ConcurrencyError:
-                self.stats.add("conflicts")
-                state = self.refresh(state.session_id)
-                if cause.seq in open_work(state):
-                    continue  # still owed: the same facts after the new head
-                return state
-            self._remember(preview)
-            self.stats.add("appended", len(batch))
-            if self.on_event:
-                for e in batch:
-                    self.on_event(e)
-            return preview
-        raise LogError(f"session {state.session_id}: {actor}'s append for seq {cause.seq} kept conflicting")
 
     # -- state cache ------------------------------------------------------------------
     def state(self, session_id: str) -> SessionState:

@@ -1,8 +1,9 @@
 """Small builders shared by tests (real components only: no fakes of our own parts)."""
 from __future__ import annotations
 
+from loopstream.core import codec
 from loopstream.core import events as ev
-from loopstream.core.codec import REGISTRY
+from loopstream.core.codec import REGISTRY, CodecError
 
 SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.SessionStarted(agent="a", provider="scripted", model="m", system_prompt="be brief",
@@ -50,3 +51,17 @@ def make_event(payload: ev.Payload, session_id: str = "s1", seq: int = 0, **kw) 
 
 def goal_events(session_id: str, start: int, n: int) -> list[ev.Event]:
     return [make_event(ev.GoalReceived(text=f"goal {start + i}"), session_id, start + i) for i in range(n)]
+
+
+def assert_read_like_fastavro(event: ev.Event, data: bytes) -> None:
+    """`event`, what `codec.decode` made of `data` (bytes that may be corrupt), is what
+    fastavro, the codec of record, reads there, a payload of the class its type names at
+    the newest version, and it survives its own round trip: what a wrong decode breaks."""
+    try:
+        reference = codec._decode_fastavro(data)
+    except CodecError as exc:
+        raise AssertionError(f"decode accepted bytes that fastavro rejects ({exc}): {event!r}") from None
+    assert event == reference
+    assert type(event.payload) is ev.PAYLOAD_TYPES[event.type]
+    assert event.schema_version == REGISTRY.latest(event.type)
+    assert codec.decode(codec.encode(event)) == event

@@ -86,13 +86,23 @@ def test_array_blocks_with_a_byte_size_are_read() -> None:
     assert schemaless_reader(io.BytesIO(data), parse_schema(schema)) == {"a": [1, 2, 3]}
 
 
-@pytest.mark.parametrize("data, why", [
-    (bytes([1]), "negative length"),  # zigzag 1 = -1
-    (bytes([4, 0x61]), "truncated"),  # a 2-byte string with 1 byte left: the caller sees end > len
-    (bytes([0xFF] * 11), "varint longer than 10 bytes"),
-])
-def test_bad_bytes_are_an_error_or_end_past_the_data(data: bytes, why: str) -> None:
-    read = compile_reader({"type": "record", "name": "S", "fields": [{"name": "s", "type": "string"}]})
+STRING = {"type": "record", "name": "S", "fields": [{"name": "s", "type": "string"}]}
+LONG_THEN_STRING = {"type": "record", "name": "LS", "fields": [{"name": "l", "type": "long"},
+                                                               {"name": "s", "type": "string"}]}
+
+
+@pytest.mark.parametrize("schema, data, why", [
+    (STRING, bytes([1]), "negative length"),  # zigzag 1 = -1; read as a length of 0, it would end at the end
+    (STRING, bytes([4, 0x61]), "truncated"),  # a 2-byte string with 1 byte left: the caller sees end > len
+    # An 11-byte varint (the 10th byte still says "more"), then a 1-byte string: cut after 10
+    # bytes, the rest would read as the string and end exactly at the end, silently wrong.
+    (LONG_THEN_STRING, bytes([0xFF] * 9 + [0x81, 0x02, 0x61]), "varint longer than 10 bytes"),
+    # A 10-byte varint whose last byte sets bits above 63: fastavro wraps it to 64 bits, so a
+    # value read past them would differ from the codec of record.
+    (LONG_THEN_STRING, bytes([0x80] * 9 + [0x02, 0x02, 0x61]), "varint beyond 64 bits"),
+], ids=["negative length", "truncated", "varint longer than 10 bytes", "varint beyond 64 bits"])
+def test_bad_bytes_are_an_error_or_end_past_the_data(schema: dict, data: bytes, why: str) -> None:
+    read = compile_reader(schema)
     try:
         _, end = read(data, 0)
     except (ValueError, IndexError):

@@ -8,6 +8,7 @@ from loopstream.processors.compaction import compaction_range
 from loopstream.providers.base import Message, ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.providers.tokens import estimate_tokens
+from loopstream.replay import check_determinism
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
 
@@ -39,6 +40,8 @@ def test_long_session_stays_under_budget_through_compaction(tmp_path) -> None:
     events = log.read(state.session_id)
     compactions = [e for e in events if e.type == "ContextCompacted"]
     assert len(compactions) >= 3
+    # The decisions to compact are re-made by the driver from the log (summaries taken from it).
+    assert check_determinism(log, state.session_id).ok
     # Every model call saw a context within budget, while the whole transcript is far over it.
     sizes = [estimate_tokens(c, "scripted") for c in contexts]
     assert max(sizes) <= BUDGET, sizes

@@ -26,6 +26,7 @@ def test_state_diagram_matches_the_table() -> None:
 def test_every_event_type_is_documented() -> None:
     rows = re.findall(r"^\| (\w+) \|", between(ARCH, "events"), re.M)
     assert set(rows) - {"event"} == set(ev.PAYLOAD_TYPES)
+    assert between(ARCH, "events").strip() == ev.events_table()  # python -m loopstream.core.fsm docs/architecture.md
 
 
 def _layout_rows() -> dict[str, tuple[str, str]]:
@@ -73,3 +74,13 @@ def test_readme_policy_example_loads(tmp_path) -> None:
     assert decide(policy["permissions"], "shell", {"command": "ls"}).action == "allow"
     assert decide(policy["permissions"], "write_file", {"path": "a"}).action == "ask"
     assert policy["guardrails"]["review_tool_calls"] is True
+
+
+def test_the_console_script_points_at_a_real_function() -> None:
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name

@@ -1,44 +1,146 @@
-"""The state machine table: legal moves, rejected illegal ones, and the `transitions`
-machine agreeing with the compiled lookup the fold uses."""
+"""The state machine table: legal moves, rejected illegal ones, who acts in each state, and
+the lookup the fold and the live check use agreeing with the `transitions` machine itself."""
 from __future__ import annotations
 
 import itertools
 
 import pytest
+import transitions
 
 from loopstream.core import events as ev
+from loopstream.core import fsm
+from loopstream.core.conversation import ToolCall
 from loopstream.core.fsm import (
+    CONDITIONS,
+    LEGAL,
+    MACHINE,
     STATES,
     TERMINAL,
     TRANSITIONS,
+    UNCONDITIONAL,
     IllegalTransition,
-    machine_next_state,
+    Status,
     mermaid,
     next_state,
+    owed_by,
 )
-from loopstream.core.state import SessionState, apply, fold
-from loopstream.providers.base import ToolCall
+from loopstream.core.state import PendingCall, SessionState, apply, fold
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
 BY_TYPE = {p.TYPE: p for p in SAMPLE_PAYLOADS}
+ADD = ToolCall(call_id="c0", name="add")
 
 
-def _state(status: str, pending: int) -> SessionState:
+def _state(status: Status, holds: dict[str, bool]) -> SessionState:
+    """A folded state in `status` where each condition of the table holds or not, as asked."""
     s = SessionState(status=status)
-    s.pending_calls = {f"c{i}": ToolCall(call_id=f"c{i}", name="add") for i in range(pending)}
+    if not holds["tools_settled"]:
+        s.pending_calls = {"c0": PendingCall(ADD, 0)}
+    if not holds["no_open_approvals"]:  # an open approval is a pending call's: it is never settled
+        s.pending_calls = {"c0": PendingCall(ADD, 0, approval="rule 1: ask add")}
+    if not holds["reply_without_calls"]:
+        s.last_reply_parsed = {"c0": ("{}", ADD)}
+    assert {name: cond(s) for name, cond in CONDITIONS.items()} == holds
     return s
 
 
-@pytest.mark.parametrize(("status", "event_type", "pending"),
-                         list(itertools.product(STATES, sorted(ev.PAYLOAD_TYPES), (0, 1))))
-def test_transitions_machine_agrees_with_compiled_table(status: str, event_type: str, pending: int) -> None:
-    def answer(fn):
-        try:
-            return fn(_state(status, pending), event_type)
-        except IllegalTransition:
-            return "illegal"
+class _Model:
+    """What `transitions` moves: a state attribute, and the table's conditions as methods."""
 
-    assert answer(next_state) == answer(machine_next_state)
+    def __init__(self, session: SessionState) -> None:
+        self.session = session
+
+    def __getattr__(self, name: str):
+        if name in CONDITIONS:
+            return lambda: CONDITIONS[name](self.session)
+        raise AttributeError(name)
+
+
+def _machine_answer(session: SessionState, event_type: str) -> str:
+    """Trigger the one machine on a model of `session`: where it went, or "illegal"."""
+    model = _Model(session)
+    MACHINE.add_model(model, initial=Status(session.status))
+    try:
+        moved = model.trigger(event_type)
+    except (transitions.MachineError, AttributeError):
+        return "illegal"
+    finally:
+        MACHINE.remove_model(model)
+    return str(model.state) if moved else "illegal"
+
+
+def _fold_answer(session: SessionState, event_type: str) -> str:
+    """What `apply` decides for this state: LEGAL first, then the unconditional shortcut,
+    then the conditional rows (`next_state`)."""
+    key = (session.status, event_type)
+    if key not in LEGAL:
+        return "illegal"
+    if key in UNCONDITIONAL:
+        return str(UNCONDITIONAL[key])
+    try:
+        return str(next_state(session, event_type))
+    except IllegalTransition:
+        return "illegal"
+
+
+def _lookup_answer(session: SessionState, event_type: str) -> str:
+    try:
+        return str(next_state(session, event_type))
+    except IllegalTransition:
+        return "illegal"
+
+
+# Every combination of the conditions a state can have (an open approval belongs to a pending call,
+# so "no open approvals" fails only where "tools settled" fails too).
+HOLDS = [h for values in itertools.product((True, False), repeat=len(CONDITIONS))
+         if not ((h := dict(zip(CONDITIONS, values, strict=True)))["tools_settled"] and not h["no_open_approvals"])]
+
+
+@pytest.mark.parametrize("status", list(Status))
+def test_the_fold_lookup_answers_as_the_transitions_machine_on_every_state_event_and_condition(status) -> None:
+    disagree = []
+    for event_type, holds in itertools.product(sorted(ev.PAYLOAD_TYPES), HOLDS):
+        machine = _machine_answer(_state(status, holds), event_type)
+        for name, answer in (("fold", _fold_answer), ("next_state", _lookup_answer)):
+            mine = answer(_state(status, holds), event_type)
+            if mine != machine:
+                disagree.append((event_type, holds, name, mine, machine))
+    assert not disagree
+
+
+def test_the_machine_is_built_once_and_the_live_check_builds_none(monkeypatch) -> None:
+    def no_machine(*args, **kwargs):
+        raise AssertionError("a transitions.Machine was built")
+
+    monkeypatch.setattr(transitions.Machine, "__init__", no_machine)
+    order = ["SessionStarted", "GoalReceived", "ModelRequested", "ModelResponded", "ToolRequested"]
+    state = fold([make_event(BY_TYPE[t], seq=i) for i, t in enumerate(order)], transition=fsm.machine_next_state)
+    assert state.status == "awaiting_tools"
+    with pytest.raises(IllegalTransition):
+        apply(state, make_event(BY_TYPE["SessionStarted"], seq=5), fsm.machine_next_state)
+
+
+def test_owed_by_says_who_acts_in_each_state() -> None:
+    assert {s: owed_by(s) for s in Status} == {
+        "new": None, "idle": None, "done": None, "failed": None, "cancelled": None,
+        "planning": "orchestrator", "acting": "orchestrator", "backing_off": "orchestrator",
+        "awaiting_model": "model", "compacting": "compaction", "awaiting_tools": "tools",
+        "awaiting_approval": "person",
+    }
+    assert fsm.also_owed_by("awaiting_approval") == "tools"  # the calls not waiting on a person
+    assert {s for s in Status if fsm.also_owed_by(s)} == {"awaiting_approval"}
+    assert owed_by(Status.PLANNING) == owed_by("planning")
+
+
+def test_states_are_the_strings_sessions_always_stored() -> None:
+    assert Status.AWAITING_TOOLS == "awaiting_tools" and repr(Status.DONE) == "'done'"
+    assert [row.status for row in STATES] == list(Status)
+    state = fold([make_event(BY_TYPE[t], seq=i) for i, t in enumerate(["SessionStarted", "GoalReceived"])])
+    assert state == SessionState(**{**vars_of(state), "status": "planning"})
+
+
+def vars_of(state: SessionState) -> dict:
+    return {name: getattr(state, name) for name in state.__slots__}
 
 
 def test_happy_path_walks_the_table() -> None:
@@ -70,6 +172,8 @@ def test_illegal_event_is_rejected_with_a_clear_error_and_state_untouched() -> N
     with pytest.raises(IllegalTransition, match=r"event ModelResponded is not legal in state 'idle' at seq 1"):
         apply(state, make_event(BY_TYPE["ModelResponded"], seq=1))
     assert (state.status, state.seq, list(state.messages)) == before
+    with pytest.raises(IllegalTransition, match=r"^event ToolCompleted is not legal in state 'acting'$"):
+        next_state(SessionState(status=Status.ACTING), "ToolCompleted")
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
@@ -79,9 +183,23 @@ def test_nothing_follows_a_terminal_state(terminal: str) -> None:
             next_state(SessionState(status=terminal), t)
 
 
-def test_every_state_is_reachable_and_drawn() -> None:
+def test_every_state_is_reachable_every_event_type_has_a_row_and_the_diagram_says_who_acts() -> None:
     dests = {d for _, _, d, _ in TRANSITIONS} | {"new"}
-    assert dests == set(STATES)
+    assert dests == set(Status)
+    assert {t for t, *_ in TRANSITIONS} == set(ev.PAYLOAD_TYPES)
     diagram = mermaid()
-    for s in STATES:
-        assert s in diagram
+    for row in STATES:
+        assert f"    {row.status} : " in diagram
+    assert "    awaiting_approval : owed by person and tools (" in diagram
+    assert "    planning : owed by orchestrator (" in diagram
+
+
+def test_an_event_refused_by_its_condition_leaves_the_state_untouched() -> None:
+    """(acting, UserMessage) is legal only if the last reply had no calls: a condition read
+    once the payload is applied; the refused message must not reach the conversation."""
+    order = ["SessionStarted", "GoalReceived", "ModelRequested", "ModelResponded"]  # the reply has a call
+    state = fold([make_event(BY_TYPE[t], seq=i) for i, t in enumerate(order)])
+    before = (state.status, state.seq, list(state.messages))
+    with pytest.raises(IllegalTransition, match=r"event UserMessage is not legal in state 'acting' at seq 4"):
+        apply(state, make_event(BY_TYPE["UserMessage"], seq=4))
+    assert (state.status, state.seq, list(state.messages)) == before

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from loopstream.core.log import DuplicateEvent
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -11,7 +12,9 @@ from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import ModelReply, ProviderError, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.dispatch import Dispatch
 from loopstream.runtime.inline import SessionConfig
+from loopstream.runtime.writer import build_events
 from loopstream.tools import default_registry, tool
 
 
@@ -147,11 +150,8 @@ def test_redelivered_request_does_not_produce_a_second_result(log) -> None:
     # has the same deterministic id, and the log refuses the copy.
     then = fold(events[: request.seq + 1])
     model = ModelProcessor(provider, default_registry().specs())
-    emits = model.handle(request, then)
-    from loopstream.core.log import DuplicateEvent
-    from loopstream.runtime.inline import build_events
-
-    dup = build_events(then, request, emits, "model")
+    emits = model.handle(request, then, request.time)
+    dup = build_events(then, request.event_id, emits, "model")
     assert dup[0].event_id == events[request.seq + 1].event_id
     with pytest.raises(DuplicateEvent):
         log.append(sid, dup, then.next_seq)
@@ -165,12 +165,19 @@ def test_repeated_idempotency_key_starts_nothing_new(log) -> None:
     assert a == b and len(log.read(a)) == 2 and len(log.sessions()) == 1
 
 
-def test_processors_only_act_on_what_is_still_owed(log) -> None:
+def test_nothing_is_dispatched_for_what_is_no_longer_owed(log) -> None:
+    """Once the session is done, no event of its log is owed: the dispatch rule hands none
+    of them to a processor (the processors themselves no longer check)."""
     rt = build_runtime(log, ScriptedProvider(adder_script(1)))
     state = rt.run_session(rt.start_session("x", config()))
+    dispatch = Dispatch([Orchestrator(), ModelProcessor(ScriptedProvider(adder_script(1)), []),
+                         ToolProcessor(default_registry())])
+    assert dispatch.actors == {"orchestrator", "model", "tools"}
+    assert [e.seq for e in log.read(state.session_id) if dispatch.owed(state, e.seq)] == []
+    # Before the end, exactly one event at a time was owed: the one the next batch answers.
     events = log.read(state.session_id)
-    for proc in (Orchestrator(), ModelProcessor(ScriptedProvider(adder_script(1)), []), ToolProcessor(default_registry())):
-        for e in events:
-            if e.type in proc.triggers:
-                assert proc.handle(e, state) == [], (proc.name, e.type)
-
+    for e in events[2:]:
+        before = fold(events[: e.seq])
+        owed = dispatch.owed(before, next(c.seq for c in events if c.event_id == e.causation_id))
+        assert owed is not None and owed.actor == {"orchestrator": "orchestrator", "model": "model",
+                                                   "tools": "tools"}[e.actor], (e.seq, e.type)

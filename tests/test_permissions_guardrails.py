@@ -16,6 +16,7 @@ from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.processors.guardrails import GuardrailError, validate_guardrails
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.replay import check_determinism
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.permissions import PolicyError, decide, load_policy
@@ -87,8 +88,8 @@ def test_ask_rule_waits_for_a_person(log, approved) -> None:
     state = rt.run_session(sid)
     assert state.status == "awaiting_approval" and list(state.open_approvals) == ["s1.0.1"]
     assert types(log, sid)[-1] == "ApprovalRequested" and "ToolCompleted" not in types(log, sid)
-    rt.record(sid, [ev.ApprovalDecided(call_id="s1.0.1", approved=approved, by="person:test", reason="no")],
-              actor="person:test", key="s1.0.1")
+    rt.writer.record(sid, [ev.ApprovalDecided(call_id="s1.0.1", approved=approved, by="person:test", reason="no")],
+                     actor="person:test", key="s1.0.1")
     state = rt.run_session(sid)
     assert state.status == "done"
     after = [e.type for e in log.read(sid)][types(log, sid).index("ApprovalDecided"):]
@@ -97,6 +98,8 @@ def test_ask_rule_waits_for_a_person(log, approved) -> None:
     else:
         assert after[:2] == ["ApprovalDecided", "ToolFailed"]
         assert "person:test denied this call: no" in state.messages[-2].content
+    # The person's decision is an input; the decisions around it are re-made by the driver.
+    assert check_determinism(log, sid).ok
 
 
 def wait_for(predicate, timeout=60.0):

@@ -16,6 +16,9 @@ from loopstream.core.codec import REGISTRY, decode, encode, seal
 from loopstream.core.processor import Emit
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
+from loopstream.processors.model import ModelProcessor
+from loopstream.processors.orchestrator import Orchestrator
+from loopstream.processors.tools import ToolProcessor
 from loopstream.providers.base import (
     Message,
     ModelReply,
@@ -39,7 +42,8 @@ from loopstream.replay import (
     verify,
 )
 from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import SessionConfig, build_events
+from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.runtime.writer import build_events
 from loopstream.tools import ToolRegistry, default_registry, tool
 
 STEPS_1000 = 249  # 2 + 4 * 249 + 3 = 1,001 events
@@ -527,9 +531,37 @@ def test_determinism_reports_a_decision_of_another_type(log, tmp_path) -> None:
     other.append(src, seal([e.model_copy(update={"chain_hash": None}) for e in events[:at]], None), 0)
     state = fold(other.read(src))
     wrong = ev.SessionFinished(answer="?", steps=1, input_tokens=0, output_tokens=0)
-    other.append(src, build_events(state, events[at - 1], [Emit(wrong)], "orchestrator"), at)
+    other.append(src, build_events(state, events[at - 1].event_id, [Emit(wrong)], "orchestrator", time_ms=1),
+                 at)
     d = check_determinism(other, src).divergence
     assert d is not None and d.seq == at and d.expected[0] == "ToolRequested" and d.recorded[0] == "SessionFinished"
+
+
+def test_determinism_re_makes_clock_decisions_at_the_recorded_time(log, tmp_path) -> None:
+    """The driver's clock is passed in: here each model call takes 10 s, so the wall-time
+    budget ends the session. The check re-makes that decision at the recorded time; moved
+    earlier (doctored), the same event is a decision the code would not make."""
+    clock = {"now": 1_700_000_000_000}
+    inner = adder_script(5)
+
+    def slow(messages):
+        clock["now"] += 10_000
+        return inner(messages)
+
+    registry = default_registry()
+    rt = Runtime(log, [Orchestrator(), ModelProcessor(ScriptedProvider(slow), registry.specs()),
+                       ToolProcessor(registry)], clock=lambda: clock["now"])
+    sid = rt.start_session("count", config(extra={"max_wall_seconds": 45}))
+    state = rt.run_session(sid)
+    assert state.status == "failed" and "time budget exhausted" in state.error
+    assert check_determinism(log, sid).ok
+    failed = log.read(sid)[-1]
+    doctored = SQLiteLog(tmp_path / "early.db")
+    copy_session(log, sid, doctored,
+                 lambda e: e if e.seq != failed.seq else e.model_copy(update={"time": state.started_ms + 1_000}))
+    d = check_determinism(doctored, sid).divergence
+    assert d is not None and d.seq == failed.seq and d.recorded[0] == "SessionFailed", d
+    assert d.expected is not None and d.expected[0] != "SessionFailed"
 
 
 # -- the same over Kafka -----------------------------------------------------------------------

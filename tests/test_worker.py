@@ -25,8 +25,8 @@ from loopstream.kafka.contract import (
 from loopstream.providers.base import ProviderError
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.runtime.assembly import processors_for
-from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.runtime.worker import Worker, _Partition
+from loopstream.runtime.writer import SessionConfig, SessionWriter
 
 CONFIG = SessionConfig(provider="scripted", model="scripted", tools=["add"])
 
@@ -65,8 +65,8 @@ def all_done(log: Log, sids: list[str]):
 
 def test_one_worker_all_processors(tmp_path: Path) -> None:
     log = SQLiteLog(tmp_path / "l.db")
-    rt = Runtime(log, [])
-    sids = [rt.start_session(f"goal {i}", CONFIG) for i in range(6)]
+    rt = SessionWriter(log)
+    sids = [rt.start(f"goal {i}", CONFIG) for i in range(6)]
     w = Worker(log, processors_for("all", provider=ScriptedProvider(adder_script(2))), "t.all", concurrency=4)
     run_workers([w], all_done(log, sids))
     for s in sids:
@@ -78,8 +78,8 @@ def test_one_worker_all_processors(tmp_path: Path) -> None:
 
 def test_separate_roles_and_redelivery(tmp_path: Path) -> None:
     log = SQLiteLog(tmp_path / "l.db")
-    rt = Runtime(log, [])
-    sids = [rt.start_session(f"goal {i}", CONFIG) for i in range(5)]
+    rt = SessionWriter(log)
+    sids = [rt.start(f"goal {i}", CONFIG) for i in range(5)]
     provider = ScriptedProvider(adder_script(3))
     workers = [Worker(log, processors_for(r, provider=provider), f"t.{r}") for r in ("orchestrator", "model", "tool")]
     run_workers(workers, all_done(log, sids))
@@ -97,9 +97,9 @@ def test_separate_roles_and_redelivery(tmp_path: Path) -> None:
 
 def test_concurrent_sessions_do_not_wait_for_a_slow_one(tmp_path: Path) -> None:
     log = SQLiteLog(tmp_path / "l.db")
-    rt = Runtime(log, [])
-    slow = rt.start_session("slow", CONFIG)
-    fast = [rt.start_session(f"fast {i}", CONFIG) for i in range(3)]
+    rt = SessionWriter(log)
+    slow = rt.start("slow", CONFIG)
+    fast = [rt.start(f"fast {i}", CONFIG) for i in range(3)]
     release = threading.Event()
     inner = adder_script(1)
 
@@ -140,7 +140,7 @@ def test_backoff_waits_on_the_clock(tmp_path: Path) -> None:
         return inner(messages)
 
     config = SessionConfig(provider="scripted", model="scripted", tools=["add"], extra={"retry_base_ms": 400})
-    sid = Runtime(log, []).start_session("g", config)
+    sid = SessionWriter(log).start("g", config)
     w = Worker(log, processors_for("all", provider=ScriptedProvider(script)), "t.backoff")
     run_workers([w], all_done(log, [sid]))
     types = [e.type for e in log.read(sid)]
@@ -183,13 +183,13 @@ def test_kafka_url() -> None:
 
 def test_a_handler_bug_is_retried_then_its_session_fails_saying_why(tmp_path: Path) -> None:
     log = SQLiteLog(tmp_path / "l.db")
-    rt = Runtime(log, [])
-    bad, good = rt.start_session("bad", CONFIG), rt.start_session("good", CONFIG)
+    rt = SessionWriter(log)
+    bad, good = rt.start("bad", CONFIG), rt.start("good", CONFIG)
 
     class Buggy:
-        name, triggers = "buggy", frozenset({"GoalReceived"})
+        name, acts_for, triggers = "buggy", "orchestrator", frozenset({"GoalReceived"})
 
-        def handle(self, event, state):
+        def handle(self, event, state, now_ms):
             if state.goal == "bad":
                 raise RuntimeError("bug")
             return []

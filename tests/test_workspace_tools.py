@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 
 from loopstream.core.sqlite_log import SQLiteLog
-from loopstream.core.state import fold, open_work
-from loopstream.processors.tools import ToolProcessor
+from loopstream.core.state import Owed, fold, open_work
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider
 from loopstream.replay.rollback import RollbackError, rollback
 from loopstream.runtime.assembly import build_runtime
-from loopstream.runtime.inline import RuntimeStuck, SessionConfig
+from loopstream.runtime.inline import SessionConfig
 from loopstream.tools import ToolContext, ToolError, default_registry
 from loopstream.tools.checkpoint import Workspace, checkpoint_repo
 from loopstream.tools.workspace import side_effect_registry
@@ -177,18 +176,26 @@ def test_checkpoint_is_logged_before_each_write(log, work) -> None:
 def test_a_crash_after_the_checkpoint_runs_the_tool_once_on_resume(log, work) -> None:
     provider = ScriptedProvider([ModelReply(tool_calls=[write("w1", "a.txt", "v1")]), ModelReply(text="ok")])
     config = SessionConfig(provider="scripted", model="scripted", tools=["write_file"], workdir=str(work))
-    rt = build_runtime(log, provider, default_registry(allow_writes=True))
+
+    class Crash(Exception):
+        pass
+
+    def crash_after_checkpoint(event) -> None:  # the checkpoint is in the log, the tool has not run
+        if event.type == "WorkspaceCheckpointed":
+            raise Crash
+
+    rt = build_runtime(log, provider, default_registry(allow_writes=True), on_event=crash_after_checkpoint)
     sid = rt.start_session("write once", config)
-    with pytest.raises(RuntimeStuck):
-        rt.run_session(sid, max_events=4)  # stops right after the checkpoint is appended
+    with pytest.raises(Crash):
+        rt.run_session(sid)
     state = rt.load(sid)
     assert log.read(sid)[-1].type == "WorkspaceCheckpointed" and not (work / "a.txt").exists()
-    assert state.status == "awaiting_tools" and open_work(state) == [state.seq]  # owed: the checkpoint
-    # A redelivered ToolRequested neither checkpoints again nor runs the tool.
+    assert state.status == "awaiting_tools" and open_work(state) == [Owed(state.seq, "tools")]  # owed: the checkpoint
+    # A redelivered ToolRequested is not owed any more: no processor is called for it.
     requested = next(e for e in log.read(sid) if e.type == "ToolRequested")
-    assert ToolProcessor(default_registry(allow_writes=True)).handle(requested, state) == []
+    assert rt.dispatch.owed(state, requested.seq) is None
     final = build_runtime(log, provider, default_registry(allow_writes=True)).run_session(sid)
-    assert final.status == "done" and (work / "a.txt").read_text() == "v1"
+    assert final.status == "done" and (work / "a.txt").read_text() == "v1"  # idempotent: run after the crash
     types = [e.type for e in log.read(sid)]
     assert types.count("WorkspaceCheckpointed") == 1 and types.count("ToolCompleted") == 1
 
