@@ -9,8 +9,8 @@ duplicating it.
 """
 from __future__ import annotations
 
-import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -18,6 +18,7 @@ from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.fsm import machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, SessionNotFound
+from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit, Processor
 from loopstream.core.secrets import Secrets, redact
 from loopstream.core.state import SessionState, fold, open_work
@@ -40,7 +41,19 @@ class SessionConfig:
     agent: str = "default"
     max_steps: int = 12
     workdir: str = "."
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
+    """Budgets, retries, guardrails, permissions, …: core/policy.py (a dict is validated into one)."""
     extra: dict = field(default_factory=dict)
+    """Deprecated: the old flat config keys (`{"max_tokens": …}`), merged into `policy`."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, dict):
+            self.policy = parse_policy(self.policy, "SessionConfig.policy")
+        if self.extra:
+            warnings.warn("SessionConfig(extra=…) is deprecated: pass policy=SessionPolicy(…)",
+                          DeprecationWarning, stacklevel=3)
+            self.policy = self.policy.updated(from_legacy(self.extra), "SessionConfig.extra")
+            self.extra = {}
 
 
 def build_events(
@@ -110,7 +123,7 @@ class Runtime:
             tools=list(config.tools),
             max_steps=config.max_steps,
             workdir=config.workdir,
-            config_json=json.dumps(config.extra, sort_keys=True),
+            config_json=config.policy.to_config_json(),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         blank = SessionState(session_id=sid, correlation_id=corr)

@@ -244,7 +244,7 @@ def test_report_shows_model_calls_tool_calls_errors_and_totals(log) -> None:
                               input_tokens=20, output_tokens=8, mode="json_schema")
         return ModelReply(text="5", input_tokens=30, output_tokens=2)
 
-    sid = run(log, ScriptedProvider(script), extra={"retry_base_ms": 1, "retry_max_ms": 2})
+    sid = run(log, ScriptedProvider(script), policy={"retries": {"base_ms": 1, "max_ms": 2}})
     report = replay(log, sid)
     models = [i for i in report.timeline if type(i).__name__ == "ModelCall"]
     tools = [i for i in report.timeline if type(i).__name__ == "ToolCallView"]
@@ -486,8 +486,8 @@ def test_determinism_with_retries_backoff_and_fallback(log) -> None:
     def down(messages):
         raise ProviderError("503", retryable=True, status=503, kind="server_error")
 
-    sid = run(log, ScriptedProvider(down), extra={"retry_base_ms": 1, "retry_max_ms": 3, "max_model_attempts": 2,
-                                                  "fallback_models": ["small"]})
+    sid = run(log, ScriptedProvider(down), policy={"retries": {"base_ms": 1, "max_ms": 3, "max_model_attempts": 2},
+                                                   "fallback_models": ["small"]})
     types = [e.type for e in log.read(sid)]
     assert "RetryScheduled" in types and "ModelFallback" in types and types[-1] == "SessionFailed"
     assert check_determinism(log, sid).ok
