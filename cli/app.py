@@ -107,7 +107,7 @@ def run(
             prompt = system_prompt.read_text()
         except OSError as exc:
             raise UserError(f"cannot read --system-prompt {system_prompt}: {exc.strerror}") from None
-    session_policy = _policy(policy, max_tokens, max_seconds, context_budget)  # a bad policy file: before any log is opened
+    session_policy = _policy(policy, max_tokens, max_seconds, context_budget)  # a bad file: before any log opens
     log = open_log(bus, db)
     announce = None if quiet else lambda: err.print("[dim]starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…[/]")
     if allow_writes and (excluded := _log_inside(log, workdir)):  # never snapshot (nor restore) the log itself

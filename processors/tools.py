@@ -29,6 +29,7 @@ from pathlib import Path
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
+from loopstream.core.secrets import placeholders_from_outside, reveal
 from loopstream.core.state import SessionState
 from loopstream.processors.guardrails import check_tool_call, no_reviewer, review, reviewer_blocked
 from loopstream.processors.retry import retry_delay_ms
@@ -209,7 +210,9 @@ class ToolProcessor:
             state.policy.timeouts.tool_timeout_s)
         try:
             ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
-            result = _with_timeout(lambda: allowed.call(name, arguments, ctx), timeout)
+            args = reveal(arguments, placeholders_from_outside(state.messages)) \
+                if state.policy.secrets.reveal_to_tools else arguments  # the log keeps [REDACTED:NAME]
+            result = _with_timeout(lambda: allowed.call(name, args, ctx), timeout)
         except TimeoutError:
             return self._retry_or_fail(call_id, name, "timeout",
                                        f"{name} did not finish within {timeout:g}s (it may still be running)",

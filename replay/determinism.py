@@ -22,6 +22,7 @@ from loopstream.core.codec import CodecError, decode
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.processor import Emit
+from loopstream.core.secrets import cap
 from loopstream.core.state import SequenceGap, SessionState, apply
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.replay.chain import ChainReport, verify_raw
@@ -168,7 +169,7 @@ def _compare(emits: list[Emit], events: Sequence[ev.Event], i: int, status: str)
                           reason="the current code decides nothing here")
     for j, emit in enumerate(emits):
         k = i + 1 + j
-        expected = (emit.payload.TYPE, _dump(emit.payload))
+        expected = (emit.payload.TYPE, _dump(cap(emit.payload)))  # capped as the writer stores it
         if k >= len(events):
             return None  # the log ends inside this decision (a crash before the batch, or --to)
         rec = events[k]

@@ -22,7 +22,7 @@ from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, decode, seal
 from loopstream.core.fsm import IllegalTransition, machine_next_state
 from loopstream.core.log import Log, SessionNotFound
-from loopstream.core.secrets import redact
+from loopstream.core.secrets import sanitize
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.replay.chain import chain_hashes, verify_raw
 from loopstream.tools.builtin import default_registry
@@ -258,7 +258,7 @@ def _copy(prefix: Sequence[ev.Event], child: str) -> list[ev.Event]:
 
 
 def _event(session_id: str, seq: int, payload: ev.Payload, cause: str, actor: str) -> ev.Event:
-    payload = redact(payload)  # as build_events does: no secret value reaches the log
+    payload = sanitize(payload)  # as build_events does: no secret value, no unbounded text reaches the log
     return ev.Event(
         event_id=ev.derived_id(session_id, cause, payload.TYPE), session_id=session_id, seq=seq,
         type=payload.TYPE, time=ev.now_ms(), causation_id=cause, correlation_id=session_id, actor=actor,

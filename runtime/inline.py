@@ -20,7 +20,7 @@ from loopstream.core.fsm import machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, SessionNotFound
 from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit, Processor
-from loopstream.core.secrets import Secrets, redact
+from loopstream.core.secrets import Secrets, sanitize
 from loopstream.core.state import SessionState, fold, open_work
 
 EventCallback = Callable[[ev.Event], None]
@@ -62,8 +62,9 @@ def build_events(
 ) -> list[ev.Event]:
     """Envelopes for what a handler emitted, with ids derived from the cause.
 
-    Every payload passes `core.secrets.redact` here (secret-looking env vars,
-    LOOPSTREAM_SECRETS, and `secrets`), so no secret value reaches the log."""
+    Every payload passes `core.secrets.sanitize` here: secrets redacted (secret-looking env
+    vars, token shapes, LOOPSTREAM_SECRETS, and `secrets`) and every text field capped, so
+    no secret value and no unbounded text reaches the log."""
     cause_id = cause.event_id if cause else ""
     return chain(state, [
         ev.Event(
@@ -76,7 +77,7 @@ def build_events(
             correlation_id=state.correlation_id,
             actor=actor,
             schema_version=REGISTRY.latest(e.payload.TYPE),
-            payload=redact(e.payload, secrets),
+            payload=sanitize(e.payload, secrets),
         )
         for i, e in enumerate(emits)
     ])

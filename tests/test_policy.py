@@ -207,7 +207,8 @@ def test_an_agents_file_policy_is_validated_when_the_worker_starts(tmp_path) -> 
     from loopstream.runtime.assembly import AgentsFileError, default_agents
 
     agents = tmp_path / "agents.json"
-    agents.write_text(json.dumps({"careful": {"tools": ["add"], "policy": {"guardrails": {"review_tool_calls": True}}}}))
+    careful = {"tools": ["add"], "policy": {"guardrails": {"review_tool_calls": True}}}
+    agents.write_text(json.dumps({"careful": careful}))
     assert default_agents("scripted", "s", agents)["careful"].policy.guardrails.review_tool_calls is True
     agents.write_text(json.dumps({"careful": {"policy": {"guardrails": {"review_tool_call": True}}}}))
     with pytest.raises(AgentsFileError, match=r"agent 'careful': SessionConfig.policy: guardrails.review_tool_call: "
