@@ -477,6 +477,9 @@ def worker(
     provider: Annotated[Optional[str], typer.Option(help="anthropic | openai | local | scripted (as for `run`).")] = None,
     base_url: Annotated[Optional[str], typer.Option(help="OpenAI-compatible server URL.")] = None,
     action_mode: Annotated[Optional[str], typer.Option(help="native | json_schema | json_text.")] = None,
+    fallback_model: Annotated[Optional[list[str]], typer.Option(help="As for `run` (repeatable, in order); give the orchestrator the same ones: it records them in the sessions it starts.")] = None,
+    rpm: Annotated[Optional[float], typer.Option(min=0.1, help="Client-side limit of this process: model requests per minute.")] = None,
+    tpm: Annotated[Optional[float], typer.Option(min=1, help="Client-side limit of this process: model tokens per minute.")] = None,
     group_prefix: Annotated[Optional[str], typer.Option(help="Consumer groups are PREFIX.<role> (default: the bus's topic prefix, `loopstream`).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once (threads).")] = 8,
     agents: Annotated[Optional[Path], typer.Option(help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
@@ -502,7 +505,8 @@ def worker(
                   f"{' + goal intake ' + intake.group if intake else ''}[/]", highlight=False)
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
-                               action_mode=action_mode, group_prefix=group_prefix, concurrency=concurrency,
+                               action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
+                               group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
                                allow_writes=allow_writes)
     try:

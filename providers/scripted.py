@@ -65,12 +65,22 @@ def reviewer_script(allow: int = 1) -> Script:
     return script
 
 
-SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script}
+def down_script() -> Script:
+    """A model that is always down (a retryable 503), to exercise retries and fallbacks."""
+
+    def script(messages: list[Message]) -> ModelReply:
+        raise ProviderError("the scripted model is down", retryable=True, status=503, kind="server_error")
+
+    return script
+
+
+SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script, "down": down_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
     """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
-    `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call."""
+    `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
+    `down` → a model that always fails (retryable)."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:

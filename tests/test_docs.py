@@ -1,4 +1,4 @@
-"""docs/architecture.md stays true: its diagram and event list come from the code."""
+"""docs/architecture.md stays true: its diagram, event list and folder table come from the code."""
 from __future__ import annotations
 
 import re
@@ -9,6 +9,7 @@ import pytest
 
 from loopstream.core import events as ev
 from loopstream.core.fsm import mermaid
+from tests.test_layers import ALLOWED
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCH = (ROOT / "docs" / "architecture.md").read_text()
@@ -27,6 +28,29 @@ def test_state_diagram_matches_the_table() -> None:
 def test_every_event_type_is_documented() -> None:
     rows = re.findall(r"^\| (\w+) \|", between(ARCH, "events"), re.M)
     assert set(rows) - {"event"} == set(ev.PAYLOAD_TYPES)
+
+
+def _layout_rows() -> dict[str, tuple[str, str]]:
+    rows = re.findall(r"^\| `(\w+)/` \| ([^|]*) \| (.*) \|$", between(ARCH, "layout"), re.M)
+    return {folder: (may, what) for folder, may, what in rows}
+
+
+def test_the_folder_table_names_every_layer_and_what_it_may_import() -> None:
+    rows = _layout_rows()
+    assert set(rows) == set(ALLOWED)
+    for folder, (may, _) in rows.items():
+        named = set() if may.strip() in ("—", "anything") else {m.strip() for m in may.split(",")}
+        expected = set() if folder in ("cli", "api") else ALLOWED[folder]
+        assert named == expected, folder
+
+
+def test_the_folder_table_names_every_module() -> None:
+    for folder, (_, what) in _layout_rows().items():
+        named = set(re.findall(r"`(\w+\.py)`", what))
+        present = {p.name for p in (ROOT / folder).glob("*.py")} - {"__init__.py"}
+        if folder == "api":
+            present |= {"__init__.py"}
+        assert named == present, f"{folder}/: missing {sorted(present - named)}, stale {sorted(named - present)}"
 
 
 def test_ci_runs_the_readme_test_command() -> None:
@@ -89,3 +113,13 @@ def test_readme_policy_example_passes_on_the_local_model(tmp_path) -> None:
             cwd=tmp_path, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "42212" in r.stdout
+
+
+def test_the_console_script_points_at_a_real_function() -> None:
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name
