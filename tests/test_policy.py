@@ -237,6 +237,27 @@ def test_a_session_recorded_with_a_policy_that_crashed_every_resume_now_fails_cl
         assert rt.run_session("old").status == "failed"  # and a second resume is just as calm
 
 
+@pytest.mark.slow
+def test_resuming_such_a_session_from_the_cli_ends_it_with_one_line(tmp_path) -> None:
+    """Before: a traceback on every `loopstream resume`. Now: the session fails, saying why."""
+    config = json.dumps({"permissions": {"rules": [{"tool": 5, "action": "deny"}]}})
+    db = tmp_path / ".loopstream" / "loopstream.db"
+    db.parent.mkdir()
+    with SQLiteLog(db) as log:
+        blank = SessionState(session_id="oldsession", correlation_id="oldsession")
+        started = ev.SessionStarted(agent="a", provider="scripted", model="adder:1", system_prompt="", tools=["add"],
+                                    max_steps=5, workdir=str(tmp_path), config_json=config)
+        log.append("oldsession", build_events(blank, None, [Emit(started), Emit(ev.GoalReceived(text="add"))],
+                                              "test"), 0)
+    first = cli("resume", "oldsession", "--provider", "scripted", "--model", "adder:1", "-q", cwd=tmp_path)
+    again = cli("resume", "oldsession", "--provider", "scripted", "--model", "adder:1", "-q", cwd=tmp_path)
+    for r in (first, again):
+        assert "Traceback" not in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert first.returncode == 1 and "failed: the session's recorded policy: permissions.rules[0].tool: expected " \
+        "a string, got 5" in first.stderr, first.stderr
+    assert again.returncode == 2 and "already ended (failed)" in again.stderr
+
+
 def test_a_recorded_unreadable_policy_denies_tool_calls_even_mid_session(tmp_path) -> None:
     """Fail closed: a tool processor that meets an unreadable policy (say a Kafka tool worker
     resuming a call) denies the call instead of running it under default rules."""
