@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from loopstream.core.log import Log
+from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.model import ModelProcessor
@@ -74,7 +75,8 @@ def open_model(provider: str | None, model: str | None, base_url: str | None = N
 
 def default_agents(provider: str, model: str, agents_file: Path | None = None) -> dict[str, SessionConfig]:
     """The agent configurations goals may name: `default` (the worker's provider/model, the
-    default read-only tools) plus those of a JSON file {name: {SessionConfig fields}}."""
+    default read-only tools) plus those of a JSON file {name: {SessionConfig fields}}; an
+    agent's `"policy"` is a SessionPolicy as nested objects (docs/policy.md)."""
     base = SessionConfig(provider=provider, model=model, tools=default_registry().names(),
                          system_prompt=DEFAULT_SYSTEM_PROMPT, agent="default", workdir=".")
     agents = {"default": base}
@@ -88,7 +90,10 @@ def default_agents(provider: str, model: str, agents_file: Path | None = None) -
             unknown = set(over) - fields
             if unknown:
                 raise AgentsFileError(f"agent {name!r}: unknown fields {sorted(unknown)}")
-            agents[name] = dataclasses.replace(base, agent=name, **over)
+            try:
+                agents[name] = dataclasses.replace(base, agent=name, **over)
+            except PolicyError as exc:
+                raise AgentsFileError(f"agents file {agents_file}: agent {name!r}: {exc}") from None
     return agents
 
 
