@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from loopstream.core import events as ev
@@ -40,7 +41,7 @@ class UserError(Exception):
 
 
 def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)  # the text may hold [brackets]
     raise typer.Exit(code)
 
 
@@ -76,7 +77,7 @@ def run(
     max_seconds: Annotated[Optional[float], typer.Option(min=0.1, help="Wall-time budget for the session.")] = None,
     rpm: Annotated[Optional[float], typer.Option(min=0.1, help="Client-side limit: model requests per minute.")] = None,
     tpm: Annotated[Optional[float], typer.Option(min=1, help="Client-side limit: model tokens per minute.")] = None,
-    policy: Annotated[Optional[Path], typer.Option(help="TOML policy file: permission rules (allow/deny/ask per tool and argument) and guardrails.")] = None,
+    policy: Annotated[Optional[Path], typer.Option(help="TOML policy file (docs/policy.md): permissions (allow/deny/ask per tool and argument), guardrails, budgets, retries, ….")] = None,
     context_budget: Annotated[Optional[int], typer.Option(min=64, help="Context size in tokens above which older turns are summarized (compaction).")] = None,
     fallback_model: Annotated[Optional[list[str]], typer.Option(help="A model to switch to when the current one keeps failing (repeatable, in order).")] = None,
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
@@ -115,42 +116,43 @@ def run(
             prompt = system_prompt.read_text()
         except OSError as exc:
             raise UserError(f"cannot read --system-prompt {system_prompt}: {exc.strerror}") from None
+    session_policy = _policy(policy, max_tokens, max_seconds, context_budget)  # a bad file: before any log opens
     log = open_log(bus, db)
     announce = None if quiet else lambda: err.print("[dim]starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…[/]")
-    extra: dict = {}
-    if max_tokens:
-        extra["max_tokens"] = max_tokens
-    if max_seconds:
-        extra["max_wall_seconds"] = max_seconds
-    if context_budget:
-        extra["context_budget_tokens"] = context_budget
-    if policy is not None:
-        from loopstream.processors.guardrails import GuardrailError
-        from loopstream.tools.permissions import PolicyError, load_policy
-
-        try:
-            extra.update(load_policy(policy))
-        except (PolicyError, GuardrailError) as exc:
-            raise UserError(str(exc)) from None
-    if allow_writes and (excluded := _log_inside(log, workdir)):
-        extra["checkpoint_exclude"] = excluded  # never snapshot (nor restore) the log itself
+    if allow_writes and (excluded := _log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
+        session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
+                                                                        *excluded]})
     with ExitStack() as stack:
         chosen = stack.enter_context(open_model(provider, model, base_url, action_mode, on_local_start=announce))
         backups = [stack.enter_context(open_model(provider, m, base_url, action_mode)) for m in fallback_model or []]
         if backups:
-            extra["fallback_models"] = [b.model for b in backups]
+            session_policy = session_policy.updated({"fallback_models": [b.model for b in backups]})
         limits = {p.name: RateLimiter(rpm, tpm) for p in [chosen, *backups]} if rpm or tpm else None
         runtime = build_runtime(log, chosen, registry, on_event=None if quiet else _progress, fallbacks=backups,
                                 limits=limits)
         config = SessionConfig(
             provider=chosen.name, model=chosen.model, tools=names, system_prompt=prompt,
-            max_steps=max_steps, workdir=str(workdir.resolve()), extra=extra, sampling=sampling,
+            max_steps=max_steps, workdir=str(workdir.resolve()), policy=session_policy, sampling=sampling,
         )
         sid = runtime.start_session(goal, config)
         if not quiet:
             err.print(f"[dim]session {sid} · {chosen.name}:{chosen.model} · log {getattr(log, 'path', bus)}[/]")
         state = _drive(runtime, sid, quiet)
     _finish(sid, state)
+
+
+def _policy(path: Optional[Path], max_tokens: Optional[int], max_seconds: Optional[float],
+            context_budget: Optional[int]):
+    """The session's policy: the --policy file, then the budget flags over it."""
+    from loopstream.core.policy import PolicyError, SessionPolicy, load_policy
+
+    budgets = {k: v for k, v in (("max_tokens", max_tokens), ("max_wall_seconds", max_seconds)) if v}
+    compaction = {"context_budget_tokens": context_budget} if context_budget else {}
+    try:
+        from_file = load_policy(path) if path is not None else SessionPolicy()
+        return from_file.updated({"budgets": budgets, "compaction": compaction}, "command line")
+    except PolicyError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _drive(runtime, sid: str, quiet: bool):
@@ -596,10 +598,10 @@ def main() -> None:
     try:
         app()
     except (UserError, BusError, SessionNotFound, ProviderConfigError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except (LogError, CodecError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         err.print("interrupted: every step so far is in the log; `loopstream resume SESSION` continues it")

@@ -1,78 +1,428 @@
-"""A session's policy: permission rules and guardrails, read from a TOML policy file and
-validated before a session starts (recorded in SessionStarted's config)."""
+"""A session's policy: one typed model of everything a session runs under (budgets,
+retries, compaction, guardrails, permissions, timeouts, …), with every default here.
+
+Read from a TOML policy file (`load_policy`, strict: an unknown key, a wrong type or a
+bad regular expression is a `PolicyError` naming the file and the dotted key) or built
+in Python; recorded in SessionStarted's `config_json` (`SessionPolicy.to_config_json`)
+and folded into `state.policy` (`recorded_policy`). The field reference is docs/policy.md.
+"""
 from __future__ import annotations
 
+import difflib
+import functools
+import json
 import re
 import tomllib
 from pathlib import Path
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import jsonschema
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
+Action = Literal["allow", "deny", "ask"]
+OnTrip = Literal["tell_model", "stop"]
 ACTIONS = ("allow", "deny", "ask")
-POLICIES = ("tell_model", "stop")
+MAX_POLICY_BYTES = 1 << 20
 
 
 class PolicyError(ValueError):
-    """A policy file that cannot be used; the message names the file and the problem."""
+    """A policy that cannot be used; the message (one line) names where, the key and the problem."""
 
 
-
-class GuardrailError(ValueError):
-    pass
+GuardrailError = PolicyError  # the name older code caught
 
 
-def validate_guardrails(cfg: dict, where: str = "policy") -> dict:
-    for key in ("input_deny", "output_deny", "tool_deny"):
-        for pattern in cfg.get(key, []):
-            try:
-                re.compile(pattern)
-            except re.error as exc:
-                raise GuardrailError(f"{where}: guardrails.{key}: bad regular expression {pattern!r}: {exc}") from None
-    for key in ("on_output", "on_tool_call"):
-        if cfg.get(key, "tell_model") not in POLICIES:
-            raise GuardrailError(f"{where}: guardrails.{key} must be tell_model or stop")
-    if "output_schema" in cfg:
-        try:
-            jsonschema.Draft202012Validator.check_schema(cfg["output_schema"])
-        except jsonschema.SchemaError as exc:
-            raise GuardrailError(f"{where}: guardrails.output_schema is not a JSON schema: {exc.message}") from None
-    return cfg
+def _regex(pattern: str) -> str:
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"bad regular expression {pattern!r}: {exc}") from None
+    return pattern
 
 
-
-def validate_permissions(permissions: dict, where: str = "policy") -> dict:
-    default = permissions.get("default", "allow")
-    if default not in ACTIONS:
-        raise PolicyError(f"{where}: default must be one of {', '.join(ACTIONS)}, not {default!r}")
-    for i, rule in enumerate(permissions.get("rules", []), 1):
-        if rule.get("action") not in ACTIONS:
-            raise PolicyError(f"{where}: rule {i} needs action = allow | deny | ask")
-        if not isinstance(rule.get("args", {}), dict):
-            raise PolicyError(f"{where}: rule {i}: args must be a table of argument = pattern")
-        for pat in rule.get("args", {}).values():
-            if isinstance(pat, str) and pat.startswith("re:"):
-                try:
-                    re.compile(pat[3:])
-                except re.error as exc:
-                    raise PolicyError(f"{where}: rule {i}: bad regular expression {pat!r}: {exc}") from None
-    return permissions
+def _arg_pattern(pattern: str) -> str:
+    if pattern.startswith("re:"):
+        _regex(pattern[3:])
+    return pattern
 
 
-def load_policy(path: str | Path) -> dict:
-    """Read a policy file into the session config's `permissions` and `guardrails` entries."""
+def _json_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as exc:
+        raise ValueError(f"not a JSON schema: {exc.message}") from None
+    return schema
+
+
+Regex = Annotated[str, AfterValidator(_regex)]
+ArgPattern = Annotated[str, AfterValidator(_arg_pattern)]
+
+
+class _Section(BaseModel):
+    # strict: no "5" for 5, no 1 for true; a recorded config is read with strict=False.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
+
+
+class Prices(_Section):
+    input: float = Field(0.0, ge=0)
+    """USD per million input tokens."""
+    output: float = Field(0.0, ge=0)
+    """USD per million output tokens."""
+
+
+class Budgets(_Section):
+    """Checked before every model step; the first one exceeded fails the session naming it."""
+
+    max_tokens: int | None = Field(None, ge=1)
+    """Input + output tokens for the whole session (replies and tool-call reviews); none: no limit."""
+    max_wall_seconds: float | None = Field(None, gt=0)
+    """Wall time from SessionStarted; none: no limit."""
+    max_cost_usd: float | None = Field(None, ge=0)
+    """Spend in USD, computed with `price_per_mtok`; none (or no prices): no limit."""
+    price_per_mtok: Prices | None = None
+    """Prices for the cost budget: `{ input = 3.0, output = 15.0 }`."""
+
+
+class Retries(_Section):
+    """Backoff for failed model calls and transient tool failures (processors/retry.py)."""
+
+    max_model_attempts: int = Field(3, ge=1)
+    """Attempts of one model step before falling back to the next model (or failing)."""
+    base_ms: int = Field(500, ge=0)
+    """First backoff step; each further attempt doubles it (half fixed, half jittered)."""
+    max_ms: int = Field(30_000, ge=0)
+    """Largest backoff step."""
+    retry_after_max_ms: int = Field(120_000, ge=0)
+    """Longest server Retry-After honoured; a longer one counts as a failure."""
+    max_tool_attempts: int = Field(3, ge=1)
+    """Attempts of an idempotent tool call that fails transiently (timeout, lost connection)."""
+
+
+class Compaction(_Section):
+    """Summarizing older turns when the context grows too large (processors/compaction.py)."""
+
+    context_budget_tokens: int | None = Field(None, ge=1)
+    """Estimated context size above which older turns are summarized; none: never."""
+    keep_recent: int = Field(4, ge=0)
+    """Newest messages always kept verbatim."""
+    summary_chars: int = Field(800, ge=1)
+    """Longest summary (and never more than half of what it replaces)."""
+
+
+class Guardrails(_Section):
+    """Checks on the goal, the final answer and each proposed tool call (processors/guardrails.py)."""
+
+    input_deny: list[Regex] = []
+    """Regular expressions searched in the goal and user messages; a match stops the session."""
+    output_deny: list[Regex] = []
+    """Regular expressions searched in the final answer."""
+    tool_deny: list[Regex] = []
+    """Regular expressions searched in `tool {json arguments}` of each proposed call."""
+    output_schema: Annotated[dict[str, Any], AfterValidator(_json_schema)] | None = None
+    """A JSON schema the final answer (parsed as JSON) must match."""
+    review_tool_calls: bool = False
+    """A reviewer model approves each tool call before it runs (a ToolCallReviewed event)."""
+    on_output: OnTrip = "tell_model"
+    """What a tripped output check does: tell the model (it answers again) or stop."""
+    on_tool_call: OnTrip = "tell_model"
+    """What a blocked tool call does: tell the model or stop."""
+    max_output_retries: int = Field(2, ge=0)
+    """Answers the model may redo after an output trip before the session fails."""
+
+
+class PermissionRule(_Section):
+    """One rule: the first whose tool and argument patterns all match decides."""
+
+    tool: str = "*"
+    """Tool name, a glob (`*`, `write_*`)."""
+    args: dict[str, ArgPattern] = {}
+    """Argument name -> pattern on its text: a glob (`*.py`), or `re:REGEX` (searched)."""
+    action: Action
+    """allow, deny (the model is told why) or ask (a person approves or denies)."""
+    reason: str = ""
+    """Why, as the model or the person is told."""
+
+
+class Permissions(_Section):
+    """Allow, deny or ask per tool and argument (tools/permissions.py)."""
+
+    default: Action = "allow"
+    """The action when no rule matches."""
+    rules: list[PermissionRule] = []
+    """Rules in order; the first match wins."""
+
+
+class Timeouts(_Section):
+    tool_timeout_s: float = Field(300.0, gt=0)
+    """A tool call's time limit unless the tool declares its own."""
+
+
+class SecretHandling(_Section):
+    """What happens to secrets (core/secrets.py): the log always holds `[REDACTED:NAME]`."""
+
+    reveal_to_tools: bool = True
+    """A `[REDACTED:NAME]` in a tool call's arguments is replaced by the value of the environment
+    variable NAME when the tool runs, if the placeholder reached the context from outside the model
+    (goal, user message, tool result). Off: tools get the placeholder itself."""
+
+
+class SessionPolicy(_Section):
+    """Everything a session runs under besides its model, tools and prompt; recorded in
+    SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
+
+    budgets: Budgets = Budgets()
+    retries: Retries = Retries()
+    compaction: Compaction = Compaction()
+    guardrails: Guardrails = Guardrails()
+    permissions: Permissions = Permissions()
+    timeouts: Timeouts = Timeouts()
+    secrets: SecretHandling = SecretHandling()
+    fallback_models: list[str] = []
+    """Models to switch to, in order, when the current one keeps failing."""
+    checkpoint_exclude: list[str] = []
+    """gitignore patterns never snapshotted before a side-effect tool (nor restored)."""
+    progress_updates: bool = False
+    """Publish every event as a progress update to the goal's reply topic (Kafka)."""
+
+    _unreadable: str | None = PrivateAttr(None)
+
+    @property
+    def unreadable(self) -> str | None:
+        """Why the recorded policy this stands in for could not be read (see `recorded_policy`)."""
+        return self._unreadable
+
+    def to_config_json(self) -> str:
+        """The JSON recorded in SessionStarted: what differs from the defaults (`{}` for none)."""
+        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+
+    def updated(self, changes: dict[str, Any], where: str = "policy") -> SessionPolicy:
+        """A copy with `changes` (nested dicts, as in a policy file) merged in and validated."""
+        return parse_policy(_merge(self.model_dump(exclude_defaults=True), changes), where)
+
+
+def _merge(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+# -- validation errors as one line ---------------------------------------------------
+_EXPECTED = {"dict_type": "a table", "model_type": "a table", "list_type": "an array", "string_type": "a string",
+             "int_type": "an integer", "float_type": "a number", "bool_type": "true or false"}
+
+
+def _dotted(loc: tuple, legacy_file: bool) -> str:
+    if legacy_file and loc[:2] == ("permissions", "rules"):  # reported as the file spells it
+        loc = ("permissions", *loc[2:])
+    elif legacy_file and loc[:2] == ("permissions", "default"):
+        loc = loc[1:]
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _submodel(annotation: Any) -> type[BaseModel] | None:
+    """The model inside a field's type (`Budgets`, `Prices | None`, `list[PermissionRule]`)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((m for a in get_args(annotation) if (m := _submodel(a)) is not None), None)
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = SessionPolicy
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part) if model is not None else None
+        model = _submodel(field.annotation) if field is not None else None
+    return model
+
+
+def _reason(error: dict) -> str:
+    kind, msg = error["type"], error["msg"]
+    got = repr(error.get("input"))
+    got = got if len(got) <= 60 else got[:57] + "..."
+    if kind == "extra_forbidden":
+        known = list((_model_at(error["loc"][:-1]) or SessionPolicy).model_fields)
+        close = difflib.get_close_matches(str(error["loc"][-1]), known, n=1)
+        return "unknown key" + (f"; did you mean {close[0]!r}?" if close else f" (known: {', '.join(known)})")
+    if kind in _EXPECTED:
+        return f"expected {_EXPECTED[kind]}, got {got}"
+    if kind == "missing":
+        return "required key missing"
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    return f"{msg[:1].lower()}{msg[1:]}, got {got}"
+
+
+def _one_line(exc: ValidationError, where: str, legacy_file: bool = False) -> PolicyError:
+    errors = exc.errors()
+    first = errors[0]
+    more = f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+    text = f"{where}: {_dotted(first['loc'], legacy_file)}: {_reason(first)}{more}"
+    return PolicyError(" ".join(text.split()))
+
+
+def parse_policy(data: Any, where: str = "policy") -> SessionPolicy:
+    """A policy from nested dicts (a policy file's tables), strictly; PolicyError names the key."""
+    if not isinstance(data, dict):
+        raise PolicyError(f"{where}: expected a table of policy sections, got {type(data).__name__}")
+    try:
+        return SessionPolicy.model_validate(data)
+    except ValidationError as exc:
+        raise _one_line(exc, where) from None
+
+
+# -- the policy file -----------------------------------------------------------------
+def load_policy(path: str | Path) -> SessionPolicy:
+    """Read a TOML policy file into a SessionPolicy, or raise PolicyError (one line: the file,
+    the dotted key, the reason). The older shape (top-level `default`, `[[permissions]]` as
+    the rule list) is read too."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        if not path.is_file():
+            raise PolicyError(f"policy file {path}: {'not a regular file' if path.exists() else 'no such file'}")
+        data = path.read_bytes()
     except OSError as exc:
         raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
+    if len(data) > MAX_POLICY_BYTES:
+        raise PolicyError(f"policy file {path}: larger than {MAX_POLICY_BYTES} bytes")
+    try:
+        raw = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise PolicyError(f"policy file {path} is not UTF-8 text (line {line}, byte {exc.start}: "
+                          f"{data[exc.start:exc.start + 1]!r})") from None
     except tomllib.TOMLDecodeError as exc:
         raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
-    unknown = set(raw) - {"default", "permissions", "guardrails"}
-    if unknown:
-        raise PolicyError(f"policy file {path}: unknown entries {', '.join(sorted(unknown))}")
-    permissions = validate_permissions(
-        {"default": raw.get("default", "allow"), "rules": raw.get("permissions", [])}, str(path))
-    out: dict = {"permissions": permissions}
-    if "guardrails" in raw:
-        out["guardrails"] = validate_guardrails(raw["guardrails"], str(path))
+    legacy = isinstance(raw.get("permissions"), list) or ("default" in raw and "permissions" not in raw)
+    if legacy:
+        raw["permissions"] = {"default": raw.pop("default", "allow"), "rules": raw.get("permissions", [])}
+    try:
+        return SessionPolicy.model_validate(raw)
+    except ValidationError as exc:
+        raise _one_line(exc, str(path), legacy) from None
+
+
+# -- what a session recorded ---------------------------------------------------------
+# The flat keys sessions recorded before the policy was typed, and where they live now.
+LEGACY_KEYS: dict[str, tuple[str, str]] = {
+    "max_tokens": ("budgets", "max_tokens"),
+    "max_wall_seconds": ("budgets", "max_wall_seconds"),
+    "max_cost_usd": ("budgets", "max_cost_usd"),
+    "price_per_mtok": ("budgets", "price_per_mtok"),
+    "max_model_attempts": ("retries", "max_model_attempts"),
+    "retry_base_ms": ("retries", "base_ms"),
+    "retry_max_ms": ("retries", "max_ms"),
+    "retry_after_max_ms": ("retries", "retry_after_max_ms"),
+    "max_tool_attempts": ("retries", "max_tool_attempts"),
+    "context_budget_tokens": ("compaction", "context_budget_tokens"),
+    "compaction_keep_recent": ("compaction", "keep_recent"),
+    "compaction_summary_chars": ("compaction", "summary_chars"),
+    "tool_timeout_s": ("timeouts", "tool_timeout_s"),
+}
+
+
+def from_legacy(config: dict[str, Any]) -> dict[str, Any]:
+    """A flat config of the old shape (`{"max_tokens": …, "retry_base_ms": …}`) as nested
+    sections. Keys already in the new shape pass through."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if key in LEGACY_KEYS:
+            section, name = LEGACY_KEYS[key]
+            if not isinstance(out.get(section), dict):
+                out[section] = {}
+            out[section][name] = value
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = {**value, **out[key]}
+        else:
+            out[key] = value
     return out
+
+
+def _known_only(model: type[BaseModel], data: Any) -> Any:
+    """`data` without the keys `model` does not know, at every level (a recorded config may
+    hold keys the code that wrote it ignored)."""
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            continue
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            value = [_known_only(sub, v) for v in value] if isinstance(value, list) else _known_only(sub, value)
+        out[key] = value
+    return out
+
+
+@functools.lru_cache(maxsize=256)
+def recorded_policy(config_json: str) -> SessionPolicy:
+    """The policy a SessionStarted recorded, for the fold: never raises. Old flat configs are
+    read (`from_legacy`), keys the code does not know are ignored, values are coerced as the
+    old code did (`"3"` → 3). A config that still cannot be read gives a fail-closed policy
+    (every tool call denied) whose `unreadable` says why; the orchestrator fails the session."""
+    try:
+        raw = json.loads(config_json or "{}")
+        if not isinstance(raw, dict):
+            raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
+        return SessionPolicy.model_validate(_known_only(SessionPolicy, from_legacy(raw)), strict=False)
+    except (ValueError, TypeError, RecursionError) as exc:
+        why = str(_one_line(exc, "recorded policy")) if isinstance(exc, ValidationError) else f"recorded policy: {exc}"
+        return _fail_closed(why)
+
+
+def _fail_closed(why: str) -> SessionPolicy:
+    reason = f"the session's {why[:300]}; nothing runs under it"
+    policy = SessionPolicy(permissions=Permissions(default="deny", rules=[
+        PermissionRule(tool="*", action="deny", reason=reason)]))
+    policy._unreadable = reason
+    return policy
+
+
+def reference() -> str:
+    """The policy's fields as a Markdown table (docs/policy.md holds it; a test keeps it current)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            key, sub = f"{prefix}{name}", _submodel(field.annotation)
+            if sub is not None and sub is not Prices:
+                walk(sub, f"{key}[]." if get_origin(field.annotation) is list else f"{key}.")
+                continue
+            if field.is_required():
+                default = "required"
+            else:
+                value = field.default
+                default = json.dumps(value.model_dump() if isinstance(value, BaseModel) else value)
+            rows.append(f"| `{key}` | {_type_name(field.annotation)} | {default} | "
+                        f"{' '.join((field.description or '').split())} |")
+
+    walk(SessionPolicy, "")
+    return "\n".join(rows)
+
+
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Annotated:
+        return _type_name(get_args(annotation)[0])
+    if get_origin(annotation) is Literal:
+        return " or ".join(f'"{a}"' for a in get_args(annotation))
+    if annotation is type(None):
+        return "none"
+    if annotation is Any:
+        return "any"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return f"table {{{', '.join(annotation.model_fields)}}}"
+    if isinstance(annotation, type) and not get_args(annotation):
+        return {"str": "string", "int": "integer", "float": "number", "bool": "boolean"}.get(
+            annotation.__name__, annotation.__name__)
+    args = [_type_name(a) for a in get_args(annotation)]
+    origin = get_origin(annotation)
+    if origin is list:
+        return f"list of {args[0]}"
+    if origin is dict:
+        return f"table of {args[1]}"
+    return " or ".join(args)

@@ -15,6 +15,7 @@ from loopstream.core import events as ev
 from loopstream.core.construct import factory
 from loopstream.core.conversation import Message, ToolCall
 from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
+from loopstream.core.policy import SessionPolicy, recorded_policy
 from loopstream.core.sampling import Sampling, recorded, sampling_from
 
 
@@ -61,7 +62,7 @@ class SessionState:
     tools: list[str] = field(default_factory=list)
     max_steps: int = 0
     workdir: str = ""
-    config: dict = field(default_factory=dict)
+    policy: SessionPolicy = field(default_factory=SessionPolicy)  # typed, read-only; recorded in SessionStarted
     sampling: Sampling = field(default_factory=Sampling)  # sent on every model call (SessionStarted v2)
     goal: str = ""
     messages: list[Message] = field(default_factory=list)
@@ -182,7 +183,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.started_ms = event.time
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
-            state.config = json.loads(p.config_json or "{}")
+            state.policy = recorded_policy(p.config_json)
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
             if p.system_prompt:
                 state.messages.append(_message("system", p.system_prompt, event.seq))

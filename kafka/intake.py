@@ -87,7 +87,7 @@ class GoalIntake(BackgroundLoop):
             return None
         known = self.log.next_seq(sid) > 0
         if goal.progress:
-            config = dataclasses.replace(config, extra={**config.extra, "progress_updates": True})
+            config = dataclasses.replace(config, policy=config.policy.updated({"progress_updates": True}))
         self.writer.start(goal.goal, config, idempotency_key=key, correlation_id=corr,
                           reply_topic=reply, actor="goal-intake")
         if not known:

@@ -99,7 +99,7 @@ class ResultsPublisher:
         goal = self._goal(event.session_id)
         if goal is None:
             return []
-        if not state.config.get("progress_updates"):
+        if not state.policy.progress_updates:
             return []
         update = SessionUpdate(  # status: the session's state now (at the head of the log)
             correlation_id=event.correlation_id, session_id=event.session_id, kind="progress",

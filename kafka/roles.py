@@ -102,8 +102,8 @@ def _with_fallbacks(agents: dict[str, SessionConfig], models: list[str]) -> dict
     unless an agent lists its own `fallback_models`."""
     if not models:
         return agents
-    return {name: c if "fallback_models" in c.extra else
-            dataclasses.replace(c, extra={**c.extra, "fallback_models": models}) for name, c in agents.items()}
+    return {name: c if c.policy.fallback_models else
+            dataclasses.replace(c, policy=c.policy.updated({"fallback_models": models})) for name, c in agents.items()}
 
 
 def run_role(opts: WorkerOptions, install_signals: bool = True,

@@ -19,11 +19,9 @@ SUMMARY_PROMPT = (
     "Keep every fact it will need: the goal, decisions, tool results (numbers, names, paths), "
     "errors, and what remains to do. Write plain sentences, at most {limit} characters."
 )
-DEFAULT_SUMMARY_CHARS = 800
-DEFAULT_KEEP_RECENT = 4
 
 
-def compaction_range(messages: list[Message], keep_recent: int = DEFAULT_KEEP_RECENT) -> tuple[int, int] | None:
+def compaction_range(messages: list[Message], keep_recent: int) -> tuple[int, int] | None:
     """The seq range to summarize: after the system prompt and the goal, up to the last
     message before the `keep_recent` newest, ending where an assistant turn begins (so a
     tool call is never separated from its result). None when there is too little to gain."""
@@ -51,7 +49,7 @@ class CompactionProcessor:
         assert isinstance(req, ev.CompactionRequested)
         span = [m for m in state.messages if m.seq is not None and req.from_seq <= m.seq <= req.to_seq]
         # At most half of what it replaces, so a compaction always shrinks the context.
-        limit = min(int(state.config.get("compaction_summary_chars", DEFAULT_SUMMARY_CHARS)),
+        limit = min(state.policy.compaction.summary_chars,
                     max(40, len(transcript(span)) // 2))
         summary, method = self._summarize(span, limit)
         before = count_tokens(self.provider, state.messages)

@@ -1,12 +1,13 @@
 """Guardrails: checks on what goes in, what comes out, and each proposed tool call.
 
-Configured per session (the `guardrails` table of a policy file, recorded in the
-session's config):
+Configured per session (`SessionPolicy.guardrails`, core/policy.py: the `guardrails`
+table of a policy file, recorded in the session's SessionStarted):
 
     [guardrails]
     input_deny = ["(?i)ignore (all|previous) instructions"]   # regexes on the goal / user messages
     output_deny = ["(?i)password"]                              # regexes on the final answer
     output_schema = { type = "object", required = ["answer"] }  # the final answer must be JSON of this schema
+                                   # (only for a model told to answer in JSON)
     tool_deny = ["curl .*[|] *sh"]                              # regexes on "tool {json arguments}"
     review_tool_calls = true       # a reviewer model approves each tool call before it runs
     on_output = "tell_model"       # or "stop": what a tripped output check does
@@ -32,7 +33,7 @@ import time
 import jsonschema
 
 from loopstream.core import events as ev
-from loopstream.core.policy import GuardrailError, validate_guardrails  # noqa: F401  (re-exported)
+from loopstream.core.policy import GuardrailError, Guardrails  # noqa: F401  (re-exported)
 from loopstream.providers.actions import loads_lenient
 from loopstream.providers.base import Message, ModelReply, Provider, ProviderError, ToolCall
 
@@ -47,21 +48,21 @@ def _first_match(patterns: list[str], text: str) -> str | None:
     return next((p for p in patterns if re.search(p, text)), None)
 
 
-def check_input(cfg: dict, text: str) -> ev.GuardrailTripped | None:
-    pattern = _first_match(cfg.get("input_deny", []), text)
+def check_input(cfg: Guardrails, text: str) -> ev.GuardrailTripped | None:
+    pattern = _first_match(cfg.input_deny, text)
     if pattern is None:
         return None
     return ev.GuardrailTripped(stage="input", rule=f"input_deny {pattern}", action="stop", call_id=None,
                                message="the input matches a denied pattern")
 
 
-def check_output(cfg: dict, answer: str) -> ev.GuardrailTripped | None:
-    action = cfg.get("on_output", "tell_model")
-    pattern = _first_match(cfg.get("output_deny", []), answer)
+def check_output(cfg: Guardrails, answer: str) -> ev.GuardrailTripped | None:
+    action = cfg.on_output
+    pattern = _first_match(cfg.output_deny, answer)
     if pattern is not None:
         return ev.GuardrailTripped(stage="output", rule=f"output_deny {pattern}", action=action, call_id=None,
                                    message="the answer matches a denied pattern; answer again without it")
-    schema = cfg.get("output_schema")
+    schema = cfg.output_schema
     if schema is not None:
         try:
             jsonschema.validate(json.loads(answer), schema)
@@ -72,12 +73,12 @@ def check_output(cfg: dict, answer: str) -> ev.GuardrailTripped | None:
     return None
 
 
-def check_tool_call(cfg: dict, call: ToolCall) -> ev.GuardrailTripped | None:
+def check_tool_call(cfg: Guardrails, call: ToolCall) -> ev.GuardrailTripped | None:
     """The pattern checks on a proposed call (pure). The reviewer is separate: its verdict
     is an event of its own (`review`, processors/tools.py)."""
-    action = cfg.get("on_tool_call", "tell_model")
+    action = cfg.on_tool_call
     text = f"{call.name} {json.dumps(call.arguments, sort_keys=True)}"
-    pattern = _first_match(cfg.get("tool_deny", []), text)
+    pattern = _first_match(cfg.tool_deny, text)
     if pattern is not None:
         return ev.GuardrailTripped(stage="tool_call", rule=f"tool_deny {pattern}", action=action,
                                    call_id=call.call_id, message="this tool call matches a denied pattern")
@@ -92,8 +93,8 @@ def no_reviewer(call: ToolCall) -> ev.GuardrailTripped:
                 "reviewer model (give the tool worker --provider/--model); blocked to be safe")
 
 
-def reviewer_blocked(cfg: dict, verdict: ev.ToolCallReviewed) -> ev.GuardrailTripped:
-    return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=cfg.get("on_tool_call", "tell_model"),
+def reviewer_blocked(cfg: Guardrails, verdict: ev.ToolCallReviewed) -> ev.GuardrailTripped:
+    return ev.GuardrailTripped(stage="tool_call", rule="reviewer", action=cfg.on_tool_call,
                                call_id=verdict.call_id, message=f"the reviewer blocked this call: {verdict.reason}")
 
 

@@ -7,7 +7,7 @@ ModelFallback to the next model of the chain, then SessionFailed; a budget excee
 a context over its token budget → CompactionRequested (the compaction processor answers);
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
 that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
-truncated_answer) tells the model, and after max_answer_retries of those, SessionFailed.
+truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed.
 """
 from __future__ import annotations
 
@@ -18,14 +18,11 @@ from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.processors import budgets
-from loopstream.processors.compaction import DEFAULT_KEEP_RECENT, compaction_range
+from loopstream.processors.compaction import compaction_range
 from loopstream.processors.guardrails import check_input, check_output
 from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.tokens import estimate_tokens
 
-DEFAULT_MAX_MODEL_ATTEMPTS = 3
-DEFAULT_MAX_OUTPUT_RETRIES = 2
-DEFAULT_MAX_ANSWER_RETRIES = 2  # empty or truncated final answers the model is asked to redo
 CUT_AT_CAP = frozenset({"length", "max_tokens"})  # finish reasons of a reply stopped by the output cap (OpenAI, Anthropic)
 
 
@@ -35,7 +32,9 @@ class Orchestrator:
     triggers = frozenset(ev.PAYLOAD_TYPES) - {"SessionStarted"}
 
     def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
-        guard = state.config.get("guardrails")
+        if state.policy.unreadable:  # a recorded policy today's code cannot read: fail closed
+            return [Emit(ev.SessionFailed(reason=state.policy.unreadable, error_kind="policy"))]
+        guard = state.policy.guardrails
         if guard and event.type in ("GoalReceived", "UserMessage") and (trip := check_input(guard, event.payload.text)):
             return [Emit(trip), Emit(ev.SessionFailed(reason=f"input blocked by guardrail {trip.rule}",
                                                       error_kind="guardrail"))]
@@ -54,13 +53,13 @@ class Orchestrator:
         return [Emit(ev.ModelRequested(request_id=request_id, step=step, attempt=attempt, model=state.model))]
 
     def _compaction(self, state: SessionState) -> ev.CompactionRequested | None:
-        budget = state.config.get("context_budget_tokens")
+        budget = state.policy.compaction.context_budget_tokens
         if not budget:
             return None
         estimated = estimate_tokens(state.messages, state.provider)
         if estimated <= int(budget):
             return None
-        span = compaction_range(state.messages, int(state.config.get("compaction_keep_recent", DEFAULT_KEEP_RECENT)))
+        span = compaction_range(state.messages, state.policy.compaction.keep_recent)
         if span is None:
             return None  # nothing left to compact: go on over budget rather than stop
         return ev.CompactionRequested(
@@ -69,11 +68,11 @@ class Orchestrator:
         )
 
     def _after_failure(self, state: SessionState, now: int) -> list[Emit]:
-        max_attempts = int(state.config.get("max_model_attempts", DEFAULT_MAX_MODEL_ATTEMPTS))
+        max_attempts = state.policy.retries.max_model_attempts
         delay = None
         if state.last_model_retryable and state.consecutive_model_failures < max_attempts:
             delay = retry_delay_ms(state.attempt + 1, state.last_failed_request_id,
-                                   state.last_retry_after_ms, state.config)
+                                   state.last_retry_after_ms, state.policy.retries)
             if delay is not None:
                 return [Emit(ev.RetryScheduled(
                     target="model", ref_id=state.last_failed_request_id, attempt=state.attempt + 1,
@@ -84,7 +83,7 @@ class Orchestrator:
                f"{state.last_model_error}")
         if state.last_retry_after_ms is not None and delay is None and state.last_model_retryable:
             why += f" (the server asked to wait {state.last_retry_after_ms / 1000:.0f}s, longer than allowed)"
-        chain = [m for m in state.config.get("fallback_models", []) if m not in state.fallbacks_used and m != state.model]
+        chain = [m for m in state.policy.fallback_models if m not in state.fallbacks_used and m != state.model]
         if chain:
             return [Emit(ev.ModelFallback(from_model=state.model, to_model=chain[0], reason=why[:500]))]
         return [Emit(ev.SessionFailed(reason=f"model failed: {why}", error_kind="model_failed"))]
@@ -106,9 +105,9 @@ class Orchestrator:
         answer = state.last_reply_text.strip()
         if (refused := self._unfinished(state, answer)) is not None:
             return refused
-        guard = state.config.get("guardrails")
+        guard = state.policy.guardrails
         if guard and (trip := check_output(guard, answer)):
-            tries = int(guard.get("max_output_retries", DEFAULT_MAX_OUTPUT_RETRIES))
+            tries = guard.max_output_retries
             if trip.action == "stop" or state.guardrail_trips >= tries:
                 return [Emit(trip), Emit(ev.SessionFailed(
                     reason=f"output blocked by guardrail {trip.rule}: {trip.message}", error_kind="guardrail"))]
@@ -122,7 +121,7 @@ class Orchestrator:
 
     def _unfinished(self, state: SessionState, answer: str) -> list[Emit] | None:
         """An empty reply, or one the output cap cut off, is no final answer: the model is told
-        and answers again, at most `max_answer_retries` times; then the session fails."""
+        and answers again, at most guardrails.max_output_retries times; then the session fails."""
         if answer and state.last_finish_reason not in CUT_AT_CAP:
             return None
         cap = state.sampling.max_output_tokens
@@ -133,8 +132,7 @@ class Orchestrator:
         else:
             rule, note = "empty_answer", "Your reply was empty. Reply with the final answer to the goal, or call a tool."
             why = "the model's answers were empty"
-        tries = int(state.config.get("max_answer_retries", DEFAULT_MAX_ANSWER_RETRIES))
-        if state.unfinished_answers >= tries:
+        if state.unfinished_answers >= state.policy.guardrails.max_output_retries:
             return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="stop")),
                     Emit(ev.SessionFailed(reason=f"{why} {state.unfinished_answers + 1} time(s)", error_kind=rule))]
         return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="tell_model"))]

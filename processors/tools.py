@@ -26,6 +26,7 @@ from pathlib import Path
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
+from loopstream.core.secrets import placeholders_from_outside, reveal
 from loopstream.core.state import PendingCall, SessionState
 from loopstream.processors.guardrails import check_tool_call, no_reviewer, review, reviewer_blocked
 from loopstream.processors.retry import retry_delay_ms
@@ -35,8 +36,6 @@ from loopstream.tools.permissions import decide
 from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
 
 MAX_RESULT_CHARS = 16_000
-DEFAULT_TOOL_TIMEOUT_S = 300.0
-DEFAULT_MAX_TOOL_ATTEMPTS = 3
 TRANSIENT_KINDS = frozenset({"timeout", "transient"})  # raise ToolError(..., kind="transient") to ask for a retry
 
 
@@ -111,18 +110,18 @@ class ToolProcessor:
         deny, ask a person — or None to go on. A review not yet in the log is asked for and
         recorded (ToolCallReviewed); the call goes on from that event."""
         call = rec.call
-        guard = state.config.get("guardrails")
+        guard = state.policy.guardrails
         if guard:
             if (trip := check_tool_call(guard, call)) is not None:
                 return self._blocked(trip, call.name)
-            if guard.get("review_tool_calls"):
+            if guard.review_tool_calls:
                 if self.reviewer is None:
                     return self._blocked(no_reviewer(call), call.name)
                 if rec.review is None:
                     verdict = review(self.reviewer, call, state.goal)
                     blocked = [] if verdict.allowed else self._blocked(reviewer_blocked(guard, verdict), call.name)
                     return [Emit(verdict, key=call.call_id), *blocked]
-        permissions = state.config.get("permissions")
+        permissions = state.policy.permissions
         if permissions:
             decision = decide(permissions, call.name, call.arguments)
             if decision.action == "deny":
@@ -160,7 +159,7 @@ class ToolProcessor:
         return self.registry.select([n for n in state.tools if n in self.registry.tools])
 
     def _checkpoint(self, call: ToolCall, state: SessionState, started: float) -> Emit:
-        workspace = Workspace(state.workdir or ".", exclude=state.config.get("checkpoint_exclude", ()))
+        workspace = Workspace(state.workdir or ".", exclude=state.policy.checkpoint_exclude)
         try:
             snap = workspace.snapshot(f"before {call.name} (session {state.session_id}, call {call.call_id})")
         except CheckpointError as exc:
@@ -177,10 +176,12 @@ class ToolProcessor:
         allowed = self._allowed(state)
         tool = allowed.tools.get(name)
         timeout = (tool.timeout_s if tool and tool.timeout_s else None) or float(
-            state.config.get("tool_timeout_s", DEFAULT_TOOL_TIMEOUT_S))
+            state.policy.timeouts.tool_timeout_s)
         try:
             ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
-            result = _with_timeout(lambda: allowed.call(name, call.arguments, ctx), timeout)
+            args = reveal(call.arguments, placeholders_from_outside(state.messages)) \
+                if state.policy.secrets.reveal_to_tools else call.arguments  # the log keeps [REDACTED:NAME]
+            result = _with_timeout(lambda: allowed.call(name, args, ctx), timeout)
         except TimeoutError:
             return self._retry_or_fail(call, "timeout", f"{name} did not finish within {timeout:g}s "
                                        "(it may still be running)", state, tool, now_ms, started)
@@ -201,10 +202,10 @@ class ToolProcessor:
         counted from `now_ms`, when the attempt was handed out); anything else, or the last
         attempt, is a ToolFailed the model reads."""
         attempt = state.pending_calls[call.call_id].attempt + 1
-        limit = int(state.config.get("max_tool_attempts", DEFAULT_MAX_TOOL_ATTEMPTS))
+        limit = state.policy.retries.max_tool_attempts
         if tool is None or not tool.idempotent or kind not in TRANSIENT_KINDS or attempt > limit:
             return self._failed(call.call_id, call.name, kind, message, started)
-        delay = retry_delay_ms(attempt, call.call_id, None, state.config) or 0
+        delay = retry_delay_ms(attempt, call.call_id, None, state.policy.retries) or 0
         return Emit(ev.RetryScheduled(target="tool", ref_id=call.call_id, attempt=attempt, delay_ms=delay,
                                       not_before_ms=now_ms + delay, reason=f"{kind}: {message}"[:500]),
                     key=call.call_id)

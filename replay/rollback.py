@@ -16,12 +16,12 @@ rewritten, and the log's own database file is never touched.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loopstream.core import events as ev
 from loopstream.core.log import Log, SessionNotFound
+from loopstream.core.policy import recorded_policy
 from loopstream.replay.fork import ForkError, fork
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.checkpoint import Restore, Workspace
@@ -99,7 +99,7 @@ def rollback(
     if not 0 <= to_seq <= last:
         raise RollbackError(f"session {session_id} has seqs 0..{last}; cannot roll back to {to_seq}")
     started = next((e.payload for e in events if isinstance(e.payload, ev.SessionStarted)), None)
-    config = json.loads(started.config_json or "{}") if started else {}
+    policy = recorded_policy(started.config_json if started else "{}")
     checkpoints = [e for e in events if isinstance(e.payload, ev.WorkspaceCheckpointed)]
     target = next((e for e in checkpoints if e.seq >= to_seq), None)
     where = Path(workdir) if workdir is not None else Path(
@@ -112,7 +112,7 @@ def rollback(
     )
     result.warnings += _in_flight(events, to_seq)
     if target is not None:
-        workspace = Workspace(where, exclude=config.get("checkpoint_exclude", ()))
+        workspace = Workspace(where, exclude=policy.checkpoint_exclude)
         if not workspace.has(target.payload.commit):
             raise RollbackError(
                 f"checkpoint {target.payload.commit[:12]} (seq {target.seq}) is not in {workspace.git_dir}"

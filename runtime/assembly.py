@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loopstream.core.log import Log
+from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
@@ -76,7 +77,8 @@ def open_model(provider: str | None, model: str | None, base_url: str | None = N
 
 def default_agents(provider: str, model: str, agents_file: Path | None = None) -> dict[str, SessionConfig]:
     """The agent configurations goals may name: `default` (the worker's provider/model, the
-    default read-only tools) plus those of a JSON file {name: {SessionConfig fields}}."""
+    default read-only tools) plus those of a JSON file {name: {SessionConfig fields}}; an
+    agent's `"policy"` is a SessionPolicy as nested objects (docs/policy.md)."""
     base = SessionConfig(provider=provider, model=model, tools=default_registry().names(),
                          system_prompt=DEFAULT_SYSTEM_PROMPT, agent="default", workdir=".")
     agents = {"default": base}
@@ -92,7 +94,10 @@ def default_agents(provider: str, model: str, agents_file: Path | None = None) -
                 raise AgentsFileError(f"agent {name!r}: unknown fields {sorted(unknown)}")
             if "sampling" in over:  # {"temperature": 0.2, ...}: the rest keep the safe defaults
                 over = {**over, "sampling": _sampling(over["sampling"], f"{agents_file}: agent {name!r}: sampling")}
-            agents[name] = dataclasses.replace(base, agent=name, **over)
+            try:
+                agents[name] = dataclasses.replace(base, agent=name, **over)
+            except PolicyError as exc:
+                raise AgentsFileError(f"agents file {agents_file}: agent {name!r}: {exc}") from None
     return agents
 
 

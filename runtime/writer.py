@@ -2,12 +2,12 @@
 
 Every write goes through `SessionWriter`: starting a session, a person's decision at the
 head, a handler's emits, the fork's copy. It builds the envelopes (ids derived from the
-cause, `core.secrets` redaction, `codec.seal` hash chaining), checks them against the FSM
+cause, `core.secrets.sanitize` (redaction and caps), `codec.seal` hash chaining), checks them against the FSM
 before anything is stored, and appends with one conflict policy (`_write`).
 """
 from __future__ import annotations
 
-import json
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -15,9 +15,10 @@ from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
+from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
-from loopstream.core.secrets import Secrets, redact
+from loopstream.core.secrets import Secrets, sanitize
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
 
 EventCallback = Callable[[ev.Event], None]
@@ -35,8 +36,21 @@ class SessionConfig:
     agent: str = "default"
     max_steps: int = 12
     workdir: str = "."
+    policy: SessionPolicy = field(default_factory=SessionPolicy)
+    """Budgets, retries, guardrails, permissions, …: core/policy.py (a dict is validated into one)."""
     extra: dict = field(default_factory=dict)
-    sampling: Sampling = field(default_factory=Sampling)  # how the model samples (core/sampling.py)
+    """Deprecated: the old flat config keys (`{"max_tokens": …}`), merged into `policy`."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """How the model samples (core/sampling.py): recorded in SessionStarted, sent on every call."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, dict):
+            self.policy = parse_policy(self.policy, "SessionConfig.policy")
+        if self.extra:
+            warnings.warn("SessionConfig(extra=…) is deprecated: pass policy=SessionPolicy(…)",
+                          DeprecationWarning, stacklevel=3)
+            self.policy = self.policy.updated(from_legacy(self.extra), "SessionConfig.extra")
+            self.extra = {}
 
 
 @dataclass
@@ -58,13 +72,13 @@ class Written:
 def build_events(state: SessionState, cause_id: str | None, emits: Sequence[Emit], actor: str,
                  secrets: Secrets = (), time_ms: int = 0) -> list[ev.Event]:
     """Envelopes for `emits` at the head of `state`, ids derived from the cause, every
-    payload redacted (`core.secrets.redact`), linked into the hash chain."""
+    payload sanitized (`core.secrets.sanitize`: secrets redacted, text capped), linked into the hash chain."""
     return chain(state, [
         ev.Event(
             event_id=ev.derived_id(state.session_id, cause_id or "", e.payload.TYPE, e.key),
             session_id=state.session_id, seq=state.next_seq + i, type=e.payload.TYPE, time=time_ms,
             causation_id=cause_id, correlation_id=state.correlation_id, actor=actor,
-            schema_version=REGISTRY.latest(e.payload.TYPE), payload=redact(e.payload, secrets),
+            schema_version=REGISTRY.latest(e.payload.TYPE), payload=sanitize(e.payload, secrets),
         )
         for i, e in enumerate(emits)
     ])
@@ -134,7 +148,7 @@ class SessionWriter:
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
             tools=list(config.tools), max_steps=config.max_steps, workdir=config.workdir,
-            config_json=json.dumps(config.extra, sort_keys=True), **record_fields(config.sampling),
+            config_json=config.policy.to_config_json(), **record_fields(config.sampling),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)

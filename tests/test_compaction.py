@@ -29,7 +29,7 @@ def run_long_session(tmp_path, provider=None, steps=40):
     provider = provider or ScriptedProvider(script)
     rt = build_runtime(log, provider)
     config = SessionConfig(provider="scripted", model="s", tools=["add"], max_steps=steps + 5,
-                           system_prompt="You count.", extra={"context_budget_tokens": BUDGET})
+                           system_prompt="You count.", policy={"compaction": {"context_budget_tokens": BUDGET}})
     state = rt.run_session(rt.start_session("count to forty", config))
     return log, state, seen_contexts
 
@@ -87,7 +87,7 @@ def test_extractive_fallback_without_a_model(tmp_path) -> None:
     log = SQLiteLog(tmp_path / "e.db")
     rt = build_runtime(log, ScriptedProvider(adder_script(30)), summarize_with_model=False)
     config = SessionConfig(provider="scripted", model="s", tools=["add"], max_steps=40,
-                           extra={"context_budget_tokens": BUDGET})
+                           policy={"compaction": {"context_budget_tokens": BUDGET}})
     state = rt.run_session(rt.start_session("count", config))
     assert state.status == "done"
     methods = {e.payload.method for e in log.read(state.session_id) if e.type == "ContextCompacted"}

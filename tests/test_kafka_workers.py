@@ -277,7 +277,7 @@ def test_the_tool_worker_reviews_with_its_own_model_and_fails_closed_without_one
     model it was given (`reviewer:0` blocks, `reviewer` allows); without one it blocks."""
     bus = bus_url(kafka_broker, "rv" + uuid.uuid4().hex[:6])
     agents = tmp_path / "agents.json"
-    agents.write_text(json.dumps({"reviewed": {"tools": ["add"], "extra": {
+    agents.write_text(json.dumps({"reviewed": {"tools": ["add"], "policy": {
         "guardrails": {"review_tool_calls": True, "on_tool_call": "stop"}}}}))
     workers = Workers(bus, tmp_path)
 

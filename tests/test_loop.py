@@ -26,7 +26,7 @@ def log(tmp_path):
 
 def config(**kw) -> SessionConfig:
     kw.setdefault("tools", ["add", "calculate"])
-    kw.setdefault("extra", {"retry_base_ms": 20, "retry_max_ms": 50})
+    kw.setdefault("policy", {"retries": {"base_ms": 20, "max_ms": 50}})
     return SessionConfig(provider="scripted", model="scripted", **kw)
 
 

@@ -248,7 +248,7 @@ def test_report_shows_model_calls_tool_calls_errors_and_totals(log) -> None:
                               input_tokens=20, output_tokens=8, mode="json_schema")
         return ModelReply(text="5", input_tokens=30, output_tokens=2)
 
-    sid = run(log, ScriptedProvider(script), extra={"retry_base_ms": 1, "retry_max_ms": 2})
+    sid = run(log, ScriptedProvider(script), policy={"retries": {"base_ms": 1, "max_ms": 2}})
     report = replay(log, sid)
     models = [i for i in report.timeline if type(i).__name__ == "ModelCall"]
     tools = [i for i in report.timeline if type(i).__name__ == "ToolCallView"]
@@ -490,8 +490,8 @@ def test_determinism_with_retries_backoff_and_fallback(log) -> None:
     def down(messages):
         raise ProviderError("503", retryable=True, status=503, kind="server_error")
 
-    sid = run(log, ScriptedProvider(down), extra={"retry_base_ms": 1, "retry_max_ms": 3, "max_model_attempts": 2,
-                                                  "fallback_models": ["small"]})
+    sid = run(log, ScriptedProvider(down), policy={"retries": {"base_ms": 1, "max_ms": 3, "max_model_attempts": 2},
+                                                   "fallback_models": ["small"]})
     types = [e.type for e in log.read(sid)]
     assert "RetryScheduled" in types and "ModelFallback" in types and types[-1] == "SessionFailed"
     assert check_determinism(log, sid).ok
@@ -551,7 +551,7 @@ def test_determinism_re_makes_clock_decisions_at_the_recorded_time(log, tmp_path
     registry = default_registry()
     rt = Runtime(log, [Orchestrator(), ModelProcessor(ScriptedProvider(slow), registry.specs()),
                        ToolProcessor(registry)], clock=lambda: clock["now"])
-    sid = rt.start_session("count", config(extra={"max_wall_seconds": 45}))
+    sid = rt.start_session("count", config(policy={"budgets": {"max_wall_seconds": 45}}))
     state = rt.run_session(sid)
     assert state.status == "failed" and "time budget exhausted" in state.error
     assert check_determinism(log, sid).ok

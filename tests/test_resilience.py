@@ -9,6 +9,7 @@ from fastavro import schemaless_writer
 
 from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, decode, encode
+from loopstream.core.policy import Retries
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.processors.model import ModelProcessor
@@ -29,9 +30,9 @@ def log(tmp_path):
         yield log
 
 
-def cfg(**extra) -> SessionConfig:
-    extra.setdefault("retry_base_ms", 10)
-    return SessionConfig(provider="scripted", model="primary", tools=["add"], extra=extra)
+def cfg(**policy) -> SessionConfig:
+    policy.setdefault("retries", {"base_ms": 10})
+    return SessionConfig(provider="scripted", model="primary", tools=["add"], policy=policy)
 
 
 def failing_then(n_failures: int, error: ProviderError, reply: ModelReply):
@@ -87,7 +88,7 @@ def test_fallback_chain_switches_model_and_records_it(log) -> None:
     registry = default_registry()
     rt = Runtime(log, [Orchestrator(), ModelProcessor(down, registry.specs(), fallbacks=[backup]),
                        ToolProcessor(registry)])
-    state = rt.run_session(rt.start_session("x", cfg(fallback_models=["backup"], max_model_attempts=2)))
+    state = rt.run_session(rt.start_session("x", cfg(fallback_models=["backup"], retries={"base_ms": 10, "max_model_attempts": 2})))
     assert state.status == "done" and state.answer == "from backup" and state.model == "backup"
     types = [e.type for e in log.read(state.session_id)]
     assert types.count("ModelFailed") == 2 and types.count("RetryScheduled") == 1
@@ -97,14 +98,14 @@ def test_fallback_chain_switches_model_and_records_it(log) -> None:
     assert responded[0].model == "backup"
 
 
-@pytest.mark.parametrize(("extra", "kind", "text"), [
+@pytest.mark.parametrize(("budgets", "kind", "text"), [
     ({"max_tokens": 40}, "budget_tokens", "token budget exhausted: used"),
     ({"max_cost_usd": 0.0001, "price_per_mtok": {"input": 1000, "output": 1000}}, "budget_cost", "cost budget exhausted"),
 ])
-def test_budgets_end_the_session_with_a_reason_event(log, extra, kind, text) -> None:
+def test_budgets_end_the_session_with_a_reason_event(log, budgets, kind, text) -> None:
     rt = build_runtime(log, ScriptedProvider(adder_script(50)))
     state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
-                                                               max_steps=100, extra=extra)))
+                                                               max_steps=100, policy={"budgets": budgets})))
     assert state.status == "failed"
     last = log.read(state.session_id)[-1]
     assert last.type == "SessionFailed" and last.payload.error_kind == kind and text in last.payload.reason
@@ -117,7 +118,7 @@ def test_wall_time_budget(log) -> None:
 
     rt = build_runtime(log, ScriptedProvider(slow))
     state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
-                                                               max_steps=100, extra={"max_wall_seconds": 0.5})))
+                                                               max_steps=100, policy={"budgets": {"max_wall_seconds": 0.5}})))
     assert state.status == "failed" and "time budget exhausted" in state.error
 
 
@@ -128,8 +129,8 @@ def test_backoff_is_exponential_jittered_capped_and_deterministic() -> None:
         step = min(1000, 100 * 2 ** (attempt - 2))
         assert step / 2 <= d <= step
     assert backoff_ms(3, "a", base_ms=100) != backoff_ms(3, "b", base_ms=100)
-    assert retry_delay_ms(2, "r", 1500, {}) == 1500
-    assert retry_delay_ms(2, "r", 10**9, {}) is None
+    assert retry_delay_ms(2, "r", 1500, Retries()) == 1500
+    assert retry_delay_ms(2, "r", 10**9, Retries()) is None
 
 
 def test_model_failed_v1_events_still_decode_under_v2() -> None:
@@ -169,7 +170,7 @@ def test_a_tool_that_overruns_its_timeout_fails_and_the_loop_goes_on(log) -> Non
     rt = build_runtime(log, provider, default_registry().add(sleepy))
     started = time.monotonic()
     state = rt.run_session(rt.start_session("x", SessionConfig(
-        provider="scripted", model="s", tools=["sleepy"], extra={"retry_base_ms": 20, "max_tool_attempts": 2})))
+        provider="scripted", model="s", tools=["sleepy"], policy={"retries": {"base_ms": 20, "max_tool_attempts": 2}})))
     assert state.status == "done" and time.monotonic() - started < 2.0
     events = log.read(state.session_id)
     # An idempotent tool's timeout is retried (max_tool_attempts=2), then reported.
@@ -203,7 +204,7 @@ def test_transient_tool_failures_are_retried_with_backoff(log) -> None:
         ModelReply(text="done")])
     rt = build_runtime(log, provider, default_registry().add(flaky, once))
     state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["flaky", "once"],
-                                                               extra={"retry_base_ms": 40})))
+                                                               policy={"retries": {"base_ms": 40}})))
     assert state.status == "done" and calls == {"flaky": 3, "once": 1}
     events = log.read(state.session_id)
     retries = [e.payload for e in events if e.type == "RetryScheduled"]

@@ -150,7 +150,7 @@ def test_an_empty_answer_is_refused_and_the_model_answers_again(log) -> None:
 def test_empty_answers_every_time_fail_the_session_with_a_clear_reason(log) -> None:
     provider = ScriptedProvider([ModelReply(text="")])
     rt = build_runtime(log, provider)
-    sid = rt.start_session("What is 2 + 2?", config(extra={"max_answer_retries": 2}))
+    sid = rt.start_session("What is 2 + 2?", config(policy={"guardrails": {"max_output_retries": 2}}))
     state = rt.run_session(sid)
     assert state.status == "failed" and state.answer is None
     assert provider.calls == 3

@@ -117,3 +117,144 @@ def test_a_changed_environment_is_picked_up(monkeypatch) -> None:
     monkeypatch.setenv("SERVICE_TOKEN", "second-token-value")
     assert redact(ev.GoalReceived(text="first-token-value second-token-value")).text == \
         "first-token-value [REDACTED:SERVICE_TOKEN]"
+
+
+# -- names, shapes and URLs --------------------------------------------------------------
+STRIPE = "sk_live_51HxAbCdEfGhIjKlMnOpQrStUv"
+GH_PAT = "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"
+DB_PASS = "correct-horse-battery"
+DATABASE_URL = "postgres://app:s3cr3t-pw-42@db.internal:5432/prod"
+
+
+@pytest.fixture
+def leaky_env(monkeypatch):
+    monkeypatch.setenv("STRIPE_KEY", STRIPE)
+    monkeypatch.setenv("GH_PAT", GH_PAT)
+    monkeypatch.setenv("DB_PASS", DB_PASS)
+    monkeypatch.setenv("DATABASE_URL", DATABASE_URL)
+
+
+@tool
+def print_env(names: str) -> str:
+    """Prints environment variables (a tool that dumps its config, say)."""
+    return "\n".join(f"{n}={os.environ.get(n, '')}" for n in names.split(","))
+
+
+def test_secrets_named_like_database_url_stripe_key_gh_pat_db_pass_never_reach_the_log(log, leaky_env) -> None:
+    names = "STRIPE_KEY,GH_PAT,DB_PASS,DATABASE_URL"
+    provider = ScriptedProvider([
+        ModelReply(tool_calls=[ToolCall(call_id="1", name="print_env", arguments={"names": names})]),
+        ModelReply(text=f"Found {STRIPE} and {DB_PASS}; the db is {DATABASE_URL}"),
+    ])
+    sid, state = run(log, provider, ToolRegistry().add(print_env), f"check {GH_PAT}")
+    assert state.status == "done"
+    raw = b"".join(log.read_raw(sid))
+    for value in (STRIPE, GH_PAT, DB_PASS, DATABASE_URL, "s3cr3t-pw-42"):
+        assert value.encode() not in raw, value
+    result = next(e.payload.result for e in log.read(sid) if e.type == "ToolCompleted")
+    assert result == ("STRIPE_KEY=[REDACTED:STRIPE_KEY]\nGH_PAT=[REDACTED:GH_PAT]\nDB_PASS=[REDACTED:DB_PASS]\n"
+                      "DATABASE_URL=[REDACTED:DATABASE_URL]")
+    assert state.answer == "Found [REDACTED:STRIPE_KEY] and [REDACTED:DB_PASS]; the db is [REDACTED:DATABASE_URL]"
+
+
+@pytest.mark.parametrize(("text", "kind"), [
+    ("sk-proj-Ab3dEfGhIjKlMnOpQrStUvWxYz0123456789", "openai-key"),
+    ("sk-ant-api03-abcdefghijklmnop0123456789-xyz", "openai-key"),
+    ("ghp_0123456789abcdefghijABCDEFGHIJ012345", "github-token"),
+    ("github_pat_11ABCDEFG0123456789_abcdefghijklmnop", "github-token"),
+    ("xoxb-123456789012-abcdefghijkl", "slack-token"),
+    ("AKIAIOSFODNN7EXAMPLE", "aws-access-key-id"),
+    ("sk_live_4eC39HqLyjWDarjtT1zdp7dc", "stripe-key"),
+    ("rk_test_4eC39HqLyjWDarjtT1zdp7dc", "stripe-key"),
+    ("AIzaSyA1234567890abcdefghijklmnopqrstuv", "google-api-key"),
+    ("eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U", "jwt"),
+    ("-----BEGIN RSA PRIVATE KEY-----\nMIIEow...\n-----END RSA PRIVATE KEY-----", "private-key"),
+    ("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn\n-----END OPENSSH PRIVATE KEY-----", "private-key"),
+])
+def test_well_known_token_shapes_are_redacted_wherever_they_come_from(text, kind) -> None:
+    out = redact(ev.ToolCompleted(call_id="c", name="t", result=f"before {text} after", latency_ms=1))
+    assert out.result == f"before [REDACTED:{kind}] after"
+
+
+def test_a_password_in_any_url_is_redacted_and_the_rest_kept() -> None:
+    args = json.dumps({"dsn": "mysql://root:hunter2@10.0.0.5/app", "other": "https://a.example/x@y"})
+    out = redact(ev.ToolRequested(call_id="c", name="t", arguments_json=args, step=1))
+    assert json.loads(out.arguments_json) == {"dsn": "mysql://root:[REDACTED:url-password]@10.0.0.5/app",
+                                              "other": "https://a.example/x@y"}
+
+
+@pytest.mark.parametrize("text", [
+    "sk-learn-compatible-estimator-module", "ghost_town_0123456789abcdefghijklmnopqrst", "eyJhbGci",
+    "https://user@example.com/path", "AKIA is an AWS prefix", "skip_live_events", "see https://x.org/@me:1",
+])
+def test_ordinary_text_is_left_alone(text, monkeypatch) -> None:
+    for k in list(os.environ):
+        if is_secret_name(k):
+            monkeypatch.delenv(k)
+    p = ev.GoalReceived(text=text)
+    assert redact(p) is p
+
+
+def test_widened_names_and_values_make_an_env_var_secret(log, monkeypatch) -> None:
+    for name in ("STRIPE_KEY", "GH_PAT", "DB_PASS", "DB_PWD", "GOOGLE_CREDENTIALS", "NPM_AUTH", "APIKEY"):
+        assert is_secret_name(name), name
+    for name in ("PWD", "OLDPWD", "SSH_AUTH_SOCK", "PYTHONPATH", "KEYBOARD", "PASSAGE_DIR", "XDG_DATA_DIRS"):
+        assert not is_secret_name(name), name
+    monkeypatch.setenv("UPSTREAM", "https://deploy:tok-77aa88bb@git.example.com/repo.git")  # by value: a URL password
+    monkeypatch.setenv("SOMETHING", "ghp_0123456789abcdefghijABCDEFGHIJ012345")  # by value: a token shape
+    out = redact(ev.GoalReceived(text="https://deploy:tok-77aa88bb@git.example.com/repo.git and "
+                                      "ghp_0123456789abcdefghijABCDEFGHIJ012345"))
+    assert out.text == "[REDACTED:UPSTREAM] and [REDACTED:SOMETHING]"
+
+
+# -- what the tool gets ------------------------------------------------------------------
+def write_session(log, work, goal: str, content: str, **policy):
+    from loopstream.tools.builtin import default_registry
+
+    registry = default_registry(allow_writes=True)
+    provider = ScriptedProvider([
+        ModelReply(tool_calls=[ToolCall(call_id="1", name="write_file", arguments={"path": ".env",
+                                                                                  "content": content})]),
+        ModelReply(text="written"),
+    ])
+    rt = Runtime(log, [Orchestrator(), ModelProcessor(provider, registry.specs()),
+                       ToolProcessor(registry, checkpoints=False)])
+    config = SessionConfig(provider="scripted", model="s", tools=["write_file", "read_file"], workdir=str(work),
+                           policy=policy)
+    sid = rt.start_session(goal, config)
+    return sid, rt.run_session(sid)
+
+
+def test_a_tool_asked_to_write_a_secret_writes_the_secret_and_the_log_keeps_the_placeholder(
+        log, tmp_path, leaky_env) -> None:
+    """The goal hands the agent the key (so it reads [REDACTED:STRIPE_KEY]); the model passes
+    the placeholder on; the tool runs with the real value; the log never holds it."""
+    sid, state = write_session(log, tmp_path, f"Put STRIPE_KEY={STRIPE} into .env",
+                               "STRIPE_KEY=[REDACTED:STRIPE_KEY]\n")
+    assert state.status == "done"
+    assert (tmp_path / ".env").read_text() == f"STRIPE_KEY={STRIPE}\n"
+    raw = b"".join(log.read_raw(sid))
+    assert STRIPE.encode() not in raw and b"[REDACTED:STRIPE_KEY]" in raw
+    args = json.loads(next(e.payload for e in log.read(sid) if e.type == "ToolRequested").arguments_json)
+    assert args["content"] == "STRIPE_KEY=[REDACTED:STRIPE_KEY]\n"
+
+
+@pytest.mark.parametrize(("goal", "policy", "why"), [
+    ("Write my stripe key into .env", {}, "the placeholder never came from outside the model"),
+    (f"Put {STRIPE} into .env", {"secrets": {"reveal_to_tools": False}}, "the policy says no"),
+    ("The docs say to write [REDACTED:STRIPE_KEY] into .env", {}, "a literal placeholder is not a redaction"),
+])
+def test_the_real_value_is_not_revealed(log, tmp_path, leaky_env, goal, policy, why) -> None:
+    sid, state = write_session(log, tmp_path, goal, "STRIPE_KEY=[REDACTED:STRIPE_KEY]\n", **policy)
+    assert state.status == "done", why
+    assert STRIPE not in (tmp_path / ".env").read_text(), why
+    assert (tmp_path / ".env").read_text() == "STRIPE_KEY=[REDACTED:STRIPE_KEY]\n", why
+
+
+def test_a_literal_placeholder_from_outside_is_defused_in_the_log(log, leaky_env) -> None:
+    out = redact(ev.ToolCompleted(call_id="c", name="t", result="page says [REDACTED:STRIPE_KEY]", latency_ms=1))
+    assert out.result == "page says [quoted REDACTED:STRIPE_KEY]"
+    mine = redact(ev.ModelResponded(request_id="r", text="use [REDACTED:STRIPE_KEY]", tool_calls=[],
+                                    input_tokens=1, output_tokens=1, latency_ms=1, finish_reason="", mode="native",
+                                    model="m"))
+    assert mine.text == "use [REDACTED:STRIPE_KEY]"  # the model passing a placeholder on is not touched

@@ -139,7 +139,7 @@ def test_backoff_waits_on_the_clock(tmp_path: Path) -> None:
             raise ProviderError("busy", retryable=True, status=503)
         return inner(messages)
 
-    config = SessionConfig(provider="scripted", model="scripted", tools=["add"], extra={"retry_base_ms": 400})
+    config = SessionConfig(provider="scripted", model="scripted", tools=["add"], policy={"retries": {"base_ms": 400}})
     sid = SessionWriter(log).start("g", config)
     w = Worker(log, processors_for("all", provider=ScriptedProvider(script)), "t.backoff")
     run_workers([w], all_done(log, [sid]))

@@ -1,19 +1,20 @@
 """Permission rules for tool calls: allow, deny or ask a person, per tool and argument.
 
-A policy file (TOML) lists rules; the first rule whose tool and argument patterns all
-match decides. Patterns are globs (`rm *`, `*.py`) or, with a `re:` prefix, regular
-expressions searched in the argument's text. The rules are recorded in the session's
-SessionStarted config, so a replay sees the policy the session ran under.
+A policy file (TOML, core/policy.py) lists rules; the first rule whose tool and argument
+patterns all match decides. Patterns are globs (`rm *`, `*.py`) or, with a `re:` prefix,
+regular expressions searched in the argument's text. The rules are part of the session's
+policy, recorded in its SessionStarted, so a replay sees the policy the session ran under.
 
+    [permissions]
     default = "allow"             # when no rule matches
 
-    [[permissions]]
+    [[permissions.rules]]
     tool = "shell"
     args = { command = "re:\\brm\\b" }
     action = "deny"
     reason = "no deletions"
 
-    [[permissions]]
+    [[permissions.rules]]
     tool = "write_file"
     args = { path = "*.py" }
     action = "ask"
@@ -24,12 +25,16 @@ import fnmatch
 import json
 import re
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-from loopstream.core.policy import PolicyError, load_policy, validate_permissions  # noqa: F401  (re-exported)
-
-Action = Literal["allow", "deny", "ask"]
-ACTIONS = ("allow", "deny", "ask")
+from loopstream.core.policy import (  # noqa: F401  (re-exported)
+    ACTIONS,
+    Action,
+    PermissionRule,
+    Permissions,
+    PolicyError,
+    load_policy,
+)
 
 
 @dataclass(frozen=True)
@@ -46,14 +51,11 @@ def _matches(pattern: str, value: Any) -> bool:
     return fnmatch.fnmatchcase(text, pattern)
 
 
-def decide(permissions: dict, tool: str, arguments: dict) -> Decision:
-    """The first matching rule's action, or the policy's default ("allow" if none)."""
-    for i, rule in enumerate(permissions.get("rules", [])):
-        if not fnmatch.fnmatchcase(tool, rule.get("tool", "*")):
+def decide(permissions: Permissions, tool: str, arguments: dict) -> Decision:
+    """The first matching rule's action, or the policy's default."""
+    for i, rule in enumerate(permissions.rules):
+        if not fnmatch.fnmatchcase(tool, rule.tool):
             continue
-        args = rule.get("args", {})
-        if all(name in arguments and _matches(pat, arguments[name]) for name, pat in args.items()):
-            reason = rule.get("reason") or f"rule {i + 1}: {rule.get('action')} {rule.get('tool', '*')}"
-            return Decision(rule["action"], reason, i)
-    default = permissions.get("default", "allow")
-    return Decision(default, f"default: {default}", None)
+        if all(name in arguments and _matches(pat, arguments[name]) for name, pat in rule.args.items()):
+            return Decision(rule.action, rule.reason or f"rule {i + 1}: {rule.action} {rule.tool}", i)
+    return Decision(permissions.default, f"default: {permissions.default}", None)

@@ -5,10 +5,11 @@ They are not in `default_registry()`: a session gets them only when asked for
 --allow-writes`). Each is `read_only=False`, so the tool processor snapshots the
 workspace (loopstream.tools.checkpoint) and records `WorkspaceCheckpointed` before it runs.
 
-Paths are confined to the working directory (`files.confine`), and `.git/` and
-`.loopstream/` (which checkpoints cannot restore) are refused. `shell` runs
-`bash -c COMMAND` with the working directory as cwd and a scrubbed environment; it is a
-shell, not a sandbox: a command can still reach anything the user running it can.
+Paths are confined to the working directory (tools/confine.py: symlinks resolved, nothing
+outside, no link followed at the moment of writing), and `.git/` and `.loopstream/` (which
+checkpoints cannot restore) are refused. `shell` runs `bash -c COMMAND` with the working
+directory as cwd and a scrubbed environment; it is a shell, not a sandbox: a command can
+still read, write and send anything the user running it can, symlinks and all.
 """
 from __future__ import annotations
 
@@ -16,12 +17,11 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 from loopstream.core.secrets import is_secret_name
-from loopstream.tools.files import confine
+from loopstream.tools.confine import file_size, locate, read_bytes, replace_file
 from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry, tool
 
 PROTECTED = (".git", ".loopstream")
@@ -34,70 +34,35 @@ SHELL_ENV = ("PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "LC_C
 SHELL_ENV_EXTRA = "LOOPSTREAM_SHELL_ENV"
 
 
-def _writable(ctx: ToolContext, path: str) -> tuple[Path, str]:
-    target = confine(ctx, path)
-    root = ctx.workdir.resolve()
-    if target == root:
-        raise ToolError("path must name a file inside the working directory", "invalid_arguments")
-    rel = target.relative_to(root)
-    if rel.parts[0] in PROTECTED:
-        raise ToolError(f"refusing to change {rel.parts[0]}/ (checkpoints cannot restore it)", "permission_denied")
-    if target.is_dir():
-        raise ToolError(f"{path} is a directory", "invalid_arguments")
-    return target, rel.as_posix()
-
-
-def _write(target: Path, data: bytes) -> None:
-    """Replace `target` atomically (a temp file, then rename), keeping its permissions."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = target.stat().st_mode & 0o7777 if target.exists() else 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o022
-
-
 @tool(read_only=False, idempotent=True)
 def write_file(path: str, content: str, ctx: ToolContext) -> str:
     """Create or overwrite a text file (relative to the working directory) with `content`.
     Parent directories are created as needed."""
-    target, rel = _writable(ctx, path)
-    existed = target.exists()
+    old = file_size(ctx, path)
     data = content.encode("utf-8")
-    old = target.stat().st_size if existed else 0
-    _write(target, data)
-    return f"wrote {len(data)} bytes to {rel}" + (f" (replaced {old} bytes)" if existed else " (new file)")
+    rel = replace_file(ctx, path, data, protected=PROTECTED)
+    return f"wrote {len(data)} bytes to {rel}" + (f" (replaced {old} bytes)" if old is not None else " (new file)")
 
 
 @tool(read_only=False, idempotent=True)
 def edit_file(path: str, old: str, new: str, ctx: ToolContext) -> str:
     """Replace the one exact occurrence of `old` in a text file with `new`. `old` must match
     exactly once (whitespace included): include enough surrounding lines to make it unique."""
-    target, rel = _writable(ctx, path)
-    if not target.is_file():
-        raise ToolError(f"no such file: {path} (use write_file to create it)", "not_found")
     if not old:
         raise ToolError("old must not be empty", "invalid_arguments")
     if old == new:
         raise ToolError("old and new are identical: nothing to change", "invalid_arguments")
+    rel = locate(ctx, path)
+    if rel.parts and rel.parts[0] in PROTECTED:
+        raise ToolError(f"refusing to change {rel.parts[0]}/ (checkpoints cannot restore it)", "permission_denied")
     try:
-        with target.open(encoding="utf-8", newline="") as f:  # newline="": keep \r\n as it is
-            text = f.read()
+        raw = read_bytes(ctx, path)
+    except ToolError as exc:
+        if exc.kind == "not_found":
+            raise ToolError(f"no such file: {path} (use write_file to create it)", "not_found") from None
+        raise
+    try:
+        text = raw.decode("utf-8")  # bytes as they are: \r\n stays \r\n
     except UnicodeDecodeError:
         raise ToolError(f"{path} is not a UTF-8 text file", "invalid_arguments") from None
     count = text.count(old)
@@ -112,7 +77,7 @@ def edit_file(path: str, old: str, new: str, ctx: ToolContext) -> str:
             "ambiguous_match",
         )
     at = text.index(old)
-    _write(target, (text[:at] + new + text[at + len(old):]).encode("utf-8"))
+    replace_file(ctx, path, (text[:at] + new + text[at + len(old):]).encode("utf-8"), protected=PROTECTED)
     line = text.count("\n", 0, at) + 1
     return f"edited {rel}: replaced {old.count(chr(10)) + 1} line(s) at line {line} with {new.count(chr(10)) + 1}"
 
@@ -178,7 +143,7 @@ def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
         raise ToolError("command must not be empty", "invalid_arguments")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise ToolError(f"timeout_s must be between 0 and {MAX_TIMEOUT_S:g}", "invalid_arguments")
-    cwd = ctx.workdir.resolve()
+    cwd = ctx.workdir.resolve()  # confine-exempt: shell is not confined (not a sandbox)
     if not cwd.is_dir():
         raise ToolError(f"working directory {cwd} does not exist", "not_found")
     env = shell_env(cwd)
