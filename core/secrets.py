@@ -7,7 +7,10 @@ values a program passes explicitly (`extra`). Values shorter than 8 characters a
 skipped (too likely to match ordinary text). Each occurrence in any string field of a
 payload (nested ones too, e.g. a tool call's `arguments_json`) becomes `[REDACTED:NAME]`.
 
-`core.runtime.build_events`, the one place emitted events are built, applies it; the
+The same walk makes every string storable (lone surrogates become U+FFFD: UTF-8 cannot
+hold them, and a model's JSON or a tool's output may contain them).
+
+`runtime.inline.build_events`, the one place emitted events are built, applies it; the
 state is folded from the log, so the model and the tools see the redacted text too.
 One compiled regex of all secret values is cached per environment, so a payload with
 no secret in it costs one `search` per string field.
@@ -17,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from pydantic import BaseModel
@@ -65,23 +68,40 @@ class Redactor:
         return self._value(model)
 
     def _value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, BaseModel):
-            changes = {}
-            for name in type(value).model_fields:
-                old = getattr(value, name)
-                new = self._value(old)
-                if new is not old:
-                    changes[name] = new
-            return value.model_copy(update=changes) if changes else value
-        if isinstance(value, list):
-            items = [self._value(v) for v in value]
-            return items if any(a is not b for a, b in zip(items, value)) else value
-        if isinstance(value, dict):
-            out = {k: self._value(v) for k, v in value.items()}
-            return out if any(out[k] is not value[k] for k in value) else value
-        return value
+        return map_strings(value, self.text)
+
+
+def map_strings(value: Any, fn: Callable[[str], str]) -> Any:
+    """`value` with `fn` applied to every string in it (fields of pydantic models, lists and
+    dict values, nested); the same object wherever nothing changed."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, BaseModel):
+        changes = {}
+        for name in type(value).model_fields:
+            old = getattr(value, name)
+            new = map_strings(old, fn)
+            if new is not old:
+                changes[name] = new
+        return value.model_copy(update=changes) if changes else value
+    if isinstance(value, list):
+        items = [map_strings(v, fn) for v in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, dict):
+        out = {k: map_strings(v, fn) for k, v in value.items()}
+        return out if any(out[k] is not value[k] for k in value) else value
+    return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` as UTF-8 can store it: surrogate pairs joined, lone surrogates (undecodable
+    bytes, half an emoji in a JSON reply) replaced by U+FFFD."""
+    if _SURROGATE.search(text) is None:
+        return text
+    return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
 
 
 def secret_values(environ: Mapping[str, str] | None = None, extra: Secrets = ()) -> list[tuple[str, str]]:
@@ -135,5 +155,6 @@ def current(extra: Secrets = ()) -> Redactor:
 
 
 def redact(payload: Any, extra: Secrets = ()) -> Any:
-    """`payload` (a pydantic model) with every secret value replaced by `[REDACTED:NAME]`."""
-    return current(extra).payload(payload)
+    """`payload` (a pydantic model) with every secret value replaced by `[REDACTED:NAME]`,
+    and every string made storable (`storable`: a model or a tool may return invalid Unicode)."""
+    return current(extra).payload(map_strings(payload, storable))
