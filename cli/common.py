@@ -67,7 +67,11 @@ def read_goal(goal: str | None, goal_file: Path | None) -> str:
         text = _utf8(_read_bytes(goal_file), where)
     else:
         where = "the goal"
-        text = _utf8(goal.encode("utf-8", "surrogateescape"), where)  # argv's undecodable bytes come back
+        try:
+            raw = goal.encode("utf-8", "surrogateescape")  # argv's undecodable bytes come back as they were
+        except UnicodeEncodeError as exc:
+            raise UserError(f"the goal is not valid Unicode (a lone surrogate at offset {exc.start})") from None
+        text = _utf8(raw, where)
     if not text.strip():
         raise UserError(f"{where} is empty: say what the agent should do")
     return text
