@@ -152,7 +152,7 @@ def session_extra(*, max_tokens: int | None, max_seconds: float | None, context_
 
 
 def log_inside(log: Log, workdir: Path) -> list[str]:
-    """gitignore patterns for the SQLite log's files when they live inside `workdir`."""
+    """gitignore patterns for the SQLite log's files (and its leases) when they live inside `workdir`."""
     path = getattr(log, "path", None)
     if path is None:
         return []
@@ -160,7 +160,7 @@ def log_inside(log: Log, workdir: Path) -> list[str]:
     if root not in path.parents or path.relative_to(root).parts[0] == ".loopstream":  # never snapshotted anyway
         return []
     rel = path.relative_to(root).as_posix()
-    return [f"/{rel}", f"/{rel}-wal", f"/{rel}-shm", f"/{rel}-journal"]
+    return [f"/{rel}", f"/{rel}-wal", f"/{rel}-shm", f"/{rel}-journal", f"/{rel}.leases/"]
 
 
 def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry, choice: ModelChoice,
