@@ -43,11 +43,13 @@ EXIT_INTERRUPTED = 130
 
 
 class LogDamaged(Exception):
-    """The log holds events that were changed outside loopstream (exit code 1)."""
+    """A session fails verification (a stored event was changed or cannot be read): exit code 1."""
 
 
 @dataclass
 class ModelChoice:
+    """The model a run asked for (None: from the environment or the session), its fallbacks and limits."""
+
     provider: str | None
     model: str | None
     base_url: str | None = None
@@ -112,7 +114,7 @@ def run(
         extra["checkpoint_exclude"] = excluded  # never snapshot (nor restore) the log itself
     choice = ModelChoice(provider, model, base_url, action_mode, fallback_model or [], rpm, tpm)
     config = SessionConfig(provider="", model="", tools=names, system_prompt=prompt, max_steps=max_steps,
-                           workdir=str(workdir.resolve()), extra=extra)
+                           workdir=str(workdir.resolve()), extra=extra)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
 
 
