@@ -29,10 +29,9 @@ from loopstream.core.policy import GuardrailError, PolicyError, load_policy
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
-from loopstream.providers.ratelimit import RateLimiter
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
-from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model
+from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
 from loopstream.runtime.decisions import WaitingCall, drive, load
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools.builtin import default_registry
@@ -177,8 +176,7 @@ def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry
                        for m in choice.fallbacks]
             if backups:
                 config.extra["fallback_models"] = [b.model for b in backups]
-            limits = ({p.name: RateLimiter(choice.rpm, choice.tpm) for p in [chosen, *backups]}
-                      if choice.rpm or choice.tpm else None)
+            limits = rate_limits([chosen, *backups], choice.rpm, choice.tpm)
             runtime = build_runtime(log, chosen, registry, on_event=watch.on_event, fallbacks=backups, limits=limits)
             config.provider, config.model = chosen.name, chosen.model
             sid = runtime.start_session(goal, config)

@@ -32,6 +32,9 @@ def worker(
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (as for `run`).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
     action_mode: Annotated[Optional[str], typer.Option(show_default=False, help="native | json_schema | json_text.")] = None,
+    fallback_model: Annotated[Optional[list[str]], typer.Option(show_default=False, help="As for `run` (repeatable, in order); give the orchestrator the same ones: it records them in the sessions it starts.")] = None,
+    rpm: Annotated[Optional[float], typer.Option(min=0.1, show_default=False, help="Client-side limit of this process: model requests per minute (default: none).")] = None,
+    tpm: Annotated[Optional[float], typer.Option(min=1, show_default=False, help="Client-side limit of this process: model tokens per minute (default: none).")] = None,
     group_prefix: Annotated[Optional[str], typer.Option(show_default=False, help="Consumer groups are PREFIX.<role> (default: the bus's topic prefix, `loopstream`).")] = None,
     concurrency: Annotated[int, typer.Option(min=1, help="Handlers running at once (threads).")] = 8,
     agents: Annotated[Optional[Path], typer.Option(show_default=False, help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
@@ -51,7 +54,8 @@ def worker(
                    f"{' + goal intake ' + intake.group if intake else ''}")
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
-                               action_mode=action_mode, group_prefix=group_prefix, concurrency=concurrency,
+                               action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
+                               group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
                                allow_writes=allow_writes)
     try:

@@ -18,7 +18,8 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import sqlite_utils
@@ -90,6 +91,8 @@ def _open_readonly(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
 
 
 class SQLiteLog:
+    """The `Log` over one SQLite file (`":memory:"`: a private in-memory database)."""
+
     def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False) -> None:
         self.path = Path(path)
         self.readonly = readonly
@@ -113,73 +116,98 @@ class SQLiteLog:
             raise LogUnavailable(f"cannot open the log at {self.path}: {exc}") from None
 
     def _create(self) -> None:
-        with self._lock:
-            if set(_TABLES) <= set(self.db.table_names()):
-                return  # nothing to create: no need to wait for the write lock
-            self.db.conn.execute("BEGIN IMMEDIATE")
-            try:
-                if "events" not in self.db.table_names():
-                    self.db["events"].create(
-                        {"gpos": int, "session_id": str, "seq": int, "event_id": str,
-                         "type": str, "time_ms": int, "data": bytes},
-                        pk="gpos",
-                    )
-                    self.db["events"].create_index(["session_id", "seq"], unique=True)
-                    self.db["events"].create_index(["event_id"], unique=True)
-                if "sessions" not in self.db.table_names():
-                    self.db["sessions"].create(
-                        {"session_id": str, "created_ms": int, "updated_ms": int,
-                         "next_seq": int, "last_type": str},
-                        pk="session_id",
-                    )
-                if "offsets" not in self.db.table_names():
-                    self.db["offsets"].create({"group_name": str, "gpos": int}, pk="group_name")
-                self.db.conn.execute("COMMIT")
-            except BaseException:
-                _rollback(self.db.conn)
-                raise
+        if set(_TABLES) <= set(self.db.table_names()):
+            return  # nothing to create: no need to wait for the write lock
+        with self.transaction():
+            if "events" not in self.db.table_names():
+                self.db["events"].create(
+                    {"gpos": int, "session_id": str, "seq": int, "event_id": str,
+                     "type": str, "time_ms": int, "data": bytes},
+                    pk="gpos",
+                )
+                self.db["events"].create_index(["session_id", "seq"], unique=True)
+                self.db["events"].create_index(["event_id"], unique=True)
+            if "sessions" not in self.db.table_names():
+                self.db["sessions"].create(
+                    {"session_id": str, "created_ms": int, "updated_ms": int,
+                     "next_seq": int, "last_type": str},
+                    pk="session_id",
+                )
+            if "offsets" not in self.db.table_names():
+                self.db["offsets"].create({"group_name": str, "gpos": int}, pk="group_name")
 
     # -- writing -----------------------------------------------------------------
-    def append(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
-        check_batch(session_id, events, expected_seq)
-        rows = [(e.session_id, e.seq, e.event_id, e.type, e.time, encode(e)) for e in events]
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction: BEGIN IMMEDIATE takes SQLite's write lock (across
+        processes), COMMIT at the end of the block, ROLLBACK if it raises."""
         conn = self.db.conn
         with self._lock:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise LogUnavailable(f"cannot write the log at {self.path}: {exc}") from None
-            try:
-                actual = self._next_seq(session_id)
-                ids = [e.event_id for e in events]
-                dup = conn.execute(
-                    f"SELECT event_id FROM events WHERE event_id IN ({','.join('?' * len(ids))}) LIMIT 1",
-                    ids,
-                ).fetchone()
-                if dup:  # any id of the batch, not only the first: the batch stays atomic
-                    raise DuplicateEvent(session_id, dup[0], expected_seq, actual)
-                if actual != expected_seq:
-                    raise ConcurrencyError(session_id, expected_seq, actual)
-                conn.executemany(
-                    "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) "
-                    "VALUES (?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
-                t = now_ms()
-                conn.execute(
-                    "INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
-                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
-                    "updated_ms = excluded.updated_ms, next_seq = excluded.next_seq, "
-                    "last_type = excluded.last_type",
-                    (session_id, t, t, expected_seq + len(events), events[-1].type),
-                )
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                _rollback(conn)
-                raise LogUnavailable(f"cannot write the log at {self.path}: {exc}") from None
+                yield conn
             except BaseException:
                 _rollback(conn)
                 raise
+            conn.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[sqlite3.Connection]:
+        """One read transaction: every query in the block sees the same state."""
+        conn = self.db.conn
+        with self._lock:
+            conn.execute("BEGIN")
+            try:
+                yield conn
+            finally:
+                conn.execute("COMMIT")
+
+    def append(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
+        check_batch(session_id, events, expected_seq)
+        try:
+            with self.transaction():
+                self.insert(session_id, events, expected_seq)
+        except sqlite3.Error as exc:  # read-only, full disk, locked for longer than the busy timeout
+            raise LogUnavailable(f"cannot write the log at {self.path}: {exc}") from None
+
+    def check(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
+        """Raise what `append` would raise for this batch now (DuplicateEvent first, then
+        ConcurrencyError), write nothing."""
+        with self._lock:
+            self._check(session_id, [e.event_id for e in events], expected_seq)
+
+    def insert(self, session_id: str, events: Sequence[Event], expected_seq: int, *,
+               data: Sequence[bytes] | None = None, at_ms: int | None = None) -> None:
+        """The body of `append`, inside the caller's `transaction()`: the checks of `check`,
+        then the rows; nothing is written when it raises. `data`: the events' stored bytes if
+        the caller has them (default: `encode` each); `at_ms`: the session's update time
+        (default: now). The Kafka projection appends what its acceptance rule accepts with it."""
+        if not self.db.conn.in_transaction:
+            raise LogError("SQLiteLog.insert runs inside SQLiteLog.transaction()")
+        self._check(session_id, [e.event_id for e in events], expected_seq)
+        stored = data if data is not None else [encode(e) for e in events]
+        self.db.conn.executemany(
+            "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) VALUES (?, ?, ?, ?, ?, ?)",
+            [(e.session_id, e.seq, e.event_id, e.type, e.time, d) for e, d in zip(events, stored, strict=True)],
+        )
+        t = now_ms() if at_ms is None else at_ms
+        self.db.conn.execute(
+            "INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
+            "updated_ms = excluded.updated_ms, next_seq = excluded.next_seq, "
+            "last_type = excluded.last_type",
+            (session_id, t, t, expected_seq + len(events), events[-1].type),
+        )
+
+    def _check(self, session_id: str, ids: Sequence[str], expected_seq: int) -> None:
+        actual = self._next_seq(session_id)
+        dup = self.db.conn.execute(
+            f"SELECT event_id FROM events WHERE event_id IN ({','.join('?' * len(ids))}) LIMIT 1", list(ids),
+        ).fetchone()
+        if dup:  # any id of the batch, not only the first: the batch stays atomic
+            raise DuplicateEvent(session_id, dup[0], expected_seq, actual)
+        if actual != expected_seq:
+            raise ConcurrencyError(session_id, expected_seq, actual)
 
     # -- reading -----------------------------------------------------------------
     def _next_seq(self, session_id: str) -> int:

@@ -58,8 +58,14 @@ def main() -> int:
     time.sleep(0.5)
 
     # Listen first, from the end of the results topic, so the answer cannot be missed.
-    consumer = Consumer({"bootstrap.servers": args.bootstrap, "group.id": f"example-{correlation_id}",
-                         "enable.auto.commit": False})
+    consumer = Consumer({
+        "bootstrap.servers": args.bootstrap,
+        # Partitions are assigned by hand below: the group is never joined, nothing is committed.
+        "group.id": f"example-{correlation_id}",
+        "enable.auto.commit": False,
+        # With `?results=transactional` results come from Kafka transactions: skip aborted ones.
+        "isolation.level": "read_committed",
+    })
     parts = consumer.list_topics(results, timeout=30).topics[results].partitions
     consumer.assign([TopicPartition(results, p, consumer.get_watermark_offsets(
         TopicPartition(results, p), timeout=30, cached=False)[1]) for p in parts])
@@ -69,7 +75,13 @@ def main() -> int:
         "goal": args.goal, "agent": args.agent, "idempotency_key": key, "correlation_id": correlation_id,
         "reply_topic": results, "progress": args.progress, "submitted_ms": int(time.time() * 1000),
     })
-    producer = Producer({"bootstrap.servers": args.bootstrap, "enable.idempotence": True})
+    producer = Producer({
+        "bootstrap.servers": args.bootstrap,
+        # Retries never write the goal twice (and acks=all: acknowledged = on every in-sync replica).
+        # The idempotency key protects against a goal sent twice by this program itself.
+        "enable.idempotence": True,
+        "acks": "all",
+    })
     producer.produce(goals, key=key.encode(), value=buf.getvalue())
     if producer.flush(30):
         print("the goal was not acknowledged", file=sys.stderr)

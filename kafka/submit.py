@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from loopstream.core import events as ev
 from loopstream.core.log import Log, LogError
 from loopstream.core.state import SessionState, fold
-from loopstream.kafka.clients import ContractProducer
+from loopstream.kafka import clients
+from loopstream.kafka.clients import CONTRACT, ContractProducer, KafkaException, TopicPartition
 from loopstream.kafka.contract import (
     ContractError,
     Goal,
@@ -36,8 +37,6 @@ def submit_goal(bus: str, goal: Goal, *, wait: bool = False, timeout: float = 30
                 on_progress: Callable[[SessionUpdate], None] | None = None) -> Submitted:
     """Produce `goal` to the goals topic; with `wait`, consume its reply topic until the
     session's result arrives (LogError after `timeout` seconds)."""
-    from confluent_kafka import Consumer, KafkaException, TopicPartition
-
     kbus = parse_kafka_url(bus)
     goal = dataclasses.replace(goal, idempotency_key=goal.idempotency_key or uuid.uuid4().hex,
                                submitted_ms=goal.submitted_ms or ev.now_ms())
@@ -51,8 +50,7 @@ def submit_goal(bus: str, goal: Goal, *, wait: bool = False, timeout: float = 30
         producer.ensure_topic(kbus.goals_topic)
         if wait:
             producer.ensure_topic(goal.reply_topic)
-            consumer = Consumer({"bootstrap.servers": kbus.bootstrap, "group.id": f"loopstream-submit-{uuid.uuid4().hex}",
-                                 "enable.auto.commit": False, "fetch.wait.max.ms": 50})
+            consumer = clients.reader(kbus.bootstrap, "loopstream-submit", CONTRACT)
             parts = consumer.list_topics(goal.reply_topic, timeout=30).topics[goal.reply_topic].partitions
             try:  # start at the end: only updates produced after this goal can answer it
                 ends = [TopicPartition(goal.reply_topic, p, consumer.get_watermark_offsets(

@@ -68,6 +68,15 @@ def reviewer_script(allow: int | str = 1) -> Script:
     return script
 
 
+def down_script() -> Script:
+    """A model that is always down (a retryable 503), to exercise retries and fallbacks."""
+
+    def script(messages: list[Message]) -> ModelReply:
+        raise ProviderError("the scripted model is down", retryable=True, status=503, kind="server_error")
+
+    return script
+
+
 def slow_script(seconds: str = "1") -> Script:
     """The adder counting to 1, waiting `seconds` before each reply (to interrupt a run)."""
     adder, delay = adder_script(1), float(seconds)
@@ -94,13 +103,14 @@ def reads_script(path: str = "reply.txt") -> Script:
 
 
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
-                                             "slow": slow_script, "reads": reads_script}
+                                             "down": down_script, "slow": slow_script, "reads": reads_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
     """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
     `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
-    `slow:SECONDS` → the adder, slowly; `reads:FILE` → reads FILE and answers with its text."""
+    `down` → a model that always fails (retryable); `slow:SECONDS` → the adder, slowly;
+    `reads:FILE` → reads FILE and answers with its text."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:

@@ -7,7 +7,6 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
 from loopstream.core.log import Log
 from loopstream.core.processor import Processor
@@ -47,13 +46,10 @@ def build_runtime(
     summarize_with_model: bool = True,
     limits: Mapping[str, RateLimiter] | None = None,
 ) -> Runtime:
-    registry = registry or default_registry()
-    return Runtime(
-        log,
-        [Orchestrator(), ModelProcessor(provider, registry.specs(), fallbacks, limits), ToolProcessor(registry, reviewer=provider),
-         CompactionProcessor(provider if summarize_with_model else None)],
-        on_event=on_event,
-    )
+    """The in-process agent: a Runtime with the processors of the role `all`."""
+    return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
+                                       limits=limits, summarize_with_model=summarize_with_model),
+                   on_event=on_event)
 
 
 @contextmanager
@@ -96,19 +92,38 @@ def default_agents(provider: str, model: str, agents_file: Path | None = None) -
     return agents
 
 
-def processors_for(role: str, *, provider: Any = None, fallbacks: Sequence[Any] = (),
-                   publisher: Processor | None = None, allow_writes: bool = False) -> list[Processor]:
-    """The processors one worker role runs (see kafka/roles.py); `publisher` joins the orchestrator."""
+def processors_for(
+    role: str = "all",
+    *,
+    provider: Provider | None = None,
+    registry: ToolRegistry | None = None,
+    fallbacks: Sequence[Provider] = (),
+    limits: Mapping[str, RateLimiter] | None = None,
+    summarize_with_model: bool = True,
+    publisher: Processor | None = None,
+    allow_writes: bool = False,
+) -> list[Processor]:
+    """The processors of one role, for `build_runtime` (role `all`) and the worker roles
+    (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
+    order; `limits`: a rate limiter per provider name) and the tool role's reviewer of tool
+    calls; `registry` defaults to the built-in tools (`allow_writes`: with the side-effect
+    ones); `publisher` joins the orchestrator."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    registry = default_registry(allow_writes=allow_writes)
+    registry = registry or default_registry(allow_writes=allow_writes)
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
     if role in ("model", "all"):
-        procs += [ModelProcessor(provider, registry.specs(), fallbacks), CompactionProcessor(provider)]
+        procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
+                  CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
         procs.append(ToolProcessor(registry, reviewer=provider))
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs
+
+
+def rate_limits(providers: Sequence[Provider], rpm: float | None, tpm: float | None) -> dict[str, RateLimiter] | None:
+    """Client-side limits (`--rpm`, `--tpm`) for `processors_for`: one limiter per provider name."""
+    return {p.name: RateLimiter(rpm, tpm) for p in providers} if rpm or tpm else None

@@ -35,24 +35,7 @@ Per delivery
    its session ends with a SessionFailed that names it (error_kind "internal"), while
    errors of the log or broker (`LogError`) are retried for ever).
 
-Why not Kafka transactions
---------------------------
-Exactly-once on Kafka is "consume-transform-produce" in one transaction: produce the
-emitted events and commit the consumer offset atomically (`send_offsets_to_transaction`).
-Where that fits, publishing results, it is available opt-in: `kafka://…?results=transactional`
-runs `kafka/relay.py`'s TransactionalResultsRelay. For a worker the place would be around
-step 3 + the commit of step 5, per delivery. It is not used there, because (see `kafka/log.py`) on the Tansu broker `read_committed` consumers
-still saw the records of aborted transactions and an open transaction was never timed out,
-so transactions bought nothing there and could wedge a partition; and even on real Kafka a
-transaction cannot express "append only if the session is at seq N", which the acceptance
-rule of `KafkaLog` provides. Instead: an idempotent producer (`enable.idempotence`,
-acks=all: no duplicates from producer retries), deterministic event ids, first-writer-wins
-acceptance in every reader, and commit-after-handling. The visible result is the same as
-effectively-once: a crash can make a handler run twice (a model call may be paid twice, a
-read-only tool re-run), but the log keeps one copy of each fact. On real Kafka, a
-transactional producer (`transactional.id` per worker and partition) would additionally
-hide a losing racer's records from `read_committed` readers and make the offset commit
-atomic with the append; the acceptance rule would still be needed for seq conflicts.
+Kafka transactions are not used to append events (why: docs/kafka.md).
 
 Stopping: `stop()` (SIGTERM/SIGINT via `install_signal_handlers`) stops polling, lets the
 running handlers finish (up to `drain_timeout`), commits what is finished and closes the

@@ -73,3 +73,13 @@ def test_readme_policy_example_loads(tmp_path) -> None:
     assert decide(policy["permissions"], "shell", {"command": "ls"}).action == "allow"
     assert decide(policy["permissions"], "write_file", {"path": "a"}).action == "ask"
     assert policy["guardrails"]["review_tool_calls"] is True
+
+
+def test_the_console_script_points_at_a_real_function() -> None:
+    import importlib
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr)), name

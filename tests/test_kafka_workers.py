@@ -26,9 +26,14 @@ pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.kafka.contract import Goal, decode_update, encode_goal, session_id_for
 from loopstream.kafka.log import KafkaLog
+from loopstream.kafka.roles import WorkerOptions, open_role
+from loopstream.processors.model import ModelProcessor
+from loopstream.providers.scripted import scripted_from_spec
+from loopstream.runtime.assembly import build_runtime, rate_limits
 from tests.test_worker import check_session
 
 pytestmark = pytest.mark.kafka
@@ -302,3 +307,54 @@ def test_the_tool_worker_reviews_with_its_own_model_and_fails_closed_without_one
     finally:
         codes = workers.stop_all()
     assert all(c == 0 for c in codes.values()), (codes, workers.logs())
+
+
+def test_a_model_worker_switches_to_its_fallback_model_when_the_first_keeps_failing(
+        kafka_broker: str, tmp_path: Path) -> None:
+    """`worker --fallback-model` (and --rpm/--tpm) as for `run`: the model keeps failing
+    (retryable), the orchestrator falls back to the model both roles were given, and the
+    model worker answers with it."""
+    prefix = "fb" + uuid.uuid4().hex[:6]
+    bus = bus_url(kafka_broker, prefix)
+    workers = Workers(bus, tmp_path)
+    models = ["--fallback-model", "scripted:adder:2"]
+    key = "fb-" + uuid.uuid4().hex[:8]
+    try:
+        workers.start("orchestrator", *models, model="scripted:down")
+        workers.start("model", *models, "--rpm", "600", "--tpm", "100000", model="scripted:down")
+        workers.start("tool")
+        r = cli("submit", "--bus", bus, "--wait", "--timeout", "90", "--idempotency-key", key, "count to two",
+                cwd=tmp_path, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "The result is 2.", (r.stdout, r.stderr, workers.logs())
+    finally:
+        codes = workers.stop_all()
+    assert all(c == 0 for c in codes.values()), (codes, workers.logs())
+    with KafkaLog(kafka_broker, topic=f"{prefix}.events") as log:
+        events = log.read(session_id_for(key))
+    types = [e.type for e in events]
+    assert types.count("ModelFailed") == 3 and types.count("RetryScheduled") == 2, types  # 3 attempts, then switch
+    (fallback,) = [e.payload for e in events if e.type == "ModelFallback"]
+    assert (fallback.from_model, fallback.to_model) == ("scripted:down", "scripted:adder:2")
+    assert "the scripted model is down" in fallback.reason
+    assert {e.payload.model for e in events if e.type == "ModelResponded"} == {"scripted:adder:2"}
+    assert json.loads(events[0].payload.config_json)["fallback_models"] == ["scripted:adder:2"]  # SessionStarted
+
+
+def test_the_model_role_and_run_build_the_same_processors(tmp_path: Path) -> None:
+    """The worker roles and the in-process agent come from one assembly function: the role
+    `all` given run's model options has the processors `build_runtime` has, with the same
+    fallbacks and rate limits."""
+    opts = WorkerOptions(role="all", bus=f"sqlite:///{tmp_path / 'w.db'}", provider="scripted", model="down",
+                         fallback_models=("scripted:adder:2",), rpm=60, tpm=5000)
+    with open_role(opts) as (worker, _):
+        role = worker.processors
+    primary, backup = scripted_from_spec("down"), scripted_from_spec("adder:2")
+    with SQLiteLog(tmp_path / "r.db") as log:
+        inline = build_runtime(log, primary, fallbacks=[backup],
+                               limits=rate_limits([primary, backup], 60, 5000)).processors
+    assert [p.name for p in role] == [p.name for p in inline]
+    (model,) = [p for p in role if isinstance(p, ModelProcessor)]
+    assert model.provider.model == "scripted:down" and list(model.by_model) == ["scripted:adder:2"]
+    (limiter,) = model.limits.values()
+    assert list(model.limits) == ["scripted"]
+    assert (limiter.requests.capacity, limiter.tokens.capacity) == (60, 5000)

@@ -10,13 +10,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
 from confluent_kafka import Consumer, TopicPartition
 
 from loopstream.core.codec import encode
-from loopstream.core.log import ConcurrencyError
+from loopstream.core.log import ConcurrencyError, DuplicateEvent, LogError
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.kafka.log import (
     ACCEPTED,
@@ -94,10 +96,18 @@ class TestKafkaSpecifics:
             loser.catch_up(until={loser.partition(s): offsets[-1] + 1})
             assert loser.projection.verdict(loser.partition(s), offsets[0]) == (DROPPED, "conflict")
             # Through append, the same race surfaces as ConcurrencyError.
-            loser.projection.next_seq = lambda _s: 0  # type: ignore[method-assign]  # a stale view
+            store, checks = loser.projection.store, []
+
+            def stale_first(*args) -> None:  # the pre-check sees a stale view; the verdict does not
+                checks.append(args)
+                if len(checks) > 1:
+                    SQLiteLog.check(store, *args)
+
+            store.check = stale_first  # type: ignore[method-assign]
             with pytest.raises(ConcurrencyError):
                 loser.append(s, [event(s, 0, "also late")], 0)
-            del loser.projection.next_seq
+            del store.check
+            assert len(checks) == 2
             # Every reader converges on the winner's history, fresh ones included.
             for log in (winner, loser):
                 assert [e.payload.text for e in log.read(s)] == ["goal 0"]
@@ -203,3 +213,87 @@ class TestAcceptanceRule:
         assert murmur2(b"lkjh234lh9fiuh90y23oiuhsafujhadof229phr9h19h89h8") == (-58897971) & 0xFFFFFFFF
         assert murmur2(b"abc") == (479470107) & 0xFFFFFFFF
         assert all(0 <= partition_for(sid(), 3) < 3 for _ in range(50))
+
+
+# -- the projection appends with the SQLite log's own append --------------------------------
+def sqlite_outcome(log: SQLiteLog, sid_: str, batch: list) -> str:
+    try:
+        log.append(sid_, batch, batch[0].seq)
+    except DuplicateEvent:
+        return "duplicate"
+    except ConcurrencyError:
+        return "conflict"
+    except ValueError:
+        return "malformed"
+    return ACCEPTED
+
+
+class TestProjectionIsAnSQLiteLog:
+    @settings(max_examples=60, deadline=None)
+    @given(st.lists(st.tuples(st.sampled_from(["s-a", "s-b"]), st.integers(-1, 1),
+                              st.lists(st.sampled_from([f"e{i}" for i in range(8)]), min_size=1, max_size=3)),
+                    min_size=1, max_size=12))
+    def test_every_batch_is_decided_as_sqlite_append_decides_it(self, ops) -> None:
+        """Any sequence of batches (stale, ahead, reused ids, ids repeated inside a batch):
+        each is accepted or refused by the projection exactly as SQLiteLog.append treats it."""
+        log, proj = SQLiteLog(":memory:"), Projection(None, "t")
+        try:
+            off = 0
+            for k, (s, delta, ids) in enumerate(ops):
+                first = max(0, log.next_seq(s) + delta)
+                batch = [event(s, first + i, event_id=eid) for i, eid in enumerate(ids)]
+                expected = sqlite_outcome(log, s, batch)
+                proj.apply([rec(off + i, e, batch=f"b{k}", i=i, n=len(batch), writer=f"w{k}")
+                            for i, e in enumerate(batch)])
+                verdicts = {proj.verdict(0, off + i) for i in range(len(batch))}
+                off += len(batch)
+                assert verdicts == ({(ACCEPTED, None)} if expected == ACCEPTED else {(DROPPED, expected)}), (k, ops)
+            for s in ("s-a", "s-b"):
+                assert proj.read_raw(s) == log.read_raw(s)
+            assert sorted((i.session_id, i.next_seq, i.last_type) for i in proj.sessions()) == \
+                   sorted((i.session_id, i.next_seq, i.last_type) for i in log.sessions())
+        finally:
+            log.close()
+            proj.close()
+
+    def test_a_projection_file_opens_as_an_sqlite_log(self, tmp_path: Path) -> None:
+        s = sid()
+        batch = events(s, 0, 3)
+        proj = Projection(tmp_path / "p.db", "t")
+        proj.apply([rec(i, e, batch="B", i=i, n=3) for i, e in enumerate(batch)])
+        proj.close()
+        with SQLiteLog(tmp_path / "p.db") as log:
+            assert log.read_raw(s) == [encode(e) for e in batch]
+            assert [(i.session_id, i.next_seq, i.last_type) for i in log.sessions()] == [(s, 3, "GoalReceived")]
+            with pytest.raises(DuplicateEvent):
+                log.check(s, [batch[0]], 3)
+
+    def test_an_sqlite_log_is_never_taken_for_a_projection(self, tmp_path: Path) -> None:
+        s = sid()
+        with SQLiteLog(tmp_path / "log.db") as log:
+            log.append(s, [event(s, 0)], 0)
+        with pytest.raises(LogError, match="holds a log, not a projection"):
+            Projection(tmp_path / "log.db", "t")
+        with SQLiteLog(tmp_path / "log.db") as log:
+            assert log.next_seq(s) == 1  # untouched
+
+    def test_a_projection_of_the_older_layout_is_rebuilt(self, tmp_path: Path) -> None:
+        import sqlite3
+
+        path = tmp_path / "old.db"
+        conn = sqlite3.connect(path)  # the layout before the projection used SQLiteLog's tables
+        conn.executescript("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);"
+                           "INSERT INTO meta VALUES ('topic', 't');"
+                           "CREATE TABLE events (session_id TEXT, seq INTEGER, event_id TEXT, type TEXT, time_ms INTEGER,"
+                           " data BLOB, part INTEGER, off INTEGER, ts_ms INTEGER, PRIMARY KEY (session_id, seq));"
+                           "CREATE TABLE positions (part INTEGER PRIMARY KEY, next_off INTEGER);"
+                           "INSERT INTO positions VALUES (0, 7);")
+        conn.close()
+        proj = Projection(path, "t")
+        try:
+            assert proj.positions() == {}  # read again from the topic's start
+            s = sid()
+            proj.apply([rec(0, event(s, 0))])
+            assert proj.next_seq(s) == 1
+        finally:
+            proj.close()
