@@ -274,9 +274,16 @@ def cap_text(text: str, limit: int) -> str:
     return f"{text[:keep]}…[{len(text) - keep} more characters cut]"
 
 
+def storable(text: str) -> str:
+    """`text` as UTF-8 can store it: lone surrogates (undecodable bytes, half an emoji in a
+    JSON reply) replaced by U+FFFD."""
+    if text.isascii() or _SURROGATE.search(text) is None:
+        return text
+    return _SURROGATE.sub("\ufffd", text)
+
+
 def _fit(owner: str, field: str, text: str) -> str:
-    if not text.isascii() and _SURROGATE.search(text):  # lone surrogates cannot be written as UTF-8
-        text = _SURROGATE.sub("\ufffd", text)
+    text = storable(text)
     limit = limit_for(owner, field)
     return text if limit is None else cap_text(text, limit)
 

@@ -4,9 +4,17 @@ Tables: `events` (the log; `gpos` is the global position subscriptions follow),
 `sessions` (next seq per session: the optimistic-concurrency check), `offsets`
 (durable positions of named subscriber groups). Writes take SQLite's write lock with
 BEGIN IMMEDIATE, so the seq check and the insert are one atomic step across processes.
+
+`SQLiteLog(path, readonly=True)` is for commands that only read: it never creates a
+file, a directory or a table, takes no write lock (so it answers while another process
+holds the write lock), and works on read-only media: it opens the file with SQLite's
+`mode=ro`, and only when that fails and nothing can write the file (a read-only file
+system or file) with `immutable=1`, which tells SQLite the file cannot change.
+A writable log that cannot be written fails at once with `LogUnavailable` naming why.
 """
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -27,26 +35,89 @@ from loopstream.core.log import (
     check_batch,
 )
 
+_TABLES = ("events", "sessions", "offsets")
+
+
+class LogUnavailable(LogError):
+    """The log file cannot be opened as asked (not a loopstream log, or not writable)."""
+
+
+class LogNotFound(LogUnavailable):
+    """A read-only open of a file that does not exist (nothing is created)."""
+
+
+def unwritable(path: Path) -> str | None:
+    """Why `path` (an existing file) cannot be written, or None if it can."""
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return "read-only file system"
+    except OSError:
+        pass
+    if not os.access(path, os.W_OK):
+        return "read-only file"
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        return f"read-only directory {path.parent}"
+    return None
+
+
+def _connect(target: str, busy_timeout_ms: int, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(target, isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000,
+                           uri=uri)
+    conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
+    return conn
+
+
+def _open_readonly(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
+    if not path.is_file():
+        raise LogNotFound(f"no log at {path}" + (" (it is a directory)" if path.is_dir() else ""))
+    uri = path.resolve().as_uri()
+    try:
+        conn = _connect(uri + "?mode=ro", busy_timeout_ms, uri=True)
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    except sqlite3.DatabaseError as exc:
+        if unwritable(path) is None or "not a database" in str(exc):
+            raise LogUnavailable(f"cannot read the log at {path}: {exc}") from None
+        # WAL needs a writable -shm beside the file; nothing can change a file that
+        # cannot be written, so reading it as immutable is exact.
+        conn = _connect(uri + "?mode=ro&immutable=1", busy_timeout_ms, uri=True)
+        try:
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        except sqlite3.DatabaseError as exc2:
+            raise LogUnavailable(f"cannot read the log at {path}: {exc2}") from None
+    if not {"events", "sessions"} <= tables:
+        conn.close()
+        raise LogUnavailable(f"{path} is not a loopstream log (no events table)")
+    return conn
+
 
 class SQLiteLog:
     """The `Log` over one SQLite file (`":memory:"`: a private in-memory database)."""
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000) -> None:
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(
-            str(self.path), isolation_level=None, check_same_thread=False, timeout=busy_timeout_ms / 1000
-        )
-        conn.execute(f"PRAGMA busy_timeout = {busy_timeout_ms}")
-        conn.execute("PRAGMA journal_mode = WAL")
-        # NORMAL in WAL mode: a process crash loses nothing committed; only an OS crash or
-        # power loss may drop the last transactions.
-        conn.execute("PRAGMA synchronous = NORMAL")
-        self.db = sqlite_utils.Database(conn)
+        self.readonly = readonly
         self._lock = threading.RLock()
-        self._create()
+        if readonly:
+            self.db = sqlite_utils.Database(_open_readonly(self.path, busy_timeout_ms))
+            return
+        if self.path.exists() and (why := unwritable(self.path)):
+            raise LogUnavailable(f"the log at {self.path} cannot be written ({why})")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        conn = _connect(str(self.path), busy_timeout_ms)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")
+            # NORMAL in WAL mode: a process crash loses nothing committed; only an OS crash or
+            # power loss may drop the last transactions.
+            conn.execute("PRAGMA synchronous = NORMAL")
+            self.db = sqlite_utils.Database(conn)
+            self._create()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise LogUnavailable(f"cannot open the log at {self.path}: {exc}") from None
 
     def _create(self) -> None:
+        if set(_TABLES) <= set(self.db.table_names()):
+            return  # nothing to create: no need to wait for the write lock
         with self.transaction():
             if "events" not in self.db.table_names():
                 self.db["events"].create(
@@ -76,7 +147,7 @@ class SQLiteLog:
             try:
                 yield conn
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             conn.execute("COMMIT")
 
@@ -93,8 +164,11 @@ class SQLiteLog:
 
     def append(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
         check_batch(session_id, events, expected_seq)
-        with self.transaction():
-            self.insert(session_id, events, expected_seq)
+        try:
+            with self.transaction():
+                self.insert(session_id, events, expected_seq)
+        except sqlite3.Error as exc:  # read-only, full disk, locked for longer than the busy timeout
+            raise LogUnavailable(f"cannot write the log at {self.path}: {exc}") from None
 
     def check(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
         """Raise what `append` would raise for this batch now (DuplicateEvent first, then
@@ -153,7 +227,7 @@ class SQLiteLog:
                 "SELECT data FROM events WHERE session_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
                 (session_id, from_seq, hi),
             ).fetchall()
-        return [r[0] for r in rows]
+        return [r[0] or b"" for r in rows]  # a NULL blob reads as no bytes: an unreadable event, named by its seq
 
     def read(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[Event]:
         return decode_session(self.read_raw(session_id, from_seq, to_seq), session_id, from_seq)
@@ -167,11 +241,13 @@ class SQLiteLog:
         return [SessionInfo(*r) for r in rows]
 
     def find_session(self, prefix: str) -> list[str]:
-        """Session ids starting with `prefix` (so users can type a short id)."""
+        """Session ids starting with `prefix` (so users can type a short id). Every character
+        of the prefix is literal (`_` and `%` too); ASCII letters match either case."""
+        escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         with self._lock:
             rows = self.db.conn.execute(
-                "SELECT session_id FROM sessions WHERE session_id LIKE ? ORDER BY session_id",
-                (prefix.replace("%", "") + "%",),
+                "SELECT session_id FROM sessions WHERE session_id LIKE ? ESCAPE '\\' ORDER BY session_id",
+                (escaped + "%",),
             ).fetchall()
         return [r[0] for r in rows]
 
@@ -188,6 +264,11 @@ class SQLiteLog:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        conn.execute("ROLLBACK")
 
 
 class SQLiteSubscription:

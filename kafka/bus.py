@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from loopstream.core.log import Log
-from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.sqlite_log import LogNotFound, LogUnavailable, SQLiteLog
 from loopstream.kafka.contract import ContractError, parse_kafka_url
 
 try:  # the [kafka] extra
@@ -25,13 +25,27 @@ def default_db() -> Path:
     return Path(os.environ.get("LOOPSTREAM_DB") or DEFAULT_DB)
 
 
-def open_log(bus: str | None = None, db: str | Path | None = None) -> Log:
+def sqlite_path(bus: str | None = None, db: str | Path | None = None) -> Path | None:
+    """The SQLite file `open_log(bus, db)` opens, or None when the bus is not SQLite."""
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
     if bus is None or bus.startswith("sqlite://"):
-        path = Path(bus[len("sqlite://"):]) if bus else Path(db) if db else default_db()
+        return Path(bus[len("sqlite://"):]) if bus else Path(db) if db else default_db()
+    return None
+
+
+def open_log(bus: str | None = None, db: str | Path | None = None, *, readonly: bool = False) -> Log:
+    """The log a command uses. `readonly` (commands that only read): a SQLite log is opened
+    read-only and must exist (`LogNotFound` otherwise); nothing is created."""
+    bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
+    path = sqlite_path(bus, db)
+    if path is not None:
         try:
-            return SQLiteLog(path)
-        except Exception as exc:  # sqlite3 errors for unwritable paths, directories, non-db files
+            return SQLiteLog(path, readonly=readonly)
+        except LogNotFound:
+            raise
+        except LogUnavailable as exc:
+            raise BusError(str(exc)) from None
+        except Exception as exc:  # OS errors for unusable paths (a directory, a file where a folder belongs)
             raise BusError(f"cannot open the SQLite log at {path}: {exc}") from None
     if bus.startswith("kafka://"):
         if KafkaLog is None:

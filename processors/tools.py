@@ -47,6 +47,8 @@ def _with_timeout(fn, timeout: float):
     def target() -> None:
         try:
             box["result"] = fn()
+        except (SystemExit, KeyboardInterrupt) as exc:  # the tool's own doing: it must not stop the runtime
+            box["error"] = ToolError(f"the tool raised {type(exc).__name__}({exc})", "tool_exit")
         except BaseException as exc:  # re-raised in the caller's thread
             box["error"] = exc
 

@@ -5,7 +5,9 @@ drive any sequence of tool calls and answers without a model server.
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from loopstream.providers.base import (
     Message,
@@ -40,10 +42,11 @@ class ScriptedProvider:
         return item
 
 
-def adder_script(tool_steps: int = 1) -> Script:
+def adder_script(tool_steps: int | str = 1) -> Script:
     """Calls `add` (adding 1 to the last result) until the result reaches `tool_steps`,
     then answers with it. It reads only the latest tool result, so it keeps counting
     correctly when older turns were compacted away."""
+    tool_steps = int(tool_steps)
 
     def script(messages: list[Message]) -> ModelReply:
         results = [m.content for m in messages if m.role == "tool"]
@@ -56,10 +59,10 @@ def adder_script(tool_steps: int = 1) -> Script:
     return script
 
 
-def reviewer_script(allow: int = 1) -> Script:
+def reviewer_script(allow: int | str = 1) -> Script:
     """A tool-call reviewer (processors/guardrails.py) that allows every call (`reviewer`)
     or blocks every one (`reviewer:0`)."""
-    verdict = '{"allow": true, "reason": "scripted reviewer allows"}' if allow else \
+    verdict = '{"allow": true, "reason": "scripted reviewer allows"}' if int(allow) else \
         '{"allow": false, "reason": "scripted reviewer blocks every call"}'
 
     def script(messages: list[Message]) -> ModelReply:
@@ -77,15 +80,46 @@ def down_script() -> Script:
     return script
 
 
-SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script, "down": down_script}
+def slow_script(seconds: str = "1") -> Script:
+    """The adder counting to 1, waiting `seconds` before each reply (to interrupt a run)."""
+    adder, delay = adder_script(1), float(seconds)
+
+    def script(messages: list[Message]) -> ModelReply:
+        time.sleep(delay)
+        return adder(messages)
+
+    return script
+
+
+def reads_script(path: str = "reply.txt") -> Script:
+    """Calls read_file(path), then answers with the file's text exactly (undecodable bytes
+    as lone surrogates): a reply and a tool result that say whatever the file says."""
+
+    def script(messages: list[Message]) -> ModelReply:
+        if not any(m.role == "tool" for m in messages):
+            call = ToolCall(call_id="r0", name="read_file", arguments={"path": path})
+            return ModelReply(text="", tool_calls=[call], input_tokens=10, output_tokens=5, mode="native")
+        text = Path(path).read_bytes().decode("utf-8", "surrogateescape")
+        return ModelReply(text=text, input_tokens=10, output_tokens=5)
+
+    return script
+
+
+SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
+                                             "down": down_script, "slow": slow_script, "reads": reads_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
     """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
     `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
-    `down` → a model that always fails (retryable)."""
+    `down` → a model that always fails (retryable); `slow:SECONDS` → the adder, slowly;
+    `reads:FILE` → reads FILE and answers with its text."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:
         raise ValueError(f"unknown script {name!r}; known: {', '.join(SCRIPTS)}")
-    return ScriptedProvider(SCRIPTS[name](*( [int(arg)] if arg else [])), model=f"scripted:{spec}")
+    try:
+        script = SCRIPTS[name](*([arg] if arg else []))
+    except ValueError:
+        raise ValueError(f"bad argument {arg!r} for script {name!r}") from None
+    return ScriptedProvider(script, model=f"scripted:{spec}")

@@ -94,6 +94,9 @@ def verify_from(raw: Sequence[bytes], prev: bytes | None, session_id: str = "", 
     h = CHAIN_GENESIS if prev is None else prev
     sha = _sha256
     for i, data in enumerate(raw):
+        if not data:
+            return ChainReport(session_id, "broken", i + 1, start_seq + i, "the stored event is empty (no bytes)",
+                               h.hex() if i else "")
         if len(data) <= _TRAILER or data[-_TRAILER] != 2:
             return ChainReport(session_id, "broken", i + 1, start_seq + i,
                                "the event carries no chain hash (stripped, or written outside the runtime)",

@@ -17,7 +17,7 @@ from typing import Any
 from loopstream.core.log import Log
 from loopstream.replay.archive import export_session
 from loopstream.replay.determinism import check_determinism
-from loopstream.replay.diff import diff
+from loopstream.replay.diff import diff_reports
 from loopstream.replay.diff import render as render_diff
 from loopstream.replay.fork import ForkNeedsAcknowledgement, ForkResult, fork
 from loopstream.replay.replayer import (
@@ -112,15 +112,25 @@ def describe_fork(result: ForkResult) -> str:
 
 
 def diff_command(log: Log, a: str, b: str, *, width: int = 100) -> CommandResult:
-    """`loopstream diff A B`: exit 0 if they behaved the same, 1 if not."""
-    report = diff(log, a, b)
-    code = EXIT_OK if report.identical else EXIT_FAILED
-    return CommandResult(render_diff(report, width=width), code, data=report)
+    """`loopstream diff A B`: exit 0 if they behaved the same, 1 if not, or if either
+    fails verification (the error names its first bad seq)."""
+    reports = replay(log, a), replay(log, b)
+    report = diff_reports(*reports)
+    text = render_diff(report, width=width)
+    for r in reports:
+        if not r.ok:
+            why = r.chain.reason if not r.chain.ok else r.fold_error
+            return CommandResult(text, EXIT_FAILED, f"session {r.session_id} fails verification: "
+                                 f"first bad seq {r.first_bad_seq}: {why}", report)
+    return CommandResult(text, EXIT_OK if report.identical else EXIT_FAILED, data=report)
 
 
 def export_command(log: Log, session_id: str, path: str | Path, to_seq: int | None = None) -> CommandResult:
     """`loopstream export SESSION FILE [--to SEQ]`: the stored bytes, for a bug report or a fixture."""
-    n = export_session(log, session_id, path, to_seq=to_seq)
+    try:
+        n = export_session(log, session_id, path, to_seq=to_seq)
+    except OSError as exc:  # a directory, a missing folder, no permission, a full disk
+        return CommandResult("", EXIT_USAGE, f"cannot write {path}: {exc.strerror or exc}")
     return CommandResult(f"wrote {n} events of {session_id} to {path}", EXIT_OK)
 
 

@@ -40,7 +40,7 @@ def test_db_flag_and_env(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["show", "nosuch"], "no session 'nosuch' in this log"),
+    (["show", "nosuch"], "no log at .loopstream/loopstream.db: nothing has run with this log"),
     (["run", "x", "--tools", "nope", "--provider", "scripted"], "unknown tool(s): nope"),
     (["run", "x", "--provider", "martian"], "unknown provider 'martian'"),
     (["run", "x", "--provider", "scripted", "--workdir", "/definitely/not/here"], "is not a directory"),
@@ -86,4 +86,4 @@ def test_a_corrupt_stored_event_is_named_by_its_seq(tmp_path: Path) -> None:
     for args in (["show", sid], ["resume", sid]):
         r = cli(*args, cwd=tmp_path)
         assert r.returncode == 1 and "Traceback" not in r.stderr
-        assert f"session {sid}, seq 3: not a loopstream event envelope" in r.stderr
+        assert f"session {sid}" in r.stderr and "first bad seq 3: not a loopstream event envelope" in r.stderr

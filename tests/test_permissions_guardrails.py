@@ -115,19 +115,25 @@ def test_approve_from_a_second_process_even_after_a_restart(tmp_path) -> None:
     run = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     assert wait_for(lambda: waiting()), "the run never asked for approval"
     (sid,) = waiting()
-    ok = cli("approve", sid, cwd=tmp_path)
-    assert ok.returncode == 0 and "approved" in ok.stdout, ok.stderr
+    ok = cli("approve", sid, _asked(db, sid)[0], cwd=tmp_path)
+    assert ok.returncode == 0 and "approved add(" in ok.stdout, ok.stderr
     # Second approval: kill the waiting process first, approve, then resume.
     assert wait_for(lambda: len([t for t in _types(db, sid) if t == "ApprovalRequested"]) == 2)
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=30)
-    assert cli("approve", sid, "--note", "fine", cwd=tmp_path).returncode == 0
+    assert cli("approve", sid, _asked(db, sid)[1], "--note", "fine", cwd=tmp_path).returncode == 0
     resumed = cli("resume", sid, "--provider", "scripted", "--model", "adder:2", cwd=tmp_path)
     assert resumed.returncode == 0 and resumed.stdout.strip() == "The result is 2.", resumed.stderr
     assert _types(db, sid).count("ApprovalDecided") == 2 and _types(db, sid)[-1] == "SessionFinished"
     # Nothing is waiting any more: approving again is a clear one-line error.
     again = cli("approve", sid, cwd=tmp_path)
     assert again.returncode == 2 and "is not waiting for an approval" in again.stderr
+
+
+def _asked(db: Path, sid: str) -> list[str]:
+    """The call ids that asked for approval, in order."""
+    with SQLiteLog(db) as log:
+        return [e.payload.call_id for e in log.read(sid) if e.type == "ApprovalRequested"]
 
 
 def _types(db: Path, sid: str) -> list[str]:

@@ -281,10 +281,10 @@ def test_cli_rollback(tmp_path, work) -> None:
         rt, sid = two_writes_session(log, work)
         rt.run_session(sid)
         first_done = next(e.seq for e in log.read(sid) if e.type == "ToolCompleted")
-    r = cli("rollback", sid[:8], "--to", str(first_done), "--db", str(db), cwd=tmp_path)
+    r = cli("rollback", sid[:8], "--to", str(first_done), "--yes", "--db", str(db), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "restored  a.txt" in r.stdout and "deleted   later/b.txt" in r.stdout
-    assert "new session" in r.stdout and "loopstream resume" in r.stderr
+    assert "new session" in r.stdout and "loopstream resume" in r.stderr and "--checkpoint" in r.stderr
     assert (work / "a.txt").read_text() == "version 1" and not (work / "later").exists()
     bad = cli("rollback", sid, "--to", "999", "--db", str(db), cwd=tmp_path)
     assert bad.returncode == 2 and "cannot roll back to 999" in bad.stderr

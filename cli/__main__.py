@@ -1,0 +1,4 @@
+"""`python -m loopstream.cli` runs the command line."""
+from loopstream.cli.app import main
+
+main()

@@ -1,0 +1,61 @@
+"""`loopstream sessions` and `show`: read the log (opened read-only) and print it."""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Annotated
+
+import typer
+
+from loopstream.cli import output
+from loopstream.cli.common import BusOpt, DbOpt, SessionArg, reader, resolve
+from loopstream.core.describe import short, summarize
+from loopstream.core.sqlite_log import LogNotFound
+from loopstream.kafka.bus import default_db
+from loopstream.replay.inspect import session_rows, show_session
+
+
+def sessions(db: DbOpt = None, bus: BusOpt = None,
+             limit: Annotated[int, typer.Option(min=1, help="Show the newest N sessions.")] = 50) -> None:
+    """List the sessions in the log, newest last. A session that has not ended and that no
+    process drives any more shows as `interrupted` (continue it with `loopstream resume`)."""
+    try:
+        log = reader(bus, db)
+    except LogNotFound:
+        if db is None and bus is None and not default_db().exists():
+            output.note("no sessions yet: start one with `loopstream run \"GOAL\"`")
+            return
+        raise
+    rows = session_rows(log, limit)
+    if not rows:
+        output.note("no sessions yet: start one with `loopstream run \"GOAL\"`")
+        return
+    output.table(["session", "started", "status", "events", "goal"],
+                 [(r.session_id, clock(r.created_ms, date=True), r.status, r.events, short(r.goal, 60))
+                  for r in rows])
+
+
+def show(
+    session: SessionArg,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+    width: Annotated[int, typer.Option(min=10, help="Width of the payload column.")] = 90,
+) -> None:
+    """Print a session's event timeline: seq, time, type, actor, payload. Exits 1, naming
+    the first bad seq, if a stored event was changed or cannot be read."""
+    log = reader(bus, db)
+    shown = show_session(log, resolve(log, session))
+    output.answer(f"session {shown.session_id}")
+    output.table(["seq", "time", "type", "actor", "payload"],
+                 [(e.seq, clock(e.time), e.type, e.actor, summarize(e, width)) for e in shown.events])
+    if not shown.ok:
+        output.error(f"session {shown.session_id} fails verification: {shown.problem}")
+        raise typer.Exit(1)
+
+
+def clock(ms: int, date: bool = False) -> str:
+    try:
+        t = dt.datetime.fromtimestamp(ms / 1000)
+    except (OverflowError, OSError, ValueError):
+        return str(ms)
+    return t.strftime("%Y-%m-%d %H:%M:%S") if date else t.strftime("%H:%M:%S.%f")[:-3]
+

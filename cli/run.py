@@ -1,0 +1,311 @@
+"""`loopstream run` and `resume`: drive a session in the foreground and print its progress."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from loopstream.cli import output
+from loopstream.cli.common import (
+    BusOpt,
+    DbOpt,
+    QuietOpt,
+    SessionArg,
+    UserError,
+    read_goal,
+    read_text_file,
+    resolve,
+    writer,
+)
+from loopstream.cli.output import Styled
+from loopstream.core import events as ev
+from loopstream.core.describe import summarize
+from loopstream.core.log import Log
+from loopstream.core.policy import PolicyError, SessionPolicy, load_policy
+from loopstream.core.sampling import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_TEMPERATURE,
+    Sampling,
+    SamplingError,
+    sampling_from,
+)
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import SessionState
+from loopstream.providers.base import Provider
+from loopstream.replay.inspect import show_session
+from loopstream.runtime import lease
+from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
+from loopstream.runtime.decisions import WaitingCall, drive, load
+from loopstream.runtime.inline import Runtime, SessionConfig
+from loopstream.tools.builtin import default_registry
+from loopstream.tools.registry import ToolRegistry
+from loopstream.tools.workspace import TOOLS as SIDE_EFFECT_TOOLS
+
+EXIT_INTERRUPTED = 130
+
+
+class LogDamaged(Exception):
+    """A session fails verification (a stored event was changed or cannot be read): exit code 1."""
+
+
+@dataclass
+class ModelChoice:
+    """The model a run asked for (None: from the environment or the session), its fallbacks and limits."""
+
+    provider: str | None
+    model: str | None
+    base_url: str | None = None
+    action_mode: str | None = None
+    fallbacks: list[str] = field(default_factory=list)
+    rpm: float | None = None
+    tpm: float | None = None
+
+
+@dataclass
+class Outcome:
+    """How a foreground run ended: `state` is None when it was interrupted (Ctrl-C)."""
+
+    session_id: str | None
+    state: SessionState | None
+
+
+@dataclass
+class Watch:
+    """What the person at the terminal is shown while a session runs (None: nothing)."""
+
+    on_event: Callable[[ev.Event], None] | None = None
+    on_waiting: Callable[[str, WaitingCall], None] | None = None
+    on_start: Callable[[str, Provider], None] | None = None
+    on_local_model: Callable[[], None] | None = None
+
+
+# -- run ---------------------------------------------------------------------------
+def run(
+    goal: Annotated[Optional[str], typer.Argument(help="What the agent should do.", show_default=False)] = None,
+    goal_file: Annotated[Optional[Path], typer.Option(help="Read the goal from this UTF-8 file (- reads stdin).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model name (default: the local Qwen2.5-Coder-0.5B when no API key is set).")] = None,
+    provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
+    action_mode: Annotated[Optional[str], typer.Option(show_default=False, help="native | json_schema | json_text: how the model writes tool calls (default: env LOOPSTREAM_ACTION_MODE for other servers, else native).")] = None,
+    tools: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated tool names (default: all built-in tools).")] = None,
+    max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Token budget (input + output) for the session (default: none).")] = None,
+    max_seconds: Annotated[Optional[float], typer.Option(min=0.1, show_default=False, help="Wall-time budget for the session (default: none).")] = None,
+    rpm: Annotated[Optional[float], typer.Option(min=0.1, show_default=False, help="Client-side limit: model requests per minute (default: none).")] = None,
+    tpm: Annotated[Optional[float], typer.Option(min=1, show_default=False, help="Client-side limit: model tokens per minute (default: none).")] = None,
+    policy: Annotated[Optional[Path], typer.Option(show_default=False, help="TOML policy file: permission rules (allow/deny/ask per tool and argument) and guardrails.")] = None,
+    context_budget: Annotated[Optional[int], typer.Option(min=64, show_default=False, help="Context size in tokens above which older turns are summarized (default: never).")] = None,
+    fallback_model: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A model to switch to when the current one keeps failing (repeatable, in order).")] = None,
+    workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
+    system_prompt: Annotated[Optional[Path], typer.Option(show_default=False, help="File with a system prompt to use instead of the default.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
+    max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
+    stop: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A text that ends a model reply where it appears (repeatable, at most 4; default: none).")] = None,
+    quiet: QuietOpt = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
+    text = read_goal(goal, goal_file)
+    sampling = sampling_options(temperature, max_output_tokens, stop)
+    registry, names = select_tools(tools, allow_writes)
+    if not workdir.is_dir():
+        raise UserError(f"--workdir {workdir} is not a directory")
+    prompt = read_text_file(system_prompt, "--system-prompt") if system_prompt else DEFAULT_SYSTEM_PROMPT
+    session_policy = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds,
+                                        context_budget=context_budget, policy=policy)  # a bad file: before any log opens
+    log = writer(bus, db)
+    if allow_writes and (excluded := log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
+        session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
+                                                                        *excluded]})
+    choice = ModelChoice(provider, model, base_url, action_mode, fallback_model or [], rpm, tpm)
+    config = SessionConfig(provider="", model="", tools=names, system_prompt=prompt, max_steps=max_steps,
+                           workdir=str(workdir.resolve()), policy=session_policy,
+                           sampling=sampling)  # provider and model: once it is open
+    report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:
+    """The run's sampling settings, or one line naming the option that is wrong."""
+    try:
+        return sampling_from({"temperature": temperature, "max_output_tokens": max_output_tokens, "stop": stop or []})
+    except SamplingError as exc:
+        raise UserError(f"--{exc.setting.replace('_', '-')}: {exc.reason}") from None
+
+
+def select_tools(tools: str | None, allow_writes: bool) -> tuple[ToolRegistry, list[str]]:
+    """The registry a run may use and the tool names it was asked for (all when None)."""
+    registry = default_registry(allow_writes=allow_writes)
+    names = [t.strip() for t in tools.split(",") if t.strip()] if tools else registry.names()
+    need_writes(names, allow_writes)
+    try:
+        return registry.select(names), names
+    except KeyError as exc:
+        raise UserError(str(exc.args[0])) from None
+
+
+def need_writes(names: list[str], allow_writes: bool) -> None:
+    asked = [n for n in names if n in {t.name for t in SIDE_EFFECT_TOOLS}]
+    if asked and not allow_writes:
+        raise UserError(f"{', '.join(asked)} change the workspace: pass --allow-writes to enable them")
+
+
+def session_policy_for(*, max_tokens: int | None, max_seconds: float | None, context_budget: int | None,
+                       policy: Path | None) -> SessionPolicy:
+    """The session's policy: the --policy file, then the budget flags over it."""
+    budgets = {k: v for k, v in (("max_tokens", max_tokens), ("max_wall_seconds", max_seconds)) if v}
+    compaction = {"context_budget_tokens": context_budget} if context_budget else {}
+    try:
+        from_file = load_policy(policy) if policy is not None else SessionPolicy()
+        return from_file.updated({"budgets": budgets, "compaction": compaction}, "command line")
+    except PolicyError as exc:
+        raise UserError(str(exc)) from None
+
+
+def log_inside(log: Log, workdir: Path) -> list[str]:
+    """gitignore patterns for the SQLite log's files (and its leases) when they live inside `workdir`."""
+    path = getattr(log, "path", None)
+    if path is None:
+        return []
+    path, root = Path(path).resolve(), workdir.resolve()
+    if root not in path.parents or path.relative_to(root).parts[0] == ".loopstream":  # never snapshotted anyway
+        return []
+    rel = path.relative_to(root).as_posix()
+    return [f"/{rel}", f"/{rel}-wal", f"/{rel}-shm", f"/{rel}-journal", f"/{rel}.leases/"]
+
+
+def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry, choice: ModelChoice,
+              watch: Watch) -> Outcome:
+    """Start a session on `goal` and drive it to its end (or until Ctrl-C)."""
+    sid = None
+    try:
+        with ExitStack() as stack:
+            chosen = stack.enter_context(open_model(choice.provider, choice.model, choice.base_url,
+                                                    choice.action_mode, on_local_start=watch.on_local_model))
+            backups = [stack.enter_context(open_model(choice.provider, m, choice.base_url, choice.action_mode))
+                       for m in choice.fallbacks]
+            if backups:
+                config.policy = config.policy.updated({"fallback_models": [b.model for b in backups]})
+            limits = rate_limits([chosen, *backups], choice.rpm, choice.tpm)
+            runtime = build_runtime(log, chosen, registry, on_event=watch.on_event, fallbacks=backups, limits=limits)
+            config.provider, config.model = chosen.name, chosen.model
+            sid = runtime.start_session(goal, config)
+            if watch.on_start:
+                watch.on_start(sid, chosen)
+            with _lease(log, sid):
+                return Outcome(sid, _drive(runtime, sid, watch))
+    except KeyboardInterrupt:
+        return Outcome(sid, None)
+
+
+def _drive(runtime: Runtime, sid: str, watch: Watch) -> SessionState:
+    on_waiting = (lambda call: watch.on_waiting(sid, call)) if watch.on_waiting else None
+    return drive(runtime, sid, on_waiting)
+
+
+@contextmanager
+def _lease(log: Log, sid: str) -> Iterator[None]:
+    if not isinstance(log, SQLiteLog):
+        yield
+        return
+    try:
+        with lease.hold(log.path, sid):
+            yield
+    except lease.LeaseHeld as exc:
+        raise UserError(str(exc)) from None
+
+
+# -- resume ------------------------------------------------------------------------
+def resume(
+    session: SessionArg,
+    model: Annotated[Optional[str], typer.Option(show_default=False, help="Model for the remaining steps (default: the session's own).")] = None,
+    provider: Annotated[Optional[str], typer.Option(show_default=False, help="anthropic | openai | local | scripted (default: the session's own).")] = None,
+    base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
+    action_mode: Annotated[Optional[str], typer.Option(show_default=False, help="native | json_schema | json_text.")] = None,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Needed when the session was started with write_file, edit_file or shell.")] = False,
+    quiet: QuietOpt = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Continue a session that was interrupted (crash, Ctrl-C, lost connection) from its log.
+    A session whose stored events were changed (its hash chain is broken) is not continued."""
+    log = writer(bus, db)
+    sid = resolve(log, session)
+    report(resume_agent(log, sid, ModelChoice(provider, model, base_url, action_mode), allow_writes,
+                        watch(quiet, log, bus)))
+
+
+def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, watch: Watch) -> Outcome:
+    """Drive an unfinished session on from where its log stands (or until Ctrl-C)."""
+    problem = show_session(log, sid).problem
+    if problem:
+        raise LogDamaged(f"will not resume session {sid}: it fails verification: {problem}")
+    state = load(log, sid)
+    if state.terminal:
+        raise UserError(f"session {sid} already ended ({state.status}); to continue from an earlier point: "
+                        f"loopstream fork {sid} --at SEQ")
+    need_writes(state.tools, allow_writes)
+    if choice.provider is None and choice.model is None:  # the session's own model (a fork may have changed it)
+        choice.provider, choice.model = state.provider, state.model
+    try:
+        with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
+                                          on_local_start=watch.on_local_model) as chosen:
+            runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes), on_event=watch.on_event)
+            return Outcome(sid, _drive(runtime, sid, watch))
+    except KeyboardInterrupt:
+        return Outcome(sid, None)
+
+
+# -- printing ----------------------------------------------------------------------
+COLORS = {"ModelResponded": "cyan", "ToolCompleted": "green", "ToolFailed": "yellow", "ModelFailed": "yellow",
+          "SessionFailed": "red", "SessionFinished": "bold green"}
+
+
+def progress(event: ev.Event) -> None:
+    output.note("  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
+                summarize(event, 100))
+
+
+def waiting(sid: str, call: WaitingCall) -> None:
+    output.note(Styled("waiting for approval", "bold yellow"), f" of {call.describe()} ({call.reason})")
+    output.note(f"  approve: loopstream approve {sid} {call.call_id}")
+    output.note(f"  deny:    loopstream deny {sid} {call.call_id} --reason '…'")
+
+
+def watch(quiet: bool, log: Log, bus: str | None) -> Watch:
+    """Progress lines on stderr, unless `quiet` (approval requests are always shown)."""
+    if quiet:
+        return Watch(on_waiting=waiting)
+
+    def started(sid: str, chosen: Provider) -> None:
+        output.dim(f"session {sid} · {chosen.name}:{chosen.model} · log {getattr(log, 'path', bus)}")
+
+    return Watch(on_event=progress, on_waiting=waiting, on_start=started,
+                 on_local_model=lambda: output.dim("starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…"))
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def report(outcome: Outcome) -> None:
+    """The answer on stdout (exit 0); the reason (exit 1); how to continue after Ctrl-C (exit 130)."""
+    sid, state = outcome.session_id, outcome.state
+    if state is None:
+        where = f"; continue it with: loopstream resume {sid}" if sid else ""
+        output.note(Styled("interrupted:", "bold yellow"), f" every step so far is in the log{where}")
+        raise typer.Exit(EXIT_INTERRUPTED)
+    if state.status == "done":
+        output.answer(state.answer or "")
+        output.note(Styled("session", "dim"), f" {sid} ", Styled(
+            f"· {_count(state.step, 'step')} · {_count(state.tool_calls, 'tool call')} · "
+            f"{state.input_tokens}+{state.output_tokens} tokens", "dim"))
+        return
+    output.error(f"session {sid} {state.status}: {state.error or 'stopped in state ' + state.status}")
+    raise typer.Exit(1)
+

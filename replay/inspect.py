@@ -1,0 +1,105 @@
+"""Inspect a log without changing it: the list of sessions with what each is doing now,
+and one session's events with its hash chain checked (`loopstream sessions` / `show`).
+
+A session is `interrupted` when it has not ended, does not wait for a person, and no live
+process drives it: no `run`/`resume` holds its lease and no worker serves the log
+(runtime/lease.py). Only a SQLite log has leases; a Kafka log's sessions are driven by its
+workers and keep the status their last event gives them.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from loopstream.core import events as ev
+from loopstream.core.codec import decode_prefix
+from loopstream.core.describe import status_of
+from loopstream.core.log import Log, SessionInfo, SessionNotFound
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.replay.chain import ChainReport, check_complete, verify_raw
+from loopstream.runtime import lease
+
+INTERRUPTED = "interrupted"
+
+
+@dataclass(frozen=True)
+class SessionRow:
+    session_id: str
+    created_ms: int
+    updated_ms: int
+    status: str  # done | failed | cancelled | awaiting approval | running | interrupted
+    events: int
+    goal: str  # "" when the session has none; a note when its first events cannot be read
+
+
+def session_rows(log: Log, limit: int | None = None) -> list[SessionRow]:
+    """The newest `limit` sessions (all when None), oldest first. A session whose events
+    cannot be read still gets its row (its goal says why), so one bad session never hides
+    the others."""
+    infos = log.sessions()
+    if limit is not None:
+        infos = infos[-limit:] if limit > 0 else []
+    path = _lease_root(log)
+    workers = path is not None and lease.workers_attached(path)
+    return [SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(i, path, workers), i.next_seq,
+                       _goal(log, i.session_id)) for i in infos]
+
+
+def live_status(info: SessionInfo, log_path: Path | None, workers: bool = False) -> str:
+    """The status the last event gives, or `interrupted` when nothing drives the session."""
+    status = status_of(info.last_type)
+    if status != "running" or log_path is None or workers:
+        return status
+    return status if lease.holder(log_path, info.session_id) is not None else INTERRUPTED
+
+
+def _lease_root(log: Log) -> Path | None:
+    """The SQLite file leases are kept beside (None for a log without leases)."""
+    return log.path if isinstance(log, SQLiteLog) else None
+
+
+def _goal(log: Log, session_id: str) -> str:
+    events, error = decode_prefix(log.read_raw(session_id, 0, 1))
+    for e in events:
+        if isinstance(e.payload, ev.GoalReceived):
+            return e.payload.text
+    return f"(unreadable: {error})" if error is not None else ""
+
+
+@dataclass(frozen=True)
+class ShownSession:
+    """One session's events as stored, up to the first that cannot be read, and its chain."""
+
+    session_id: str
+    events: list[ev.Event]
+    chain: ChainReport
+    decode_error: str = ""  # why the event after the last one in `events` cannot be read
+
+    @property
+    def ok(self) -> bool:
+        return self.chain.ok and not self.decode_error
+
+    @property
+    def problem(self) -> str:
+        """One line naming the first bad seq ("" when the session is intact)."""
+        bad_chain = None if self.chain.ok else self.chain.first_bad_seq
+        bad_decode = len(self.events) if self.decode_error else None
+        if bad_decode is not None and (bad_chain is None or bad_decode <= bad_chain):
+            return f"first bad seq {bad_decode}: {self.decode_error}"
+        if bad_chain is not None:
+            return f"first bad seq {bad_chain}: {self.chain.reason}"
+        return ""
+
+
+def show_session(log: Log, session_id: str) -> ShownSession:
+    """Read and check one session; never raises for a damaged session (see `.problem`)."""
+    raw = log.read_raw(session_id)
+    if not raw:
+        raise SessionNotFound(session_id)
+    return shown(session_id, raw, check_complete(log, session_id, verify_raw(raw, session_id), len(raw), None))
+
+
+def shown(session_id: str, raw: Sequence[bytes], chain: ChainReport) -> ShownSession:
+    events, error = decode_prefix(raw)
+    return ShownSession(session_id, events, chain, str(error) if error is not None else "")
