@@ -38,7 +38,7 @@ class Orchestrator:
         if guard and event.type in ("GoalReceived", "UserMessage") and (trip := check_input(guard, event.payload.text)):
             return [Emit(trip), Emit(ev.SessionFailed(reason=f"input blocked by guardrail {trip.rule}",
                                                       error_kind="guardrail"))]
-        return self._act(state) if state.status == "acting" else self._plan(state, now_ms)
+        return self._act(state, now_ms) if state.status == "acting" else self._plan(state, now_ms)
 
     def _plan(self, state: SessionState, now: int) -> list[Emit]:
         step = state.step if state.step_open else state.step + 1
@@ -88,7 +88,9 @@ class Orchestrator:
             return [Emit(ev.ModelFallback(from_model=state.model, to_model=chain[0], reason=why[:500]))]
         return [Emit(ev.SessionFailed(reason=f"model failed: {why}", error_kind="model_failed"))]
 
-    def _act(self, state: SessionState) -> list[Emit]:
+    def _act(self, state: SessionState, now_ms: int) -> list[Emit]:
+        if (over := budgets.overrun(state, now_ms)) is not None:
+            return [Emit(over)]  # the reply went past a budget: not even a final answer is success
         if state.last_reply_calls:
             return [
                 Emit(

@@ -553,7 +553,7 @@ def test_determinism_re_makes_clock_decisions_at_the_recorded_time(log, tmp_path
                        ToolProcessor(registry)], clock=lambda: clock["now"])
     sid = rt.start_session("count", config(policy={"budgets": {"max_wall_seconds": 45}}))
     state = rt.run_session(sid)
-    assert state.status == "failed" and "time budget exhausted" in state.error
+    assert state.status == "failed" and "time budget exceeded" in state.error
     assert check_determinism(log, sid).ok
     failed = log.read(sid)[-1]
     doctored = SQLiteLog(tmp_path / "early.db")
