@@ -63,9 +63,10 @@ class AnthropicProvider:
         data = post_json(self._client, f"{self.base_url}/v1/messages/count_tokens", body, server=self._server)
         return int(data["input_tokens"])
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         data = post_json(self._client, f"{self.base_url}/v1/messages", self.build_request(messages, tools, sampling),
-                         server=self._server)
+                         server=self._server, timeout=timeout)
         blocks = data.get("content")
         if not isinstance(blocks, list):
             raise unreadable(json.dumps(data), self._server)

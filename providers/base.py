@@ -53,7 +53,11 @@ class Provider(Protocol):
     name: str  # "openai", "anthropic", "local", "scripted"
     model: str
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         """One model call. `sampling` (the session's settings; None: the safe defaults) is
-        sent with every call: temperature, output cap, stop sequences, top_p and seed where set."""
+        sent with every call: temperature, output cap, stop sequences, top_p and seed where set.
+        `timeout`: seconds this call may take (the session's remaining time budget), over the
+        client's own; past it the call is abandoned (the connection closed, so a server stops
+        generating) and raises ProviderError kind "timeout"."""
         ...

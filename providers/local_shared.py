@@ -284,10 +284,11 @@ class SharedLocalProvider(OpenAICompatProvider):
         if self.server.base_url and self.server.base_url != self.base_url:
             self.retarget(self.server.base_url, self.server.api_key)
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         self._follow()
         try:
-            return super().complete(messages, tools, sampling)
+            return super().complete(messages, tools, sampling, timeout=timeout)
         except ProviderError as exc:
             if exc.kind == "connection":  # the server is gone: the retry goes to a live one
                 try:

@@ -117,9 +117,10 @@ class OpenAICompatProvider:
 
     # ------------------------------------------------------------ call
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         data = post_json(self._client, f"{self.base_url}/chat/completions",
-                         self.build_request(messages, tools, sampling), server=self._server)
+                         self.build_request(messages, tools, sampling), server=self._server, timeout=timeout)
         try:
             choice = data["choices"][0]
             message = choice.get("message") or {}

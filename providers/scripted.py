@@ -28,11 +28,14 @@ class ScriptedProvider:
         self.model = model
         self.calls = 0
         self.samplings: list[Sampling | None] = []  # what each call was asked to sample with
+        self.timeouts: list[float | None] = []  # the time each call was given (a script does not stop early)
         self._script = script
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         self.calls += 1
         self.samplings.append(sampling)
+        self.timeouts.append(timeout)
         if callable(self._script):
             return self._script(messages)
         step = sum(1 for m in messages if m.role == "assistant")

@@ -78,7 +78,7 @@ class Recording:
         self.inner, self.model, self.name = inner, model, "scripted"
         self.seen: list[tuple[list[Message], list[str]]] = []
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling=None) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling=None, *, timeout=None) -> ModelReply:
         self.seen.append((list(messages), [t.name for t in tools]))
         return self.inner.complete(messages, tools, sampling)
 
