@@ -54,8 +54,8 @@ def refused_as_empty_expected(reply: bytes) -> bool:
 def through_every_command(tmp: Path, goal: str, reply: bytes) -> None:
     (tmp / "reply.txt").write_bytes(reply)
     db = str(tmp / "log.db")
-    ran = invoke("run", goal, "--provider", "scripted", "--model", f"reads:{tmp / 'reply.txt'}",
-                 "--workdir", str(tmp), "--db", db)
+    ran = invoke("run", "--provider", "scripted", "--model", f"reads:{tmp / 'reply.txt'}",
+                 "--workdir", str(tmp), "--db", db, "--", goal)  # "--": a goal may start with "-"
     if not valid_goal(goal):
         assert ran.exit_code == 2 and not Path(db).exists()
         return
