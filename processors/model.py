@@ -14,7 +14,7 @@ from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
-from loopstream.providers.tokens import estimate_tokens
+from loopstream.providers.tokens import estimate_request
 
 
 class ModelProcessor:
@@ -39,9 +39,11 @@ class ModelProcessor:
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         provider = self.provider_for(state.model)
         limiter = self.limits.get(provider.name)
-        estimate = estimate_tokens(state.messages, provider.name) if limiter else 0  # no extra request
+        # What this request carries, as the adapter writes it (no extra request): recorded with
+        # the reply, it calibrates the orchestrator's next context estimate (processors/context.py).
+        sent = estimate_request(state.messages, specs, provider.name, getattr(provider, "action_mode", "native"))
         if limiter:
-            limiter.acquire(estimate)  # waits here rather than earning a 429
+            limiter.acquire(sent.total)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
             reply = provider.complete(state.messages, specs)
@@ -56,7 +58,7 @@ class ModelProcessor:
                 retry_after_ms=None if exc.retry_after is None else int(exc.retry_after * 1000),
             ))]
         if limiter:
-            limiter.settle(estimate, reply.input_tokens + reply.output_tokens)
+            limiter.settle(sent.total, reply.input_tokens + reply.output_tokens)
         calls = [
             ev.ToolCallRecord(
                 # Unique per session: the provider's ids may repeat across steps.
@@ -76,6 +78,8 @@ class ModelProcessor:
             finish_reason=reply.finish_reason,
             mode=reply.mode,
             model=reply.model or provider.model,
+            estimated_input_tokens=sent.total,
+            estimated_tool_tokens=sent.tools,
         ))]
 
 
