@@ -93,10 +93,14 @@ def transport_error(exc: httpx.HTTPError, *, server: str) -> ProviderError:
     return ProviderError(f"cannot reach {server}: {exc or type(exc).__name__}", retryable=True, kind="connection")
 
 
-def post_json(client: httpx.Client, url: str, body: dict, *, server: str) -> dict:
-    """POST `body` and return the JSON reply; every failure becomes a ProviderError."""
+def post_json(client: httpx.Client, url: str, body: dict, *, server: str, timeout: float | None = None) -> dict:
+    """POST `body` and return the JSON reply; every failure becomes a ProviderError.
+    `timeout` (seconds) bounds this request over the client's own timeout."""
     try:
-        response = client.post(url, json=body)
+        if timeout is None:
+            response = client.post(url, json=body)
+        else:
+            response = client.post(url, json=body, timeout=min(timeout, client.timeout.read or timeout))
     except httpx.HTTPError as exc:
         raise transport_error(exc, server=server) from exc
     if response.status_code >= 400:
