@@ -29,7 +29,8 @@ def compaction_range(messages: list[Message], keep_recent: int) -> tuple[int, in
     tool call is never separated from its result). None when there is too little to gain."""
     start = 1 if messages and messages[0].role == "system" else 0
     start += 1  # the goal stays verbatim
-    ends = [e for e in range(start, len(messages) - keep_recent) if messages[e + 1].role == "assistant"]
+    # (keep_recent 0 keeps the newest message anyway: a range ends before an assistant turn)
+    ends = [e for e in range(start, len(messages) - max(keep_recent, 1)) if messages[e + 1].role == "assistant"]
     if not ends or ends[-1] - start + 1 < 2:
         return None
     first, last = messages[start].seq, messages[ends[-1]].seq
