@@ -102,7 +102,8 @@ class Compaction(_Section):
     """Summarizing older turns when the context grows too large (processors/compaction.py)."""
 
     context_budget_tokens: int | None = Field(None, ge=1)
-    """Estimated context size above which older turns are summarized; none: never."""
+    """Estimated prompt tokens of a request (messages, tool specs, action instructions) above
+    which older turns are summarized; none: never."""
     keep_recent: int = Field(4, ge=0)
     """Newest messages always kept verbatim."""
     summary_chars: int = Field(800, ge=1)
