@@ -16,7 +16,7 @@ from loopstream.core.state import SessionState
 from loopstream.processors import budgets
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
-from loopstream.providers.tokens import estimate_request
+from loopstream.providers.tokens import RequestEstimate, estimate_request
 
 
 class ModelProcessor:
@@ -43,7 +43,9 @@ class ModelProcessor:
         limiter = self.limits.get(provider.name)
         # What this request carries, as the adapter writes it (no extra request): recorded with
         # the reply, it calibrates the orchestrator's next context estimate (processors/context.py).
-        sent = estimate_request(state.messages, specs, provider.name, getattr(provider, "action_mode", "native"))
+        # A pass over the whole context: made only when a budget or a rate limit uses it.
+        sent = (estimate_request(state.messages, specs, provider.name, getattr(provider, "action_mode", "native"))
+                if limiter or _measures(state) else NOT_MEASURED)
         if limiter:
             limiter.acquire(sent.total)  # waits here rather than earning a 429
         started = time.monotonic()
@@ -85,6 +87,14 @@ class ModelProcessor:
             estimated_input_tokens=sent.total,
             estimated_tool_tokens=sent.tools,
         ))]
+
+
+NOT_MEASURED = RequestEstimate(0, 0)
+
+
+def _measures(state: SessionState) -> bool:
+    """Whether the session's budgets read the request's size (the context budget, the token budget)."""
+    return state.policy.compaction.context_budget_tokens is not None or state.policy.budgets.max_tokens is not None
 
 
 def _ms(started: float) -> int:
