@@ -72,6 +72,7 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
                                        f"> budget {p.budget_tokens})"),
     ev.ContextCompacted: lambda p: (f"events {p.from_seq}-{p.to_seq} → {p.method} summary "
                                     f"({p.tokens_before} → {p.tokens_after} tok)"),
+    ev.ContextOverBudget: lambda p: f"~{p.estimated_tokens} tok > budget {p.budget_tokens}: {p.reason}",
     ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
                                    + (f" call {p.call_id}" if p.call_id else ""),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "

@@ -85,7 +85,8 @@ class ToolCallRecord(BaseModel):
 
 
 class ModelResponded(Payload):
-    """The reply's text and tool calls, tokens, latency, action mode."""
+    """The reply's text and tool calls, tokens, latency, action mode; (v2) the model
+    processor's estimate of the prompt it sent and that estimate's tool-spec part."""
     WRITTEN_BY = "model"
     request_id: str
     text: str
@@ -96,6 +97,11 @@ class ModelResponded(Payload):
     finish_reason: str
     mode: str
     model: str
+    # v2: what the model processor estimated it sent (providers/tokens.py, the whole request)
+    # and the part of it from tool specs and action instructions; 0 in v1 events (not measured).
+    # With input_tokens (the provider's count) they calibrate the next context estimate.
+    estimated_input_tokens: int = 0
+    estimated_tool_tokens: int = 0
 
 
 class ModelFailed(Payload):
@@ -180,6 +186,16 @@ class ContextCompacted(Payload):
     method: str
     tokens_before: int
     tokens_after: int
+
+
+class ContextOverBudget(Payload):
+    """The next request goes out over the context budget, because nothing can be compacted
+    now (the kept recent turns are too large, or nothing is new since the last compaction):
+    the estimate, the budget, what takes the space."""
+    WRITTEN_BY = "orchestrator"
+    estimated_tokens: int
+    budget_tokens: int
+    reason: str
 
 
 class GuardrailTripped(Payload):

@@ -91,6 +91,7 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     ("ModelFallback",       S.PLANNING,            S.PLANNING,            None),
     ("CompactionRequested", S.PLANNING,            S.COMPACTING,          None),
     ("ContextCompacted",    S.COMPACTING,          S.PLANNING,            None),
+    ("ContextOverBudget",   S.PLANNING,            S.PLANNING,            None),  # nothing to compact: a warning
     # tool calls
     ("ToolRequested",       S.ACTING,              S.AWAITING_TOOLS,      None),
     ("ToolRequested",       S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),

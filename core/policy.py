@@ -102,11 +102,17 @@ class Compaction(_Section):
     """Summarizing older turns when the context grows too large (processors/compaction.py)."""
 
     context_budget_tokens: int | None = Field(None, ge=1)
-    """Estimated context size above which older turns are summarized; none: never."""
+    """Estimated prompt tokens of a request (messages, tool specs, action instructions) above
+    which older turns are summarized; none: never."""
     keep_recent: int = Field(4, ge=0)
     """Newest messages always kept verbatim."""
     summary_chars: int = Field(800, ge=1)
     """Longest summary (and never more than half of what it replaces)."""
+    estimator: Literal[1, 2] = 2
+    """How the context is measured. 2: the whole request (messages as the adapter sends them,
+    tool specs, action instructions), corrected by the prompt tokens the provider reported for
+    the last reply. 1: characters of the messages only, what sessions recorded before 2 were
+    decided with (a recorded budget without this key reads as 1, so they replay the same)."""
 
 
 class Guardrails(_Section):
@@ -192,8 +198,12 @@ class SessionPolicy(_Section):
         return self._unreadable
 
     def to_config_json(self) -> str:
-        """The JSON recorded in SessionStarted: what differs from the defaults (`{}` for none)."""
-        return json.dumps(self.model_dump(mode="json", exclude_defaults=True), sort_keys=True)
+        """The JSON recorded in SessionStarted: what differs from the defaults (`{}` for none),
+        and with a context budget the estimator it is measured with (the default may change)."""
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        if self.compaction.context_budget_tokens is not None:
+            data.setdefault("compaction", {})["estimator"] = self.compaction.estimator
+        return json.dumps(data, sort_keys=True)
 
     def updated(self, changes: dict[str, Any], where: str = "policy") -> SessionPolicy:
         """A copy with `changes` (nested dicts, as in a policy file) merged in and validated."""
@@ -369,10 +379,20 @@ def recorded_policy(config_json: str) -> SessionPolicy:
         raw = json.loads(config_json or "{}")
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        return SessionPolicy.model_validate(_known_only(SessionPolicy, from_legacy(raw)), strict=False)
+        return SessionPolicy.model_validate(_recorded_estimator(_known_only(SessionPolicy, from_legacy(raw))),
+                                            strict=False)
     except (ValueError, TypeError, RecursionError) as exc:
         why = str(_one_line(exc, "recorded policy")) if isinstance(exc, ValidationError) else f"recorded policy: {exc}"
         return _fail_closed(why)
+
+
+def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
+    """A recorded context budget without `estimator` was written before estimator 2 existed:
+    it was measured with estimator 1, and replays with it."""
+    compaction = config.get("compaction")
+    if isinstance(compaction, dict) and compaction.get("context_budget_tokens") is not None:
+        config["compaction"] = {"estimator": 1, **compaction}
+    return config
 
 
 def _fail_closed(why: str) -> SessionPolicy:
@@ -409,7 +429,7 @@ def _type_name(annotation: Any) -> str:
     if get_origin(annotation) is Annotated:
         return _type_name(get_args(annotation)[0])
     if get_origin(annotation) is Literal:
-        return " or ".join(f'"{a}"' for a in get_args(annotation))
+        return " or ".join(json.dumps(a) for a in get_args(annotation))
     if annotation is type(None):
         return "none"
     if annotation is Any:

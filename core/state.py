@@ -98,6 +98,15 @@ class SessionState:
     open_compaction_id: str | None = None
     open_compaction_seq: int | None = None
     compactions: int = 0
+    last_compaction_seq: int | None = None  # the last ContextCompacted: a context is compacted again only once it grew
+    # What the last measured reply says about the context's size (ModelResponded v2;
+    # processors/context.py calibrates the next estimate with it): the provider's count of
+    # the prompt, the model processor's estimate of it, its part from tool specs and action
+    # instructions, and the action mode the adapter wrote it in.
+    last_input_tokens: int = 0
+    last_input_estimate: int = 0  # 0: not measured (a v1 reply, or none yet)
+    tool_tokens: int = 0
+    action_mode: str = "native"
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
 
     @property
@@ -165,6 +174,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             }
             state.input_tokens += p.input_tokens
             state.output_tokens += p.output_tokens
+            if p.estimated_input_tokens:
+                state.last_input_tokens, state.last_input_estimate = p.input_tokens, p.estimated_input_tokens
+                state.tool_tokens, state.action_mode = p.estimated_tool_tokens, p.mode
             state.consecutive_model_failures = 0
             state.step_open = False
             state.open_request_id = state.open_request_seq = None
@@ -218,6 +230,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.ContextCompacted():
             state.messages = compacted(state.messages, p.from_seq, p.to_seq, p.summary)
             state.compactions += 1
+            state.last_compaction_seq = event.seq
             state.open_compaction_id = state.open_compaction_seq = None
         case ev.GuardrailTripped() if p.rule in UNFINISHED_ANSWER_RULES:
             state.unfinished_answers += 1  # the orchestrator's check, not a configured guardrail

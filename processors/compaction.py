@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
-from loopstream.core.state import SessionState, summary_message
+from loopstream.core.state import SessionState, compacted
+from loopstream.processors.context import calibration, context_tokens
 from loopstream.providers.base import Message, Provider, ProviderError
-from loopstream.providers.tokens import count_tokens
+from loopstream.providers.tokens import text_tokens
 
 SUMMARY_PROMPT = (
     "You compress the transcript of an agent's work so it can continue with less context. "
     "Keep every fact it will need: the goal, decisions, tool results (numbers, names, paths), "
     "errors, and what remains to do. Write plain sentences, at most {limit} characters."
 )
+MIN_SUMMARY_CHARS = 200  # a summary shorter than this keeps too little: over budget instead (ContextOverBudget)
 
 
 def compaction_range(messages: list[Message], keep_recent: int) -> tuple[int, int] | None:
@@ -27,7 +29,8 @@ def compaction_range(messages: list[Message], keep_recent: int) -> tuple[int, in
     tool call is never separated from its result). None when there is too little to gain."""
     start = 1 if messages and messages[0].role == "system" else 0
     start += 1  # the goal stays verbatim
-    ends = [e for e in range(start, len(messages) - keep_recent) if messages[e + 1].role == "assistant"]
+    # (keep_recent 0 keeps the newest message anyway: a range ends before an assistant turn)
+    ends = [e for e in range(start, len(messages) - max(keep_recent, 1)) if messages[e + 1].role == "assistant"]
     if not ends or ends[-1] - start + 1 < 2:
         return None
     first, last = messages[start].seq, messages[ends[-1]].seq
@@ -48,16 +51,22 @@ class CompactionProcessor:
         req = event.payload
         assert isinstance(req, ev.CompactionRequested)
         span = [m for m in state.messages if m.seq is not None and req.from_seq <= m.seq <= req.to_seq]
-        # At most half of what it replaces, so a compaction always shrinks the context.
-        limit = min(state.policy.compaction.summary_chars,
-                    max(40, len(transcript(span)) // 2))
+        text = transcript(span)
+        before = context_tokens(state)  # the measure the budget is checked with
+
+        def after(summary: str) -> int:
+            return context_tokens(state, compacted(state.messages, req.from_seq, req.to_seq, summary))
+
+        # As long as the room under the budget allows (but never shorter than MIN_SUMMARY_CHARS),
+        # at most half of what it replaces (an earlier summary in the range included).
+        room = _chars_for(req.budget_tokens - after(""), text, state)
+        limit = max(1, min(state.policy.compaction.summary_chars, len(text) // 2, max(room, MIN_SUMMARY_CHARS)))
         summary, method = self._summarize(span, limit)
-        before = count_tokens(self.provider, state.messages)
-        kept = [m for m in state.messages if m not in span]
-        after = count_tokens(self.provider, kept + [summary_message(summary, req.from_seq, req.to_seq)])
+        while summary and after(summary) >= before:  # it must shrink: a model's text may count worse
+            summary, method = extractive_summary(span, len(summary) // 2), "extractive"
         return [Emit(ev.ContextCompacted(
             request_id=req.request_id, from_seq=req.from_seq, to_seq=req.to_seq, summary=summary,
-            method=method, tokens_before=before, tokens_after=after,
+            method=method, tokens_before=before, tokens_after=after(summary),
         ))]
 
     def _summarize(self, span: list[Message], limit: int) -> tuple[str, str]:
@@ -71,6 +80,14 @@ class CompactionProcessor:
             except ProviderError:
                 pass  # compaction must not stop the session: fall back to extractive
         return extractive_summary(span, limit), "extractive"
+
+
+def _chars_for(tokens: int, text: str, state: SessionState) -> int:
+    """About how many characters of text like `text` make `tokens` (calibrated) tokens."""
+    if tokens <= 0:
+        return 0
+    per_token = len(text) / max(1, text_tokens(text, state.provider))
+    return int(tokens / calibration(state) * per_token)
 
 
 def transcript(messages: list[Message]) -> str:

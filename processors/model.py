@@ -16,7 +16,7 @@ from loopstream.core.state import SessionState
 from loopstream.processors import budgets
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
-from loopstream.providers.tokens import estimate_tokens
+from loopstream.providers.tokens import RequestEstimate, estimate_request
 
 
 class ModelProcessor:
@@ -41,13 +41,17 @@ class ModelProcessor:
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         provider = self.provider_for(state.model)
         limiter = self.limits.get(provider.name)
-        estimate = estimate_tokens(state.messages, provider.name) if limiter else 0  # no extra request
+        # What this request carries, as the adapter writes it (no extra request): recorded with
+        # the reply, it calibrates the orchestrator's next context estimate (processors/context.py).
+        # A pass over the whole context: made only when a budget or a rate limit uses it.
+        sent = (estimate_request(state.messages, specs, provider.name, getattr(provider, "action_mode", "native"))
+                if limiter or _measures(state) else NOT_MEASURED)
         if limiter:
-            limiter.acquire(estimate)  # waits here rather than earning a 429
+            limiter.acquire(sent.total)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
             # The session's recorded settings, bounded by what is left of its budgets.
-            reply = provider.complete(state.messages, specs, bounded(state, provider.name, now_ms),
+            reply = provider.complete(state.messages, specs, bounded(state, sent.total),
                                       timeout=budgets.remaining_seconds(state, now_ms))
         except ProviderError as exc:
             return [Emit(ev.ModelFailed(
@@ -60,7 +64,7 @@ class ModelProcessor:
                 retry_after_ms=None if exc.retry_after is None else int(exc.retry_after * 1000),
             ))]
         if limiter:
-            limiter.settle(estimate, reply.input_tokens + reply.output_tokens)
+            limiter.settle(sent.total, reply.input_tokens + reply.output_tokens)
         calls = [
             ev.ToolCallRecord(
                 # Unique per session: the provider's ids may repeat across steps.
@@ -80,20 +84,31 @@ class ModelProcessor:
             finish_reason=reply.finish_reason,
             mode=reply.mode,
             model=reply.model or provider.model,
+            estimated_input_tokens=sent.total,
+            estimated_tool_tokens=sent.tools,
         ))]
+
+
+NOT_MEASURED = RequestEstimate(0, 0)
+
+
+def _measures(state: SessionState) -> bool:
+    """Whether the session's budgets read the request's size (the context budget, the token budget)."""
+    return state.policy.compaction.context_budget_tokens is not None or state.policy.budgets.max_tokens is not None
 
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def bounded(state: SessionState, family: str, now_ms: int) -> Sampling:
+def bounded(state: SessionState, prompt_tokens: int) -> Sampling:
     """The session's sampling settings with the reply capped at what is left of its token
-    budget once the prompt is paid for (at least 1 token: the call's overrun then fails the
-    session naming the budget, instead of a reply that could never fit)."""
+    budget once the prompt (`prompt_tokens`, the request's estimate) is paid for (at least 1
+    token: the call's overrun then fails the session naming the budget, instead of a reply
+    that could never fit)."""
     sampling = state.sampling or Sampling()
     left = budgets.remaining_tokens(state)
     if left is None:
         return sampling
-    room = max(1, left - estimate_tokens(state.messages, family))
+    room = max(1, left - prompt_tokens)
     return sampling if room >= sampling.max_output_tokens else sampling.model_copy(update={"max_output_tokens": room})

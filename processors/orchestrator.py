@@ -4,7 +4,9 @@ It never calls anything; it only chooses among the FSM's legal moves:
 planning → ModelRequested; after a failed model call RetryScheduled (backoff), then
 ModelFallback to the next model of the chain, then SessionFailed; a budget exceeded
 (steps, tokens, cost, wall time) → SessionFailed;
-a context over its token budget → CompactionRequested (the compaction processor answers);
+a context over its token budget → CompactionRequested (the compaction processor answers), or,
+when compaction cannot help, SessionFailed (the system prompt, goal and tool specs alone exceed
+the budget) or ContextOverBudget before the request (nothing to compact now; it goes on);
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
 that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
 truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed.
@@ -19,9 +21,9 @@ from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
 from loopstream.processors import budgets
 from loopstream.processors.compaction import compaction_range
+from loopstream.processors.context import context_tokens, grew_since_compaction, space, worth_compacting
 from loopstream.processors.guardrails import check_input, check_output
 from loopstream.processors.retry import retry_delay_ms
-from loopstream.providers.tokens import estimate_tokens
 
 CUT_AT_CAP = frozenset({"length", "max_tokens"})  # finish reasons of a reply stopped by the output cap (OpenAI, Anthropic)
 
@@ -46,25 +48,50 @@ class Orchestrator:
             return [Emit(stop)]
         if state.status == "planning" and state.consecutive_model_failures:
             return self._after_failure(state, now)
-        if state.status == "planning" and (compact := self._compaction(state)) is not None:
-            return [Emit(compact)]
+        before: list[Emit] = []
+        if state.status == "planning" and (context := self._context(state)):
+            if not isinstance(context[-1].payload, ev.ContextOverBudget):
+                return context  # compact first, or fail
+            before = context  # the warning, then the request
         attempt = state.attempt + 1 if state.step_open else 1
         request_id = derived_id(state.session_id, "model", str(step), str(attempt))[:16]
-        return [Emit(ev.ModelRequested(request_id=request_id, step=step, attempt=attempt, model=state.model))]
+        return [*before, Emit(ev.ModelRequested(request_id=request_id, step=step, attempt=attempt, model=state.model))]
 
-    def _compaction(self, state: SessionState) -> ev.CompactionRequested | None:
+    def _context(self, state: SessionState) -> list[Emit]:
+        """The context budget's decision before a request: nothing (under budget),
+        CompactionRequested, SessionFailed, or ContextOverBudget (the request goes out anyway)."""
         budget = state.policy.compaction.context_budget_tokens
         if not budget:
-            return None
-        estimated = estimate_tokens(state.messages, state.provider)
-        if estimated <= int(budget):
-            return None
+            return []
+        estimated = context_tokens(state)
+        if estimated <= budget:
+            return []
+        if state.policy.compaction.estimator == 1:  # as sessions recorded with it were decided
+            span = compaction_range(state.messages, state.policy.compaction.keep_recent)
+            return [] if span is None else [Emit(self._compact(state, span, estimated, budget))]
+        where = space(state)
+        if where.fixed > budget:
+            return [Emit(ev.SessionFailed(error_kind="context_budget", reason=(
+                f"the context budget of {budget} tokens is smaller than what every request carries "
+                f"(~{where.fixed} tokens: {where.describe()}); raise compaction.context_budget_tokens "
+                f"(--context-budget) or shorten the system prompt, the goal or the tool list")))]
+        if not grew_since_compaction(state):
+            return [Emit(ev.ContextOverBudget(estimated_tokens=estimated, budget_tokens=budget, reason=(
+                f"still over budget after the compaction at seq {state.last_compaction_seq} and nothing new "
+                f"since; {where.describe()}")))]
         span = compaction_range(state.messages, state.policy.compaction.keep_recent)
-        if span is None:
-            return None  # nothing left to compact: go on over budget rather than stop
+        if span is None or not worth_compacting(state, [m for m in state.messages
+                                                        if m.seq is not None and span[0] <= m.seq <= span[1]]):
+            return [Emit(ev.ContextOverBudget(estimated_tokens=estimated, budget_tokens=budget, reason=(
+                f"nothing left to compact (the {state.policy.compaction.keep_recent} newest messages stay "
+                f"verbatim); {where.describe()}")))]
+        return [Emit(self._compact(state, span, estimated, budget))]
+
+    def _compact(self, state: SessionState, span: tuple[int, int], estimated: int,
+                 budget: int) -> ev.CompactionRequested:
         return ev.CompactionRequested(
             request_id=derived_id(state.session_id, "compact", str(state.seq))[:16],
-            from_seq=span[0], to_seq=span[1], estimated_tokens=estimated, budget_tokens=int(budget),
+            from_seq=span[0], to_seq=span[1], estimated_tokens=estimated, budget_tokens=budget,
         )
 
     def _after_failure(self, state: SessionState, now: int) -> list[Emit]:

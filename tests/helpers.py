@@ -12,7 +12,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.ModelRequested(request_id="r1", step=1, attempt=1, model="m"),
     ev.ModelResponded(request_id="r1", text="", tool_calls=[
         ev.ToolCallRecord(call_id="c1", name="add", arguments_json='{"a": 2, "b": 2}')],
-        input_tokens=12, output_tokens=7, latency_ms=30, finish_reason="stop", mode="json_schema", model="m"),
+        input_tokens=12, output_tokens=7, latency_ms=30, finish_reason="stop", mode="json_schema", model="m",
+        estimated_input_tokens=11, estimated_tool_tokens=4),
     ev.ModelFailed(request_id="r1", error_kind="rate_limit", message="429", retryable=True, status=429, latency_ms=5,
                    retry_after_ms=2000),
     ev.RetryScheduled(target="model", ref_id="r1", attempt=2, delay_ms=2000, not_before_ms=1_800_000_000_000,
@@ -31,6 +32,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.CompactionRequested(request_id="k1", from_seq=3, to_seq=20, estimated_tokens=900, budget_tokens=800),
     ev.ContextCompacted(request_id="k1", from_seq=3, to_seq=20, summary="added twice", method="model",
                         tokens_before=900, tokens_after=300),
+    ev.ContextOverBudget(estimated_tokens=1200, budget_tokens=800,
+                         reason="the 4 newest messages, kept verbatim, take ~700 tokens"),
     ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
     ev.ToolCallReviewed(call_id="c1", allowed=False, reason="not needed", model="m", input_tokens=40,
                         output_tokens=9, latency_ms=12),

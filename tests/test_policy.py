@@ -180,7 +180,8 @@ def test_every_fixture_config_folds_into_the_typed_policy() -> None:
       "progress_updates": True},
      {"budgets": {"max_tokens": 10, "max_wall_seconds": 2.5, "max_cost_usd": 1.0,
                   "price_per_mtok": {"input": 1.0, "output": 2.0}},
-      "compaction": {"context_budget_tokens": 300, "keep_recent": 2, "summary_chars": 90},
+      # a budget recorded before estimator 2 existed is measured as it was then
+      "compaction": {"context_budget_tokens": 300, "keep_recent": 2, "summary_chars": 90, "estimator": 1},
       "timeouts": {"tool_timeout_s": 7.0}, "retries": {"max_tool_attempts": 4, "retry_after_max_ms": 9},
       "checkpoint_exclude": ["/x.db"], "progress_updates": True}),
     ({"max_model_attempts": "2", "something_else": 1, "guardrails": {"on_output": "stop", "later_key": 1}},
