@@ -8,6 +8,7 @@ import httpx
 
 from .base import Message, ModelReply, ToolCall, ToolSpec
 from .errors import post_json, unreadable
+from .interrupt import InterruptibleTransport
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -31,7 +32,7 @@ class AnthropicProvider:
         self.max_tokens = max_tokens
         self.temperature = temperature
         headers = {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION}
-        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport or InterruptibleTransport())
         self._server = f"Anthropic API at {self.base_url}"
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import time
 import httpx
 
 from .base import ProviderError
+from .interrupt import post
 
 
 class ProviderConfigError(Exception):
@@ -94,9 +95,10 @@ def transport_error(exc: httpx.HTTPError, *, server: str) -> ProviderError:
 
 
 def post_json(client: httpx.Client, url: str, body: dict, *, server: str) -> dict:
-    """POST `body` and return the JSON reply; every failure becomes a ProviderError."""
+    """POST `body` and return the JSON reply; every failure becomes a ProviderError, and a
+    cancel of the current token (core/cancel.py) raises Interrupted at once."""
     try:
-        response = client.post(url, json=body)
+        response = post(client, url, body)
     except httpx.HTTPError as exc:
         raise transport_error(exc, server=server) from exc
     if response.status_code >= 400:

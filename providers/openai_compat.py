@@ -15,6 +15,7 @@ from .actions import (
 )
 from .base import ActionMode, Message, ModelReply, ToolCall, ToolSpec
 from .errors import ProviderConfigError, post_json, unreadable
+from .interrupt import InterruptibleTransport
 
 ACTION_MODES: tuple[str, ...] = ("native", "json_schema", "json_text")
 
@@ -47,7 +48,7 @@ class OpenAICompatProvider:
         if name:
             self.name = name
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport or InterruptibleTransport())
         self._server = f"OpenAI-compatible server at {self.base_url}"
 
     def close(self) -> None:

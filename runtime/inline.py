@@ -16,6 +16,7 @@ from loopstream.core.processor import Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import Owed, SessionState, open_work
 from loopstream.runtime.dispatch import Dispatch
+from loopstream.runtime.watch import EndWatcher
 from loopstream.runtime.writer import Clock, EventCallback, SessionConfig, SessionWriter, Written
 
 __all__ = ["EventCallback", "Runtime", "RuntimeStuck", "SessionConfig"]
@@ -33,7 +34,7 @@ class Runtime:
                  sleep: Callable[[float], None] = time.sleep, writer: SessionWriter | None = None) -> None:
         self.log = log
         self.writer = writer or SessionWriter(log, secrets=secrets, on_event=on_event, clock=clock)
-        self.dispatch = Dispatch(processors)
+        self.dispatch = Dispatch(processors, EndWatcher(log))  # a session ended elsewhere stops its handler
         self.sleep = sleep
         self._recent: dict[tuple[str, int], ev.Event] = {}  # the last batch written: the next owed event
 
