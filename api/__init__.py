@@ -2,12 +2,13 @@
 
 The public API, in one import line::
 
-    from loopstream import SQLiteLog, SessionConfig, SessionPolicy, build_runtime, open_provider
+    from loopstream import Sampling, SQLiteLog, SessionConfig, SessionPolicy, build_runtime, open_provider
 
 Everything else lives in the layer folders (`loopstream.core`, `.runtime`, `.processors`,
 `.providers`, `.tools`, `.replay`, `.kafka`, `.cli`); see docs/architecture.md.
 """
 from loopstream.core.policy import SessionPolicy, load_policy
+from loopstream.core.sampling import Sampling
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.factory import open_provider
 from loopstream.runtime.assembly import build_runtime
@@ -16,5 +17,5 @@ from loopstream.runtime.writer import SessionConfig, SessionWriter
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry, tool
 
-__all__ = ["Runtime", "SQLiteLog", "SessionConfig", "SessionPolicy", "SessionWriter", "ToolRegistry", "build_runtime",
+__all__ = ["Runtime", "SQLiteLog", "Sampling", "SessionConfig", "SessionPolicy", "SessionWriter", "ToolRegistry", "build_runtime",
            "default_registry", "load_policy", "open_provider", "tool"]

@@ -71,10 +71,10 @@ class Timed:
         self.inner = inner
         self.spent: list[tuple[float, float]] = []  # (wall, cpu) seconds per call
 
-    def complete(self, messages, tools):
+    def complete(self, messages, tools, *args, **kwargs):  # sampling and timeout where the tree passes them
         start = _clocks()
         try:
-            return self.inner.complete(messages, tools)
+            return self.inner.complete(messages, tools, *args, **kwargs)
         finally:
             end = _clocks()
             self.spent.append((end[0] - start[0], end[1] - start[1]))

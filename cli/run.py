@@ -26,6 +26,13 @@ from loopstream.core import events as ev
 from loopstream.core.describe import summarize
 from loopstream.core.log import Log
 from loopstream.core.policy import PolicyError, SessionPolicy, load_policy
+from loopstream.core.sampling import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    DEFAULT_TEMPERATURE,
+    Sampling,
+    SamplingError,
+    sampling_from,
+)
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
@@ -96,12 +103,16 @@ def run(
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
     system_prompt: Annotated[Optional[Path], typer.Option(show_default=False, help="File with a system prompt to use instead of the default.")] = None,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
+    max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
+    stop: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A text that ends a model reply where it appears (repeatable, at most 4; default: none).")] = None,
     quiet: QuietOpt = False,
     db: DbOpt = None,
     bus: BusOpt = None,
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
+    sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
     if not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is not a directory")
@@ -114,8 +125,17 @@ def run(
                                                                         *excluded]})
     choice = ModelChoice(provider, model, base_url, action_mode, fallback_model or [], rpm, tpm)
     config = SessionConfig(provider="", model="", tools=names, system_prompt=prompt, max_steps=max_steps,
-                           workdir=str(workdir.resolve()), policy=session_policy)  # provider and model: once it is open
+                           workdir=str(workdir.resolve()), policy=session_policy,
+                           sampling=sampling)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:
+    """The run's sampling settings, or one line naming the option that is wrong."""
+    try:
+        return sampling_from({"temperature": temperature, "max_output_tokens": max_output_tokens, "stop": stop or []})
+    except SamplingError as exc:
+        raise UserError(f"--{exc.setting.replace('_', '-')}: {exc.reason}") from None
 
 
 def select_tools(tools: str | None, allow_writes: bool) -> tuple[ToolRegistry, list[str]]:

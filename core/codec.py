@@ -155,6 +155,19 @@ def register_upcaster(event_type: str, from_version: int, fn: Upcaster) -> None:
     REGISTRY.upcasters[(event_type, from_version)] = fn
 
 
+def _session_started_v1(fields: dict[str, Any]) -> dict[str, Any]:
+    """v1 recorded no sampling settings: fill in what the code of its day sent, where it
+    fixed them (the local model: temperature 0, 1024 tokens; Anthropic: a 4096-token cap).
+    The rest stays None: the server's defaults were used."""
+    sent = {"local": (0.0, 1024), "anthropic": (None, 4096)}.get(fields["provider"])
+    if sent is not None:
+        fields["temperature"], fields["max_output_tokens"] = sent
+    return fields
+
+
+register_upcaster("SessionStarted", 1, _session_started_v1)
+
+
 def encode_payload(payload: Payload) -> bytes:
     schema = REGISTRY.versions[payload.TYPE][REGISTRY.latest(payload.TYPE)]
     buf = io.BytesIO()

@@ -39,6 +39,15 @@ def _forked(p: ev.SessionForked) -> str:
     return text + (f"; reason {p.reason!r}" if p.reason else "")
 
 
+def _sampling(p: ev.SessionStarted) -> str:
+    """The recorded sampling settings (a v1 event may leave them to the server: not shown)."""
+    parts = [f"temp={p.temperature:g}" if p.temperature is not None else "",
+             f"max_out={p.max_output_tokens}" if p.max_output_tokens is not None else "",
+             f"stop={','.join(map(repr, p.stop))}" if p.stop else "", f"top_p={p.top_p:g}" if p.top_p is not None else "",
+             f"seed={p.seed}" if p.seed is not None else ""]
+    return "".join(" " + x for x in parts if x)
+
+
 def _responded(p: ev.ModelResponded) -> str:
     calls = "; ".join(call_text(c.name, c.arguments_json) for c in p.tool_calls)
     body = f"calls {calls}" if calls else f"says {p.text!r}"
@@ -47,7 +56,7 @@ def _responded(p: ev.ModelResponded) -> str:
 
 # One summary per event type; tests/test_describe.py checks that every type has its own.
 SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
-    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model} "
+    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} "
                                   f"tools={','.join(p.tools) or '-'} max_steps={p.max_steps}"),
     ev.GoalReceived: lambda p: repr(p.text),
     ev.ModelRequested: lambda p: f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "")

@@ -38,7 +38,8 @@ class Payload(BaseModel):
 
 
 class SessionStarted(Payload):
-    """Agent, provider, model, system prompt, tool names, step budget, workdir."""
+    """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
+    settings (v2: temperature, output cap, stop sequences, top_p, seed)."""
     WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
@@ -48,6 +49,13 @@ class SessionStarted(Payload):
     max_steps: int
     workdir: str
     config_json: str = "{}"
+    # v2: the agent's sampling settings (core/sampling.py), sent on every model call.
+    # A v1 event reads them as None/empty; the fold takes the defaults for what is None.
+    temperature: float | None = None
+    max_output_tokens: int | None = None
+    stop: list[str] = []
+    top_p: float | None = None
+    seed: int | None = None
 
 
 class GoalReceived(Payload):
@@ -175,7 +183,8 @@ class ContextCompacted(Payload):
 
 
 class GuardrailTripped(Payload):
-    """Stage, the rule, the message the model is told, action (tell_model or stop)."""
+    """Stage, the rule, the message the model is told, action (tell_model or stop). The
+    orchestrator's own rules empty_answer and truncated_answer refuse an empty or cap-cut final answer."""
     WRITTEN_BY = "orchestrator (input, output) / tools (tool calls)"
     stage: str
     rule: str

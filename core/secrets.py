@@ -301,6 +301,17 @@ def sanitize(payload: Any, extra: Secrets = ()) -> Any:
 
 
 # -- revealing a secret to the tool that needs it ----------------------------------------
+def mentions_placeholder(value: Any) -> bool:
+    """Whether any string in `value` (nested lists and dicts too) holds a `[REDACTED:…]`."""
+    if isinstance(value, str):
+        return LITERAL_PLACEHOLDER in value
+    if isinstance(value, dict):
+        return any(mentions_placeholder(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(mentions_placeholder(v) for v in value)
+    return False
+
+
 def placeholders_from_outside(messages: Iterable[Any]) -> set[str]:
     """Names of the `[REDACTED:NAME]` placeholders in messages not written by the model."""
     names: set[str] = set()

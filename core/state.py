@@ -16,6 +16,7 @@ from loopstream.core.construct import factory
 from loopstream.core.conversation import Message, ToolCall
 from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
 from loopstream.core.policy import SessionPolicy, recorded_policy
+from loopstream.core.sampling import Sampling, recorded, sampling_from
 
 
 @dataclass(slots=True)
@@ -62,6 +63,7 @@ class SessionState:
     max_steps: int = 0
     workdir: str = ""
     policy: SessionPolicy = field(default_factory=SessionPolicy)  # typed, read-only; recorded in SessionStarted
+    sampling: Sampling = field(default_factory=Sampling)  # sent on every model call (SessionStarted v2)
     goal: str = ""
     messages: list[Message] = field(default_factory=list)
     step: int = 0  # model requests made (a retry does not count as a new step)
@@ -77,12 +79,14 @@ class SessionState:
     open_request_id: str | None = None
     open_request_seq: int | None = None
     last_reply_text: str = ""
+    last_finish_reason: str = ""  # why the last reply ended ("length": it hit the output cap)
     # call id -> (arguments_json, parsed call) of the last reply's tool calls, in order: the
     # ToolRequested events that repeat a call reuse it instead of parsing the JSON again.
     # Replaced, never mutated.
     last_reply_parsed: dict[str, tuple[str, ToolCall]] = field(default_factory=dict)
     pending_calls: dict[str, PendingCall] = field(default_factory=dict)  # call id -> its record, until it settles
     guardrail_trips: int = 0
+    unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
     tool_calls: int = 0
     tool_errors: int = 0
     input_tokens: int = 0
@@ -113,6 +117,11 @@ class SessionState:
     @property
     def terminal(self) -> bool:
         return self.status in ("done", "failed", "cancelled")
+
+
+# GuardrailTripped rules of the orchestrator's own check on a final answer (not a policy's
+# guardrails): the reply was empty, or cut at the output cap. The model is told and answers again.
+UNFINISHED_ANSWER_RULES = frozenset({"empty_answer", "truncated_answer"})
 
 
 class SequenceGap(ValueError):
@@ -150,6 +159,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             calls = [_tool_call(c.call_id, c.name, c.arguments_json) for c in p.tool_calls]
             state.messages.append(_message("assistant", p.text, event.seq, tool_calls=calls))
             state.last_reply_text = p.text
+            state.last_finish_reason = p.finish_reason
             state.last_reply_parsed = {
                 c.call_id: (r.arguments_json, c) for r, c in zip(p.tool_calls, calls, strict=True)
             }
@@ -174,6 +184,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.policy = recorded_policy(p.config_json)
+            state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
             if p.system_prompt:
                 state.messages.append(_message("system", p.system_prompt, event.seq))
         case ev.GoalReceived():
@@ -208,6 +219,10 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.messages = compacted(state.messages, p.from_seq, p.to_seq, p.summary)
             state.compactions += 1
             state.open_compaction_id = state.open_compaction_seq = None
+        case ev.GuardrailTripped() if p.rule in UNFINISHED_ANSWER_RULES:
+            state.unfinished_answers += 1  # the orchestrator's check, not a configured guardrail
+            if p.action == "tell_model":
+                state.messages.append(_message("user", p.message, event.seq))
         case ev.GuardrailTripped():
             state.guardrail_trips += 1
             note = f"BLOCKED by guardrail ({p.rule}): {p.message}"
@@ -269,6 +284,8 @@ def _apply_overrides(state: SessionState, overrides: dict) -> None:
         state.tools = list(overrides["tools"])
     if "max_steps" in overrides:
         state.max_steps = int(overrides["max_steps"])
+    if "sampling" in overrides:  # the changed settings only; the rest stay as recorded
+        state.sampling = sampling_from(overrides["sampling"], state.sampling, "fork overrides")
     if "system_prompt" in overrides:  # replaces the system message in place (same seq)
         has_system = bool(state.messages) and state.messages[0].role == "system"
         prompt = overrides["system_prompt"]

@@ -1,5 +1,8 @@
 """Per-session budgets: steps, tokens, cost and wall time. Checked before every model
-step; the first one exceeded ends the session with a SessionFailed naming it."""
+step (`exceeded`: is there room for another call?) and after every reply (`overrun`: did
+the last reply go past a budget?); the first one hit ends the session with a SessionFailed
+naming it. The call in flight is bounded too: `remaining_seconds` and `remaining_tokens`
+are what the model processor gives the provider (a deadline, a cap on the reply)."""
 from __future__ import annotations
 
 from loopstream.core import events as ev
@@ -37,3 +40,39 @@ def exceeded(state: SessionState, next_step: int, now_ms: int) -> ev.SessionFail
         return ev.SessionFailed(reason=f"time budget exhausted: {elapsed:.1f}s of {max_wall}s",
                                 error_kind="budget_time")
     return None
+
+
+def overrun(state: SessionState, now_ms: int) -> ev.SessionFailed | None:
+    """A budget the session went past with its last reply (tokens, cost or wall time), so
+    even a final answer is not success; None when every budget still holds."""
+    cfg = state.policy.budgets
+    used = state.input_tokens + state.output_tokens
+    if cfg.max_tokens and used > cfg.max_tokens:
+        return ev.SessionFailed(reason=f"token budget exceeded: the last reply brought the session to {used} "
+                                       f"of {cfg.max_tokens} tokens", error_kind="budget_tokens")
+    spent = cost_usd(state)
+    if cfg.max_cost_usd is not None and spent is not None and spent > cfg.max_cost_usd:
+        return ev.SessionFailed(reason=f"cost budget exceeded: the last reply brought the session to ${spent:.4f} "
+                                       f"of ${cfg.max_cost_usd:.4f}", error_kind="budget_cost")
+    if cfg.max_wall_seconds and state.started_ms and (now_ms - state.started_ms) / 1000 > cfg.max_wall_seconds:
+        elapsed = (now_ms - state.started_ms) / 1000
+        return ev.SessionFailed(reason=f"time budget exceeded: the last reply came {elapsed:.1f}s into a "
+                                       f"{cfg.max_wall_seconds:g}s budget", error_kind="budget_time")
+    return None
+
+
+def remaining_seconds(state: SessionState, now_ms: int) -> float | None:
+    """Seconds left of the wall-time budget (None: no such budget): the deadline of a call."""
+    cfg = state.policy.budgets
+    if not cfg.max_wall_seconds or not state.started_ms:
+        return None
+    return max(0.0, cfg.max_wall_seconds - (now_ms - state.started_ms) / 1000)
+
+
+def remaining_tokens(state: SessionState) -> int | None:
+    """Tokens left of the token budget (None: no such budget): a call's prompt and reply
+    must fit in it, so the reply is capped at what is left after the prompt."""
+    cfg = state.policy.budgets
+    if not cfg.max_tokens:
+        return None
+    return max(0, cfg.max_tokens - state.input_tokens - state.output_tokens)

@@ -11,7 +11,9 @@ from collections.abc import Mapping, Sequence
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
+from loopstream.core.sampling import Sampling
 from loopstream.core.state import SessionState
+from loopstream.processors import budgets
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.tokens import estimate_tokens
@@ -44,7 +46,9 @@ class ModelProcessor:
             limiter.acquire(estimate)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
-            reply = provider.complete(state.messages, specs)
+            # The session's recorded settings, bounded by what is left of its budgets.
+            reply = provider.complete(state.messages, specs, bounded(state, provider.name, now_ms),
+                                      timeout=budgets.remaining_seconds(state, now_ms))
         except ProviderError as exc:
             return [Emit(ev.ModelFailed(
                 request_id=req.request_id,
@@ -81,3 +85,15 @@ class ModelProcessor:
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
+
+
+def bounded(state: SessionState, family: str, now_ms: int) -> Sampling:
+    """The session's sampling settings with the reply capped at what is left of its token
+    budget once the prompt is paid for (at least 1 token: the call's overrun then fails the
+    session naming the budget, instead of a reply that could never fit)."""
+    sampling = state.sampling or Sampling()
+    left = budgets.remaining_tokens(state)
+    if left is None:
+        return sampling
+    room = max(1, left - estimate_tokens(state.messages, family))
+    return sampling if room >= sampling.max_output_tokens else sampling.model_copy(update={"max_output_tokens": room})

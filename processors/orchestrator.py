@@ -5,7 +5,9 @@ planning → ModelRequested; after a failed model call RetryScheduled (backoff),
 ModelFallback to the next model of the chain, then SessionFailed; a budget exceeded
 (steps, tokens, cost, wall time) → SessionFailed;
 a context over its token budget → CompactionRequested (the compaction processor answers);
-acting → one ToolRequested per tool call, or SessionFinished with the reply's text.
+acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
+that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
+truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from loopstream.processors.guardrails import check_input, check_output
 from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.tokens import estimate_tokens
 
+CUT_AT_CAP = frozenset({"length", "max_tokens"})  # finish reasons of a reply stopped by the output cap (OpenAI, Anthropic)
+
 
 class Orchestrator:
     name = "orchestrator"
@@ -34,7 +38,7 @@ class Orchestrator:
         if guard and event.type in ("GoalReceived", "UserMessage") and (trip := check_input(guard, event.payload.text)):
             return [Emit(trip), Emit(ev.SessionFailed(reason=f"input blocked by guardrail {trip.rule}",
                                                       error_kind="guardrail"))]
-        return self._act(state) if state.status == "acting" else self._plan(state, now_ms)
+        return self._act(state, now_ms) if state.status == "acting" else self._plan(state, now_ms)
 
     def _plan(self, state: SessionState, now: int) -> list[Emit]:
         step = state.step if state.step_open else state.step + 1
@@ -84,7 +88,9 @@ class Orchestrator:
             return [Emit(ev.ModelFallback(from_model=state.model, to_model=chain[0], reason=why[:500]))]
         return [Emit(ev.SessionFailed(reason=f"model failed: {why}", error_kind="model_failed"))]
 
-    def _act(self, state: SessionState) -> list[Emit]:
+    def _act(self, state: SessionState, now_ms: int) -> list[Emit]:
+        if (over := budgets.overrun(state, now_ms)) is not None:
+            return [Emit(over)]  # the reply went past a budget: not even a final answer is success
         if state.last_reply_calls:
             return [
                 Emit(
@@ -99,6 +105,8 @@ class Orchestrator:
                 for call in state.last_reply_calls
             ]
         answer = state.last_reply_text.strip()
+        if (refused := self._unfinished(state, answer)) is not None:
+            return refused
         guard = state.policy.guardrails
         if guard and (trip := check_output(guard, answer)):
             tries = guard.max_output_retries
@@ -112,3 +120,21 @@ class Orchestrator:
             input_tokens=state.input_tokens,
             output_tokens=state.output_tokens,
         ))]
+
+    def _unfinished(self, state: SessionState, answer: str) -> list[Emit] | None:
+        """An empty reply, or one the output cap cut off, is no final answer: the model is told
+        and answers again, at most guardrails.max_output_retries times; then the session fails."""
+        if answer and state.last_finish_reason not in CUT_AT_CAP:
+            return None
+        cap = state.sampling.max_output_tokens
+        if answer:
+            rule, note = "truncated_answer", (f"Your reply was cut off at the limit of {cap} output tokens. "
+                                              "Reply again, shorter: give the final answer directly, or call a tool.")
+            why = f"the model's answers were cut at the output cap ({cap} tokens; raise --max-output-tokens)"
+        else:
+            rule, note = "empty_answer", "Your reply was empty. Reply with the final answer to the goal, or call a tool."
+            why = "the model's answers were empty"
+        if state.unfinished_answers >= state.policy.guardrails.max_output_retries:
+            return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="stop")),
+                    Emit(ev.SessionFailed(reason=f"{why} {state.unfinished_answers + 1} time(s)", error_kind=rule))]
+        return [Emit(ev.GuardrailTripped(stage="output", rule=rule, message=note, action="tell_model"))]

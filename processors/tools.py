@@ -26,7 +26,7 @@ from pathlib import Path
 from loopstream.core import cancel
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
-from loopstream.core.secrets import placeholders_from_outside, reveal
+from loopstream.core.secrets import mentions_placeholder, placeholders_from_outside, reveal
 from loopstream.core.state import PendingCall, SessionState
 from loopstream.processors.guardrails import check_tool_call, no_reviewer, review, reviewer_blocked
 from loopstream.processors.retry import retry_delay_ms
@@ -173,7 +173,8 @@ class ToolProcessor:
         try:
             ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
             args = reveal(call.arguments, placeholders_from_outside(state.messages)) \
-                if state.policy.secrets.reveal_to_tools else call.arguments  # the log keeps [REDACTED:NAME]
+                if state.policy.secrets.reveal_to_tools and mentions_placeholder(call.arguments) \
+                else call.arguments  # the log keeps [REDACTED:NAME]; the conversation is scanned only if needed
             result = _with_timeout(lambda: allowed.call(name, args, ctx), timeout)
         except TimeoutError:
             return self._retry_or_fail(call, "timeout", f"{name} did not finish within {timeout:g}s "

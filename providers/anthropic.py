@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from loopstream.core.sampling import Sampling
+
 from .base import Message, ModelReply, ToolCall, ToolSpec
 from .errors import post_json, unreadable
 from .interrupt import InterruptibleTransport
@@ -23,14 +25,12 @@ class AnthropicProvider:
         base_url: str = "https://api.anthropic.com",
         timeout: float = 120.0,
         *,
-        max_tokens: int = 4096,
-        temperature: float | None = None,
+        sampling: Sampling | None = None,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.model = model
         self.base_url = base_url.rstrip("/")
-        self.max_tokens = max_tokens
-        self.temperature = temperature
+        self.sampling = sampling or Sampling()  # for calls that name none (the session's are passed in)
         headers = {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION}
         self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport or InterruptibleTransport())
         self._server = f"Anthropic API at {self.base_url}"
@@ -38,28 +38,36 @@ class AnthropicProvider:
     def close(self) -> None:
         self._client.close()
 
-    def build_request(self, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "max_tokens": self.max_tokens, "messages": _wire_messages(messages)}
+    def build_request(self, messages: list[Message], tools: list[ToolSpec],
+                      sampling: Sampling | None = None) -> dict[str, Any]:
+        """The JSON body for /v1/messages; the sampling settings go with every call (Anthropic
+        has no seed: it is not sent)."""
+        s = sampling or self.sampling
+        body: dict[str, Any] = {"model": self.model, "max_tokens": s.max_output_tokens,
+                                "temperature": s.temperature, "messages": _wire_messages(messages)}
+        if s.top_p is not None:
+            body["top_p"] = s.top_p
+        if s.stop:
+            body["stop_sequences"] = list(s.stop)
         system = "\n\n".join(m.content for m in messages if m.role == "system" and m.content)
         if system:
             body["system"] = system
         if tools:
             body["tools"] = [{"name": t.name, "description": t.description, "input_schema": t.parameters} for t in tools]
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
         return body
 
     def count_tokens(self, messages: list[Message], tools: list[ToolSpec] | None = None) -> int:
         """Exact input tokens from Anthropic's token-counting endpoint (no generation)."""
         body = self.build_request(messages, tools or [])
-        body.pop("max_tokens", None)
-        body.pop("temperature", None)
+        for key in ("max_tokens", "temperature", "top_p", "stop_sequences"):
+            body.pop(key, None)
         data = post_json(self._client, f"{self.base_url}/v1/messages/count_tokens", body, server=self._server)
         return int(data["input_tokens"])
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
-        data = post_json(self._client, f"{self.base_url}/v1/messages", self.build_request(messages, tools),
-                         server=self._server)
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
+        data = post_json(self._client, f"{self.base_url}/v1/messages", self.build_request(messages, tools, sampling),
+                         server=self._server, timeout=timeout)
         blocks = data.get("content")
         if not isinstance(blocks, list):
             raise unreadable(json.dumps(data), self._server)

@@ -10,8 +10,9 @@ from typing import Literal, Protocol
 from pydantic import BaseModel, Field
 
 from loopstream.core.conversation import Message, ToolCall, ToolSpec
+from loopstream.core.sampling import Sampling
 
-__all__ = ["ActionMode", "Message", "ModelReply", "Provider", "ProviderError", "ToolCall", "ToolSpec"]
+__all__ = ["ActionMode", "Message", "ModelReply", "Provider", "ProviderError", "Sampling", "ToolCall", "ToolSpec"]
 
 
 ActionMode = Literal["native", "json_schema", "json_text"]
@@ -56,4 +57,11 @@ class Provider(Protocol):
     name: str  # "openai", "anthropic", "local", "scripted"
     model: str
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply: ...
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
+        """One model call. `sampling` (the session's settings; None: the safe defaults) is
+        sent with every call: temperature, output cap, stop sequences, top_p and seed where set.
+        `timeout`: seconds this call may take (the session's remaining time budget), over the
+        client's own; past it the call is abandoned (the connection closed, so a server stops
+        generating) and raises ProviderError kind "timeout"."""
+        ...

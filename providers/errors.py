@@ -94,11 +94,15 @@ def transport_error(exc: httpx.HTTPError, *, server: str) -> ProviderError:
     return ProviderError(f"cannot reach {server}: {exc or type(exc).__name__}", retryable=True, kind="connection")
 
 
-def post_json(client: httpx.Client, url: str, body: dict, *, server: str) -> dict:
+def post_json(client: httpx.Client, url: str, body: dict, *, server: str, timeout: float | None = None) -> dict:
     """POST `body` and return the JSON reply; every failure becomes a ProviderError, and a
-    cancel of the current token (core/cancel.py) raises Interrupted at once."""
+    cancel of the current token (core/cancel.py) raises Interrupted at once.
+    `timeout` (seconds) bounds this request over the client's own timeout."""
     try:
-        response = post(client, url, body)
+        if timeout is None:
+            response = post(client, url, body)
+        else:
+            response = post(client, url, body, timeout=min(timeout, client.timeout.read or timeout))
     except httpx.HTTPError as exc:
         raise transport_error(exc, server=server) from exc
     if response.status_code >= 400:

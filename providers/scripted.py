@@ -13,6 +13,7 @@ from loopstream.providers.base import (
     Message,
     ModelReply,
     ProviderError,
+    Sampling,
     ToolCall,
     ToolSpec,
 )
@@ -26,10 +27,15 @@ class ScriptedProvider:
     def __init__(self, script: Script | Sequence[ModelReply | ProviderError], model: str = "scripted") -> None:
         self.model = model
         self.calls = 0
+        self.samplings: list[Sampling | None] = []  # what each call was asked to sample with
+        self.timeouts: list[float | None] = []  # the time each call was given (a script does not stop early)
         self._script = script
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling: Sampling | None = None, *,
+                 timeout: float | None = None) -> ModelReply:
         self.calls += 1
+        self.samplings.append(sampling)
+        self.timeouts.append(timeout)
         if callable(self._script):
             return self._script(messages)
         step = sum(1 for m in messages if m.role == "assistant")

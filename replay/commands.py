@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -75,6 +75,7 @@ def fork_command(
     log: Log, session_id: str, at_seq: int, *, model: str | None = None, provider: str | None = None,
     system_prompt: str | None = None, tools: Sequence[str] | None = None, max_steps: int | None = None,
     message: str | None = None, reason: str = "", yes: bool = False, registry: ToolRegistry | None = None,
+    sampling: Mapping[str, Any] | None = None,
 ) -> CommandResult:
     """`loopstream fork SESSION --at SEQ [--model M] [--provider P] [--system-prompt FILE]
     [--tools a,b] [--max-steps N] [--message TEXT] [--reason TEXT] [--yes] [--run]`.
@@ -84,7 +85,7 @@ def fork_command(
     try:
         result = fork(log, session_id, at_seq, model=model, provider=provider, system_prompt=system_prompt,
                       tools=tools, max_steps=max_steps, message=message, reason=reason,
-                      acknowledge_side_effects=yes, registry=registry)
+                      acknowledge_side_effects=yes, registry=registry, sampling=sampling)
     except ForkNeedsAcknowledgement as exc:
         return CommandResult(str(exc) + "\n(re-run with --yes to fork anyway)", EXIT_NEEDS_ACK,
                              f"{len(exc.side_effects)} side effect(s) need --yes", exc.side_effects)

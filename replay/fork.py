@@ -16,13 +16,15 @@ so they take effect from the child's next step.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from loopstream.core import events as ev
 from loopstream.core.codec import decode
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound
+from loopstream.core.sampling import SamplingError, sampling_from
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.replay.chain import chain_hashes, verify_raw
 from loopstream.runtime.writer import SessionWriter
@@ -138,6 +140,7 @@ def fork(
     acknowledge_side_effects: bool = False,
     provider: str | None = None,
     max_steps: int | None = None,
+    sampling: Mapping[str, Any] | None = None,
     registry: ToolRegistry | None = None,
     child_session_id: str | None = None,
     actor: str = "fork",
@@ -148,7 +151,8 @@ def fork(
     Raises ForkNeedsAcknowledgement (listing them) if the parent ran side-effecting tool
     calls after at_seq, unless acknowledge_side_effects; ForkError if at_seq is out of
     range or terminal, the parent's chain is broken up to at_seq, a message is not legal
-    where the fork lands, `tools` names a tool `registry` does not have, or the child id is taken."""
+    where the fork lands, `tools` names a tool `registry` does not have, or the child id is taken.
+    `sampling` changes some of the recorded sampling settings (core/sampling.py), e.g. {"temperature": 0.7}."""
     raw = log.read_raw(session_id)
     if not raw:
         raise SessionNotFound(session_id)
@@ -194,6 +198,12 @@ def fork(
         overrides["tools"] = list(tools)
     if max_steps is not None:
         overrides["max_steps"] = int(max_steps)
+    if sampling:
+        try:
+            changed = sampling_from(dict(sampling), at_state.sampling, "fork sampling")
+        except SamplingError as exc:
+            raise ForkError(str(exc)) from None
+        overrides["sampling"] = {k: v for k, v in changed.model_dump(mode="json").items() if k in sampling}
 
     child = child_session_id or ev.new_session_id()
     parent_hash = chain_hashes(prefix_raw)[-1].hex()

@@ -7,10 +7,12 @@ import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from loopstream.core.log import Log
 from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
+from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
@@ -90,11 +92,22 @@ def default_agents(provider: str, model: str, agents_file: Path | None = None) -
             unknown = set(over) - fields
             if unknown:
                 raise AgentsFileError(f"agent {name!r}: unknown fields {sorted(unknown)}")
+            if "sampling" in over:  # {"temperature": 0.2, ...}: the rest keep the safe defaults
+                over = {**over, "sampling": _sampling(over["sampling"], f"{agents_file}: agent {name!r}: sampling")}
             try:
                 agents[name] = dataclasses.replace(base, agent=name, **over)
             except PolicyError as exc:
                 raise AgentsFileError(f"agents file {agents_file}: agent {name!r}: {exc}") from None
     return agents
+
+
+def _sampling(values: Any, where: str) -> Sampling:
+    if not isinstance(values, dict):
+        raise AgentsFileError(f"{where}: an object of settings, e.g. {{\"temperature\": 0}}")
+    try:
+        return sampling_from(values, where=where)
+    except SamplingError as exc:
+        raise AgentsFileError(str(exc)) from None
 
 
 def processors_for(

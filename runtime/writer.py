@@ -17,6 +17,7 @@ from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
 from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
+from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
 
@@ -39,6 +40,8 @@ class SessionConfig:
     """Budgets, retries, guardrails, permissions, …: core/policy.py (a dict is validated into one)."""
     extra: dict = field(default_factory=dict)
     """Deprecated: the old flat config keys (`{"max_tokens": …}`), merged into `policy`."""
+    sampling: Sampling = field(default_factory=Sampling)
+    """How the model samples (core/sampling.py): recorded in SessionStarted, sent on every call."""
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
@@ -146,7 +149,7 @@ class SessionWriter:
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
             tools=list(config.tools), max_steps=config.max_steps, workdir=config.workdir,
-            config_json=config.policy.to_config_json(),
+            config_json=config.policy.to_config_json(), **record_fields(config.sampling),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)

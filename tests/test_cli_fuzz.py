@@ -41,6 +41,16 @@ def valid_goal(goal: str) -> bool:
         return False
 
 
+def refused_as_empty(log: SQLiteLog, sid: str) -> bool:
+    """A blank reply is no answer: the session failed with empty_answer (exit 1), not done."""
+    last = log.read(sid)[-1].payload
+    return getattr(last, "error_kind", None) == "empty_answer"
+
+
+def refused_as_empty_expected(reply: bytes) -> bool:
+    return not reply.decode("utf-8", "replace").strip()
+
+
 def through_every_command(tmp: Path, goal: str, reply: bytes) -> None:
     (tmp / "reply.txt").write_bytes(reply)
     db = str(tmp / "log.db")
@@ -49,10 +59,10 @@ def through_every_command(tmp: Path, goal: str, reply: bytes) -> None:
     if not valid_goal(goal):
         assert ran.exit_code == 2 and not Path(db).exists()
         return
-    assert ran.exit_code == 0, ran.output
     with SQLiteLog(db) as log:
         (info,) = log.sessions()
         state_goal = log.read(info.session_id, 1, 1)[0].payload.text
+        assert ran.exit_code == (1 if refused_as_empty(log, info.session_id) else 0), ran.output
     assert state_goal == storable(goal.encode("utf-8", "surrogateescape").decode("utf-8"))
     sid = info.session_id
     for args in (["sessions"], ["show", sid], ["show", sid[:3]], ["replay", sid], ["replay", sid, "--json"],
@@ -90,10 +100,11 @@ def test_hostile_text_through_real_processes(tmp_path: Path) -> None:
         if i == 1:
             assert ran.returncode == 2 and b"not valid UTF-8" in ran.stderr
             continue
-        assert ran.returncode == 0, ran.stderr
         assert b"\x1b" not in ran.stdout + ran.stderr
         with SQLiteLog(work / ".loopstream" / "loopstream.db") as log:
             sid = log.sessions()[-1].session_id
+            assert ran.returncode == (1 if refused_as_empty(log, sid) else 0), ran.stderr
+        assert refused_as_empty_expected(reply) == (ran.returncode == 1)
         for args in (["sessions"], ["show", sid], ["replay", sid], ["diff", sid, sid]):
             r = cli(*args)
             assert r.returncode == 0, (args, r.stderr)

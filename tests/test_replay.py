@@ -78,9 +78,9 @@ class Recording:
         self.inner, self.model, self.name = inner, model, "scripted"
         self.seen: list[tuple[list[Message], list[str]]] = []
 
-    def complete(self, messages: list[Message], tools: list[ToolSpec]) -> ModelReply:
+    def complete(self, messages: list[Message], tools: list[ToolSpec], sampling=None, *, timeout=None) -> ModelReply:
         self.seen.append((list(messages), [t.name for t in tools]))
-        return self.inner.complete(messages, tools)
+        return self.inner.complete(messages, tools, sampling)
 
 
 @pytest.fixture
@@ -553,7 +553,7 @@ def test_determinism_re_makes_clock_decisions_at_the_recorded_time(log, tmp_path
                        ToolProcessor(registry)], clock=lambda: clock["now"])
     sid = rt.start_session("count", config(policy={"budgets": {"max_wall_seconds": 45}}))
     state = rt.run_session(sid)
-    assert state.status == "failed" and "time budget exhausted" in state.error
+    assert state.status == "failed" and "time budget exceeded" in state.error
     assert check_determinism(log, sid).ok
     failed = log.read(sid)[-1]
     doctored = SQLiteLog(tmp_path / "early.db")

@@ -59,8 +59,14 @@ def test_the_pre_chain_session_decodes_and_shows_what_changed_since() -> None:
     raw = read_archive(FIXTURES / "legacy_5544f2a_prechain.avro")
     events = [decode(b) for b in raw]
     assert all(e.chain_hash is None for e in events)
-    # The old envelope ends right after `payload`; today's writes one more (null) byte.
-    assert codec.encode(events[0]) == raw[0] + b"\x00"
+    # The old envelope ends right after `payload`; today's writes one more (null) byte
+    # (for an event whose type is still at the version it was written with: GoalReceived v1).
+    assert events[1].type == "GoalReceived" and codec.REGISTRY.latest("GoalReceived") == 1
+    assert codec.encode(events[1]) == raw[1] + b"\x00"
+    # Its SessionStarted v1 reads as v2: no sampling recorded (a scripted model; the server decided).
+    started = events[0].payload
+    assert events[0].schema_version == codec.REGISTRY.latest("SessionStarted") >= 2
+    assert (started.temperature, started.max_output_tokens, started.stop) == (None, None, [])
     # Its ModelFailed was written as v1 and reads as v2 through Avro resolution.
     failed = next(e for e in events if e.type == "ModelFailed")
     assert codec.REGISTRY.latest("ModelFailed") >= 2 and failed.payload.retry_after_ms is None

@@ -99,8 +99,8 @@ def test_fallback_chain_switches_model_and_records_it(log) -> None:
 
 
 @pytest.mark.parametrize(("budgets", "kind", "text"), [
-    ({"max_tokens": 40}, "budget_tokens", "token budget exhausted: used"),
-    ({"max_cost_usd": 0.0001, "price_per_mtok": {"input": 1000, "output": 1000}}, "budget_cost", "cost budget exhausted"),
+    ({"max_tokens": 40}, "budget_tokens", "token budget exceeded: the last reply brought the session to"),
+    ({"max_cost_usd": 0.0001, "price_per_mtok": {"input": 1000, "output": 1000}}, "budget_cost", "cost budget exceeded"),
 ])
 def test_budgets_end_the_session_with_a_reason_event(log, budgets, kind, text) -> None:
     rt = build_runtime(log, ScriptedProvider(adder_script(50)))
@@ -119,7 +119,39 @@ def test_wall_time_budget(log) -> None:
     rt = build_runtime(log, ScriptedProvider(slow))
     state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
                                                                max_steps=100, policy={"budgets": {"max_wall_seconds": 0.5}})))
-    assert state.status == "failed" and "time budget exhausted" in state.error
+    assert state.status == "failed" and state.error.startswith("time budget ")  # exhausted, or exceeded by a reply
+
+
+def test_a_final_answer_that_went_past_the_token_budget_is_not_success(log) -> None:
+    """The reply that pushed the session over its token budget ends it failed, naming the
+    budget, even though it was a final answer (before: `done`, exit 0)."""
+    rt = build_runtime(log, ScriptedProvider([ModelReply(text="42", input_tokens=90_000, output_tokens=10_000)]))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=["add"],
+                                                               policy={"budgets": {"max_tokens": 1000}})))
+    assert state.status == "failed" and state.answer is None
+    last = log.read(state.session_id)[-1]
+    assert last.type == "SessionFailed" and last.payload.error_kind == "budget_tokens"
+    assert "100000 of 1000 tokens" in last.payload.reason
+    assert [e.type for e in log.read(state.session_id)][-2:] == ["ModelResponded", "SessionFailed"]
+
+
+def test_a_reply_that_came_after_the_time_budget_fails_the_session(log) -> None:
+    def slow_answer(messages):
+        time.sleep(0.6)
+        return ModelReply(text="42")
+
+    rt = build_runtime(log, ScriptedProvider(slow_answer))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=[],
+                                                               policy={"budgets": {"max_wall_seconds": 0.3}})))
+    assert state.status == "failed" and state.error.startswith("time budget exceeded: the last reply came")
+    assert log.read(state.session_id)[-1].payload.error_kind == "budget_time"
+
+
+def test_a_reply_within_its_budgets_still_finishes(log) -> None:
+    rt = build_runtime(log, ScriptedProvider([ModelReply(text="42", input_tokens=600, output_tokens=400)]))
+    state = rt.run_session(rt.start_session("x", SessionConfig(provider="scripted", model="s", tools=[],
+                                                               policy={"budgets": {"max_tokens": 1000}})))
+    assert state.status == "done" and state.answer == "42"
 
 
 def test_backoff_is_exponential_jittered_capped_and_deterministic() -> None:
