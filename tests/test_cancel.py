@@ -21,12 +21,16 @@ from typing import Any
 import pytest
 
 from loopstream.core import cancel
+from loopstream.core import events as ev
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.anthropic import AnthropicProvider
-from loopstream.providers.base import Message, Provider
+from loopstream.providers.base import Message, Provider, ProviderError
 from loopstream.providers.openai_compat import OpenAICompatProvider
-from loopstream.providers.scripted import scripted_from_spec
+from loopstream.providers.scripted import ScriptedProvider, scripted_from_spec
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.watch import EndWatcher
+from loopstream.runtime.writer import SessionWriter
 
 SLOW_S = 30.0  # how long the slow server holds a request before it answers
 GOAL = [Message(role="user", content="tell me a long story")]
@@ -233,3 +237,20 @@ def test_ctrl_c_in_run_drops_the_http_request_in_flight(tmp_path: Path, slow: Sl
     assert run.returncode == 130 and "loopstream resume" in err, err
     assert time.monotonic() - interrupted_at < 10
     assert wait_for(lambda: slow.hung_up, 5) and slow.answered == 0, "the server kept the request"
+
+
+def test_a_cancel_during_a_retry_backoff_ends_the_inline_run_without_waiting_it_out(tmp_path: Path) -> None:
+    """A model asked for a 60 s pause (Retry-After): the driver waits on the clock, not in a
+    handler, and still sees the cancel within its watch interval."""
+    busy = ProviderError("overloaded", retryable=True, status=529, retry_after=60, kind="overloaded")
+    with SQLiteLog(tmp_path / "l.db") as log:
+        runtime = build_runtime(log, ScriptedProvider([busy]))
+        sid = runtime.start_session("x", SessionConfig(provider="scripted", model="scripted", tools=[]))
+        ended: dict[str, Any] = {}
+        driver = threading.Thread(target=lambda: ended.update(state=runtime.run_session(sid), at=time.monotonic()))
+        driver.start()
+        assert wait_for(lambda: log.read(sid)[-1].type == "RetryScheduled", 10)
+        SessionWriter(SQLiteLog(tmp_path / "l.db")).record(sid, [ev.SessionCancelled(reason="no")], actor="person:ada")
+        cancelled_at = time.monotonic()
+        driver.join(90)
+        assert ended["state"].status == "cancelled" and ended["at"] - cancelled_at < 10
