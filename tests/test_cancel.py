@@ -22,7 +22,7 @@ import pytest
 
 from loopstream.core import cancel
 from loopstream.core import events as ev
-from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.sqlite_log import LogUnavailable, SQLiteLog
 from loopstream.providers.anthropic import AnthropicProvider
 from loopstream.providers.base import Message, Provider, ProviderError
 from loopstream.providers.openai_compat import OpenAICompatProvider
@@ -186,10 +186,11 @@ def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, **popen: Any) 
 
 def only_session(db: Path) -> str:
     def one() -> str | None:
-        if not db.exists():
+        try:
+            with SQLiteLog(db, readonly=True) as log:
+                infos = log.sessions()
+        except LogUnavailable:  # not there yet, or its tables not yet created
             return None
-        with SQLiteLog(db, readonly=True) as log:
-            infos = log.sessions()
             return infos[0].session_id if infos and infos[0].next_seq > 2 else None  # its model call requested
 
     sid = wait_for(one, 60)
