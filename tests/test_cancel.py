@@ -191,7 +191,7 @@ def only_session(db: Path) -> str:
                 infos = log.sessions()
         except LogUnavailable:  # not there yet, or its tables not yet created
             return None
-            return infos[0].session_id if infos and infos[0].next_seq > 2 else None  # its model call requested
+        return infos[0].session_id if infos and infos[0].next_seq > 2 else None  # its model call requested
 
     sid = wait_for(one, 60)
     assert sid, f"no session started in {db}"
