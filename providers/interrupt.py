@@ -2,15 +2,14 @@
 
 `post` runs the request in a helper thread (`cancel.run_in_thread`), so the caller gets
 `Interrupted` as soon as the current token is cancelled, whatever phase the request is in
-(resolving, connecting, waiting for the first byte). `InterruptibleTransport`, the
-adapters' default transport, makes the connection drop too: while a request reads or
+(resolving, connecting, waiting for the first byte). `interruptible(client)`, which every
+adapter applies to its client, makes the connection drop too: while a request reads or
 writes, its socket is registered with the current token, and cancelling shuts the socket
 down, so the server sees the client go (llama.cpp then stops generating) and the helper
 thread ends instead of waiting out a long generation.
 """
 from __future__ import annotations
 
-import logging
 import socket
 import ssl
 from collections.abc import Iterable, Iterator
@@ -22,27 +21,24 @@ import httpx
 
 from loopstream.core import cancel
 
-logger = logging.getLogger("loopstream.providers")
-
 
 def post(client: httpx.Client, url: str, body: dict, **kwargs: Any) -> httpx.Response:
     """`client.post(url, json=body, **kwargs)`, interrupted by the current token (`Interrupted`)."""
     return cancel.run_in_thread(lambda: client.post(url, json=body, **kwargs), name="loopstream-http")
 
 
-class InterruptibleTransport(httpx.HTTPTransport):
-    """httpx's own transport (same options, connection pool, keep-alive), whose sockets are
-    shut down when the token of the call using them is cancelled."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # httpx has no option for httpcore's `network_backend`: wrap the one its pool got.
-        pool = getattr(self, "_pool", None)
+def interruptible(client: httpx.Client) -> httpx.Client:
+    """`client` as httpx built it (its transport, environment proxies, pool and keep-alive),
+    with the sockets of its connection pools shut down when the token of the call using
+    them is cancelled. A transport without an httpcore pool (a test's MockTransport) is left
+    as it is: its calls still return at once on a cancel (`post`)."""
+    for transport in [client._transport, *client._mounts.values()]:  # httpx has no public option for this
+        pool = getattr(transport, "_pool", None)
         backend = getattr(pool, "_network_backend", None)
-        if backend is None:  # another httpx: calls still return at once, the socket closes later
-            logger.debug("httpx pool without a network backend: sockets are not shut down on cancel")
-            return
-        pool._network_backend = _Backend(backend)
+        if backend is None or isinstance(backend, _Backend):
+            continue
+        pool._network_backend = _Backend(backend)  # httpcore's pools take any NetworkBackend
+    return client
 
 
 class _Backend(httpcore.NetworkBackend):

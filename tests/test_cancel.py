@@ -177,6 +177,21 @@ def test_every_adapter_stops_its_call_within_a_second_or_so_of_a_cancel(slow: Sl
         assert again.text == "late"  # the client's pool is whole after a cancel
 
 
+def test_a_call_through_the_environments_proxy_is_dropped_too(slow: SlowServer, monkeypatch) -> None:
+    """The adapters' clients keep httpx's own handling of HTTP_PROXY (the slow server acts as
+    the proxy here), and the proxied connection is dropped on a cancel as well."""
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", slow.url)
+    provider = OpenAICompatProvider("http://model.invalid/v1", None, "m", timeout=120)
+    token = cancel.Cancel()
+    threading.Timer(0.5, token.cancel).start()
+    with cancel.scope(token), pytest.raises(cancel.Interrupted):
+        provider.complete(GOAL, [])
+    assert slow.held.is_set(), "the request did not go through the proxy"
+    assert wait_for(lambda: slow.hung_up, 5), "the proxy never saw the connection drop"
+
+
 # -- the CLI ----------------------------------------------------------------------------------
 def cli(*args: str, cwd: Path, env: dict[str, str] | None = None, **popen: Any) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "loopstream.cli", *args], cwd=cwd, text=True,
