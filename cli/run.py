@@ -71,6 +71,7 @@ class Outcome:
 
     session_id: str | None
     state: SessionState | None
+    ended_by: str = ""  # the actor of the event that ended the session (a person who cancelled it)
 
 
 @dataclass
@@ -198,14 +199,16 @@ def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry
             if watch.on_start:
                 watch.on_start(sid, chosen)
             with _lease(log, sid):
-                return Outcome(sid, _drive(runtime, sid, watch))
+                return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
 
 
-def _drive(runtime: Runtime, sid: str, watch: Watch) -> SessionState:
+def _drive(runtime: Runtime, sid: str, watch: Watch) -> Outcome:
     on_waiting = (lambda call: watch.on_waiting(sid, call)) if watch.on_waiting else None
-    return drive(runtime, sid, on_waiting)
+    state = drive(runtime, sid, on_waiting)
+    ended_by = runtime.log.read(sid, state.seq, state.seq)[0].actor if state.terminal else ""
+    return Outcome(sid, state, ended_by)
 
 
 @contextmanager
@@ -256,7 +259,7 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
         with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
                                           on_local_start=watch.on_local_model) as chosen:
             runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes), on_event=watch.on_event)
-            return Outcome(sid, _drive(runtime, sid, watch))
+            return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
 
@@ -306,6 +309,9 @@ def report(outcome: Outcome) -> None:
             f"· {_count(state.step, 'step')} · {_count(state.tool_calls, 'tool call')} · "
             f"{state.input_tokens}+{state.output_tokens} tokens", "dim"))
         return
+    if state.status == "cancelled":  # by a person, maybe from another terminal while this one ran
+        output.error(f"session {sid} was cancelled by {outcome.ended_by or 'someone'}: {state.error or 'no reason given'}")
+        raise typer.Exit(1)
     output.error(f"session {sid} {state.status}: {state.error or 'stopped in state ' + state.status}")
     raise typer.Exit(1)
 

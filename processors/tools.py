@@ -20,10 +20,10 @@ restart); an idempotent tool (write_file, edit_file) runs again, a non-idempoten
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
+from loopstream.core import cancel
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.secrets import mentions_placeholder, placeholders_from_outside, reveal
@@ -40,26 +40,17 @@ TRANSIENT_KINDS = frozenset({"timeout", "transient"})  # raise ToolError(..., ki
 
 
 def _with_timeout(fn, timeout: float):
-    """Run `fn` in a daemon thread and wait at most `timeout` seconds. Python cannot kill a
-    thread: a tool that overruns keeps running in the background, but the loop goes on."""
-    box: dict = {}
-
-    def target() -> None:
+    """Run `fn` in a daemon thread and wait at most `timeout` seconds (TimeoutError), or until
+    the driver cancels the work (Interrupted: core/cancel.py). Python cannot kill a thread: a
+    tool that overruns or is interrupted keeps running in the background, but the loop goes
+    on (a `shell` command is killed: it registers its process group with the token)."""
+    def guarded():
         try:
-            box["result"] = fn()
+            return fn()
         except (SystemExit, KeyboardInterrupt) as exc:  # the tool's own doing: it must not stop the runtime
-            box["error"] = ToolError(f"the tool raised {type(exc).__name__}({exc})", "tool_exit")
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
+            raise ToolError(f"the tool raised {type(exc).__name__}({exc})", "tool_exit") from None
 
-    worker = threading.Thread(target=target, daemon=True, name="loopstream-tool")
-    worker.start()
-    worker.join(timeout)
-    if worker.is_alive():
-        raise TimeoutError
-    if "error" in box:
-        raise box["error"]
-    return box["result"]
+    return cancel.run_in_thread(guarded, timeout=timeout, name="loopstream-tool")
 
 
 class ToolProcessor:

@@ -10,6 +10,7 @@ from loopstream.core.sampling import Sampling
 
 from .base import Message, ModelReply, ToolCall, ToolSpec
 from .errors import post_json, unreadable
+from .interrupt import interruptible
 
 ANTHROPIC_VERSION = "2023-06-01"
 
@@ -31,7 +32,7 @@ class AnthropicProvider:
         self.base_url = base_url.rstrip("/")
         self.sampling = sampling or Sampling()  # for calls that name none (the session's are passed in)
         headers = {"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION}
-        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._client = interruptible(httpx.Client(timeout=timeout, headers=headers, transport=transport))
         self._server = f"Anthropic API at {self.base_url}"
 
     def close(self) -> None:

@@ -50,6 +50,10 @@ class ProviderError(Exception):
 
 
 class Provider(Protocol):
+    """A model. `complete` stops as soon as the current cancel token (core/cancel.py) is
+    cancelled, raising Interrupted: an adapter does its I/O through `providers/interrupt.py`
+    (HTTP) or `cancel.sleep` / `cancel.run_in_thread`."""
+
     name: str  # "openai", "anthropic", "local", "scripted"
     model: str
 

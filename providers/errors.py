@@ -7,6 +7,7 @@ import time
 import httpx
 
 from .base import ProviderError
+from .interrupt import post
 
 
 class ProviderConfigError(Exception):
@@ -94,13 +95,14 @@ def transport_error(exc: httpx.HTTPError, *, server: str) -> ProviderError:
 
 
 def post_json(client: httpx.Client, url: str, body: dict, *, server: str, timeout: float | None = None) -> dict:
-    """POST `body` and return the JSON reply; every failure becomes a ProviderError.
+    """POST `body` and return the JSON reply; every failure becomes a ProviderError, and a
+    cancel of the current token (core/cancel.py) raises Interrupted at once.
     `timeout` (seconds) bounds this request over the client's own timeout."""
     try:
         if timeout is None:
-            response = client.post(url, json=body)
+            response = post(client, url, body)
         else:
-            response = client.post(url, json=body, timeout=min(timeout, client.timeout.read or timeout))
+            response = post(client, url, body, timeout=min(timeout, client.timeout.read or timeout))
     except httpx.HTTPError as exc:
         raise transport_error(exc, server=server) from exc
     if response.status_code >= 400:

@@ -17,6 +17,7 @@ from .actions import (
 )
 from .base import ActionMode, Message, ModelReply, ToolCall, ToolSpec
 from .errors import ProviderConfigError, post_json, unreadable
+from .interrupt import interruptible
 
 ACTION_MODES: tuple[str, ...] = ("native", "json_schema", "json_text")
 _REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5")  # api.openai.com models with a fixed temperature
@@ -48,7 +49,7 @@ class OpenAICompatProvider:
         if name:
             self.name = name
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._client = httpx.Client(timeout=timeout, headers=headers, transport=transport)
+        self._client = interruptible(httpx.Client(timeout=timeout, headers=headers, transport=transport))
         self._server = f"OpenAI-compatible server at {self.base_url}"
 
     def close(self) -> None:

@@ -11,6 +11,8 @@ import threading
 import time
 from collections.abc import Callable
 
+from loopstream.core import cancel
+
 
 class _Bucket:
     def __init__(self, per_minute: float, now: float) -> None:
@@ -36,7 +38,7 @@ class RateLimiter:
         tokens_per_minute: float | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], None] = cancel.sleep,  # a wait the driver can interrupt
     ) -> None:
         self.clock, self.sleep = clock, sleep
         now = clock()

@@ -5,10 +5,10 @@ drive any sequence of tool calls and answers without a model server.
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from loopstream.core import cancel
 from loopstream.providers.base import (
     Message,
     ModelReply,
@@ -84,11 +84,12 @@ def down_script() -> Script:
 
 
 def slow_script(seconds: str = "1") -> Script:
-    """The adder counting to 1, waiting `seconds` before each reply (to interrupt a run)."""
+    """The adder counting to 1, waiting `seconds` before each reply (to interrupt a run): a
+    wait that a cancel of the current token ends at once, as it ends a real model's request."""
     adder, delay = adder_script(1), float(seconds)
 
     def script(messages: list[Message]) -> ModelReply:
-        time.sleep(delay)
+        cancel.sleep(delay)
         return adder(messages)
 
     return script

@@ -16,9 +16,12 @@ from loopstream.core.processor import Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import Owed, SessionState, open_work
 from loopstream.runtime.dispatch import Dispatch
+from loopstream.runtime.watch import EndWatcher
 from loopstream.runtime.writer import Clock, EventCallback, SessionConfig, SessionWriter, Written
 
 __all__ = ["EventCallback", "Runtime", "RuntimeStuck", "SessionConfig"]
+
+WATCH_S = 0.25  # how often a waiting driver looks at the log for a session ended elsewhere
 
 
 class RuntimeStuck(RuntimeError):
@@ -33,7 +36,7 @@ class Runtime:
                  sleep: Callable[[float], None] = time.sleep, writer: SessionWriter | None = None) -> None:
         self.log = log
         self.writer = writer or SessionWriter(log, secrets=secrets, on_event=on_event, clock=clock)
-        self.dispatch = Dispatch(processors)
+        self.dispatch = Dispatch(processors, EndWatcher(log, WATCH_S))  # a session ended elsewhere stops its handler
         self.sleep = sleep
         self._recent: dict[tuple[str, int], ev.Event] = {}  # the last batch written: the next owed event
 
@@ -66,7 +69,7 @@ class Runtime:
             now = self.writer.clock()
             due = [o for o in work if o.due(now)]
             if not due:  # waiting on the clock (a retry's backoff)
-                self.sleep(max(0, min(o.not_before_ms or now for o in work) - now) / 1000 + 0.001)
+                state = self._wait_until(state, min(o.not_before_ms or now for o in work), now)
                 continue
             written = next((w for o in due if (w := self.act(state, o, now))), None)
             if written is None:
@@ -74,6 +77,17 @@ class Runtime:
                                    f"in state {state.status!r}")
             state = written[-1].state
         raise RuntimeStuck(f"session {session_id} did not finish within {max_events} dispatches")
+
+    def _wait_until(self, state: SessionState, due_ms: int, now_ms: int) -> SessionState:
+        """Sleep until `due_ms`, in slices of at most WATCH_S: a session that moves meanwhile
+        (a person cancels it) is seen at once; the state as the log has it then."""
+        left = max(0, due_ms - now_ms) / 1000 + 0.001
+        while left > 0:
+            self.sleep(min(left, WATCH_S))
+            left -= WATCH_S
+            if self.log.next_seq(state.session_id) != state.next_seq:
+                return self.writer.refresh(state)
+        return state
 
     def act(self, state: SessionState, item: Owed, now_ms: int) -> list[Written]:
         """Dispatch one owed item at `now_ms`; the writes made (none if no processor emitted)."""

@@ -24,6 +24,7 @@ from loopstream.core.processor import Emit, Observer, Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import SessionState, fold, open_work
 from loopstream.runtime.dispatch import Dispatch
+from loopstream.runtime.watch import EndWatcher
 from loopstream.runtime.writer import Clock, EventCallback, SessionWriter, Written
 
 logger = logging.getLogger("loopstream.worker")
@@ -116,7 +117,7 @@ class Worker:
             raise ValueError("concurrency must be at least 1")
         self.log, self.group = log, group
         self.processors = list(processors)
-        self.dispatch = Dispatch(self.processors)
+        self.dispatch = Dispatch(self.processors, EndWatcher(log))  # a session ended elsewhere stops its handler
         self.triggers = self.dispatch.triggers
         self.concurrency = concurrency
         self.writer = SessionWriter(log, secrets=secrets, on_event=on_event, clock=clock)
@@ -304,7 +305,7 @@ class Worker:
         if written.appended:
             self.stats.add("appended", len(written.events))
         else:
-            self.stats.add("duplicates" if written.outcome == "duplicate" else "dropped")
+            self.stats.add({"duplicate": "duplicates", "interrupted": "interrupted"}.get(written.outcome, "dropped"))
         if written.conflicts:
             self.stats.add("conflicts", written.conflicts)
         self._remember(written.state)

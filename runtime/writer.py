@@ -56,8 +56,9 @@ class SessionConfig:
 @dataclass
 class Written:
     """What a write did. `outcome`: "appended" (`events` are in the log), "duplicate" (the
-    same facts were already written: nothing appended) or "dropped" (the log moved on and
-    what was to be written is no longer owed)."""
+    same facts were already written: nothing appended), "dropped" (the log moved on and
+    what was to be written is no longer owed) or "interrupted" (the session was ended by
+    someone else while the handler ran: it was stopped, nothing written; runtime/dispatch.py)."""
 
     state: SessionState  # the session after the write, as far as this writer knows the log
     events: list[ev.Event]

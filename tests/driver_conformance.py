@@ -11,15 +11,18 @@ event (the last), the hash chain verified, and the fold equal to the driver's st
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
 
+from loopstream.core import cancel
 from loopstream.core import events as ev
 from loopstream.core.log import Log
 from loopstream.core.policy import from_legacy
@@ -30,6 +33,7 @@ from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.replay import verify
 from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.registry import Tool, ToolError, tool
+from loopstream.tools.workspace import shell
 
 TERMINAL = ("SessionFinished", "SessionFailed", "SessionCancelled")
 
@@ -107,6 +111,25 @@ def check_log(log: Log, session_id: str, state: SessionState | None = None) -> l
     if state is not None:
         assert fold(events) == state, "the driver's state is not the fold of its log"
     return events
+
+
+def _wait_for(check: Callable[[], Any], timeout: float) -> Any:
+    """`check()`'s first true value within `timeout` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(0.05)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def reply(*calls: ToolCall, text: str = "") -> ModelReply:
@@ -461,6 +484,58 @@ class DriverConformance:
         events = check_log(drive.log, sid, state)
         assert [e.type for e in events] == ADDER_ONE[:3] + ["SessionCancelled"]
         assert events[-1].actor == "person:ada" and events[-1].payload.reason == "changed my mind"
+
+    def test_a_cancel_recorded_while_a_slow_model_call_runs_interrupts_the_call(
+            self, harness: Harness, caplog: pytest.LogCaptureFixture) -> None:
+        """The call would take 60 s; the cancel stops it (the same token a real provider's
+        HTTP request watches), nothing is written for it, nothing is retried or logged as an error."""
+        running: dict[str, Any] = {}
+        stopped = threading.Event()
+
+        def model(messages):  # a person cancels from another process while the model "thinks"
+            threading.Timer(0.3, lambda: running["drive"].record(
+                running["sid"], [ev.SessionCancelled(reason="too slow")], actor="person:ada")).start()
+            started = time.monotonic()
+            try:
+                cancel.sleep(60)
+            except cancel.Interrupted:
+                running["waited"] = time.monotonic() - started
+                stopped.set()
+                raise
+            return reply(text="never")
+
+        provider = ScriptedProvider(model)
+        drive = running["drive"] = harness(Agent(provider))
+        sid = running["sid"] = drive.start("add 1 and 1", config())
+        caplog.set_level("WARNING", logger="loopstream")
+        state = drive.run_until_settled(sid, timeout=60)
+        assert state.status == "cancelled"
+        assert stopped.wait(30), "the model call was not interrupted"
+        assert running["waited"] < 20, f"interrupted only after {running['waited']:.1f}s (the call takes 60)"
+        drive.stop()
+        events = check_log(drive.log, sid)
+        assert [e.type for e in events] == ADDER_ONE[:3] + ["SessionCancelled"] and provider.calls == 1
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+    def test_a_cancel_recorded_while_a_shell_command_runs_kills_it(self, harness: Harness, tmp_path: Path) -> None:
+        """`shell` runs `sleep 60` (its pid in a file); the cancel kills its process group."""
+        pid_file = tmp_path / "pid"
+        command = f"echo $$ > {pid_file}; exec sleep 60"
+        drive = harness(Agent(ScriptedProvider([reply(ToolCall(call_id="1", name="shell",
+                                                                arguments={"command": command})),
+                                                 reply(text="never")]), tools=[shell]))
+        sid = drive.start("sleep", replace(config(tools=("shell",)), workdir=str(tmp_path)))
+        settled: list[SessionState] = []
+        running = threading.Thread(target=lambda: settled.append(drive.run_until_settled(sid, 60)), daemon=True)
+        running.start()
+        pid = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30))
+        drive.record(sid, [ev.SessionCancelled(reason="stop it")], actor="person:ada")
+        assert _wait_for(lambda: not _alive(pid), 20), f"the shell command (pid {pid}) still runs"
+        running.join(30)
+        assert [s.status for s in settled] == ["cancelled"]
+        drive.stop()
+        events = check_log(drive.log, sid)
+        assert [e.type for e in events] == ADDER_ONE[:5] + ["WorkspaceCheckpointed", "SessionCancelled"]
 
     # -- the same events under every driver -------------------------------------------------
     def test_a_deterministic_session_writes_exactly_the_expected_events(self, harness: Harness) -> None:

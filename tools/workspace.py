@@ -20,6 +20,7 @@ import subprocess
 import threading
 from pathlib import Path
 
+from loopstream.core import cancel
 from loopstream.core.secrets import is_secret_name
 from loopstream.tools.confine import file_size, locate, read_bytes, replace_file
 from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry, tool
@@ -153,6 +154,7 @@ def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
     )
     out = _Capture(proc.stdout)
+    unregister = cancel.current().on_cancel(lambda: _kill_group(proc))  # the driver stops the work: kill it
     try:
         code = proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -163,6 +165,8 @@ def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
             f"command timed out after {timeout_s:g}s and was killed; output so far:\n{out.text() or '(none)'}",
             "timeout",
         ) from None
+    finally:
+        unregister()
     _kill_group(proc)  # whatever it left running in the background
     out.thread.join(2)
     status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
