@@ -34,6 +34,7 @@ from loopstream.replay import verify
 from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.registry import Tool, ToolError, tool
 from loopstream.tools.workspace import shell
+from tests.helpers import wait_for
 
 TERMINAL = ("SessionFinished", "SessionFailed", "SessionCancelled")
 
@@ -111,16 +112,6 @@ def check_log(log: Log, session_id: str, state: SessionState | None = None) -> l
     if state is not None:
         assert fold(events) == state, "the driver's state is not the fold of its log"
     return events
-
-
-def _wait_for(check: Callable[[], Any], timeout: float) -> Any:
-    """`check()`'s first true value within `timeout` seconds, else None."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    return None
 
 
 def _alive(pid: int) -> bool:
@@ -528,9 +519,9 @@ class DriverConformance:
         settled: list[SessionState] = []
         running = threading.Thread(target=lambda: settled.append(drive.run_until_settled(sid, 60)), daemon=True)
         running.start()
-        pid = int(_wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30))
+        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30))
         drive.record(sid, [ev.SessionCancelled(reason="stop it")], actor="person:ada")
-        assert _wait_for(lambda: not _alive(pid), 20), f"the shell command (pid {pid}) still runs"
+        assert wait_for(lambda: not _alive(pid), 20), f"the shell command (pid {pid}) still runs"
         running.join(30)
         assert [s.status for s in settled] == ["cancelled"]
         drive.stop()

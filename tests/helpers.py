@@ -1,6 +1,10 @@
 """Small builders shared by tests (real components only: no fakes of our own parts)."""
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from typing import Any
+
 from loopstream.core import codec
 from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, CodecError
@@ -68,3 +72,13 @@ def assert_read_like_fastavro(event: ev.Event, data: bytes) -> None:
     assert type(event.payload) is ev.PAYLOAD_TYPES[event.type]
     assert event.schema_version == REGISTRY.latest(event.type)
     assert codec.decode(codec.encode(event)) == event
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 60.0, poll: float = 0.05) -> Any:
+    """`check()`'s first true value within `timeout` seconds, else None."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := check():
+            return value
+        time.sleep(poll)
+    return None

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.watch import EndWatcher
 from loopstream.runtime.writer import SessionWriter
+from tests.helpers import wait_for
 
 SLOW_S = 30.0  # how long the slow server holds a request before it answers
 GOAL = [Message(role="user", content="tell me a long story")]
@@ -99,15 +100,6 @@ def slow() -> Iterator[SlowServer]:
     server = SlowServer()
     yield server
     server.close()
-
-
-def wait_for(check: Callable[[], Any], timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.05)
-    return None
 
 
 # -- the token --------------------------------------------------------------------------------

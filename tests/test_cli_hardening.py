@@ -24,6 +24,7 @@ from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import tool
+from tests.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "loopstream.cli.app"]
@@ -60,15 +61,6 @@ def run_scripted(tmp_path: Path, goal: str = "count", model: str = "adder:1", *e
 def session_ids(tmp_path: Path, db: Path | None = None) -> list[str]:
     with SQLiteLog(db or tmp_path / ".loopstream" / "loopstream.db") as log:
         return [s.session_id for s in log.sessions()]
-
-
-def wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 # -- 1. no text is ever read as markup ------------------------------------------------------

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,7 @@ from loopstream.replay import check_determinism
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
 from loopstream.tools.permissions import decide
+from tests.helpers import wait_for
 from tests.test_cli import cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,15 +85,6 @@ def test_ask_rule_waits_for_a_person(log, approved) -> None:
         assert "person:test denied this call: no" in state.messages[-2].content
     # The person's decision is an input; the decisions around it are re-made by the driver.
     assert check_determinism(log, sid).ok
-
-
-def wait_for(predicate, timeout=60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return False
 
 
 @pytest.mark.slow
