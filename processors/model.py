@@ -106,7 +106,7 @@ def bounded(state: SessionState, prompt_tokens: int) -> Sampling:
     budget once the prompt (`prompt_tokens`, the request's estimate) is paid for (at least 1
     token: the call's overrun then fails the session naming the budget, instead of a reply
     that could never fit)."""
-    sampling = state.sampling or Sampling()
+    sampling = state.sampling
     left = budgets.remaining_tokens(state)
     if left is None:
         return sampling
