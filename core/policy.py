@@ -191,6 +191,20 @@ class Loops(_Section):
     """Times the model is told before a loop ends the session."""
 
 
+class Shaping(_Section):
+    """What the model is sent, made to fit a small context (processors/shaping.py); the log
+    keeps every message whole."""
+
+    enabled: bool = True
+    """Shape the conversation sent. Sessions recorded before shaping existed run without it."""
+    dedupe_results: bool = True
+    """A tool result identical to a later one (a file read twice) is sent once, at its latest place."""
+    max_result_chars: int = Field(8000, ge=0)
+    """A longer tool result is sent as its head and tail with a note of what was left out; 0: whole."""
+    final_answer_nudge: bool = True
+    """On the last step the step budget allows, the model is told to answer now."""
+
+
 class SessionPolicy(_Section):
     """Everything a session runs under besides its model, tools and prompt; recorded in
     SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
@@ -203,6 +217,7 @@ class SessionPolicy(_Section):
     timeouts: Timeouts = Timeouts()
     secrets: SecretHandling = SecretHandling()
     loops: Loops = Loops()
+    shaping: Shaping = Shaping()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []
@@ -219,13 +234,14 @@ class SessionPolicy(_Section):
 
     def to_config_json(self) -> str:
         """The JSON recorded in SessionStarted: what differs from the defaults, with a context
-        budget the estimator it is measured with, and the loop detection's settings whole
-        (defaults may change; a replay decides as the session was decided)."""
+        budget the estimator it is measured with, and loop detection's and shaping's settings
+        whole (defaults may change; a replay decides as the session was decided)."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         if self.compaction.context_budget_tokens is not None:
             data.setdefault("compaction", {})["estimator"] = self.compaction.estimator
-        if self.loops.enabled:  # recorded whole: a session without it was decided without loop detection
-            data["loops"] = self.loops.model_dump(mode="json")
+        for name in WHOLE_WHEN_ON:  # recorded whole: a session without them ran without them
+            if getattr(self, name).enabled:
+                data[name] = getattr(self, name).model_dump(mode="json")
         return json.dumps(data, sort_keys=True)
 
     def updated(self, changes: dict[str, Any], where: str = "policy") -> SessionPolicy:
@@ -418,11 +434,16 @@ def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Sections recorded whole while on; a recorded policy without one was written before it existed
+# (or with it off) and replays with it off.
+WHOLE_WHEN_ON = ("loops", "shaping")
+
+
 def _recorded_loops(config: dict[str, Any]) -> dict[str, Any]:
-    """A recorded policy without `loops` was written before loop detection existed (or with
-    it off): it replays without it."""
-    if isinstance(config, dict) and "loops" not in config:
-        config["loops"] = {"enabled": False}
+    """Sections of `WHOLE_WHEN_ON` a recorded policy lacks are off."""
+    if isinstance(config, dict):
+        for name in WHOLE_WHEN_ON:
+            config.setdefault(name, {"enabled": False})
     return config
 
 

@@ -92,6 +92,7 @@ class SessionState:
     recent_replies: tuple[tuple[int, str], ...] = ()
     recent_calls: tuple[tuple[int, str, str], ...] = ()
     loop_nudges: int = 0
+    long_results: int = 0  # tool results of LONG_RESULT_CHARS or more: shaping looks at the context only if any
     unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
     tool_calls: int = 0
     tool_errors: int = 0
@@ -137,6 +138,11 @@ class SessionState:
 # GuardrailTripped rules of the orchestrator's own check on a final answer (not a policy's
 # guardrails): the reply was empty, or cut at the output cap. The model is told and answers again.
 UNFINISHED_ANSWER_RULES = frozenset({"empty_answer", "truncated_answer"})
+
+
+# A tool result this long is worth shaping (processors/shaping.py): sent once if repeated,
+# windowed if longer than the policy allows.
+LONG_RESULT_CHARS = 200
 
 
 class SequenceGap(ValueError):
@@ -196,6 +202,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.tool_calls += 1
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
+            if len(p.result) >= LONG_RESULT_CHARS:
+                state.long_results += 1
             state.messages.append(_message("tool", p.result, event.seq, tool_call_id=p.call_id, name=p.name))
         case ev.SessionStarted():
             state.session_id = event.session_id
