@@ -1,6 +1,6 @@
 """Per-step harness overhead of the embedded runtime: this tree against a baseline commit.
 
-    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline dfacb58 | --no-baseline] [--profile]
+    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline 1e20bd3 | --no-baseline] [--profile]
 
 A scripted session (providers/scripted.py, `adder:STEPS`: each step is one model call that
 asks for one `add` call, so the model and the tool cost microseconds and what is left is the
@@ -188,7 +188,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="model steps, each with one tool call")
     ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating; medians are shown")
-    ap.add_argument("--baseline", default="dfacb58", help="commit to compare with (before the architecture work)")
+    ap.add_argument("--baseline", default="1e20bd3", help="commit to compare with (main before the per-step work of issue 14)")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--profile", nargs="?", const="cumulative", choices=["cumulative", "tottime"],
                     help="also print a cProfile top-10 of this tree's run (sorted by cumulative or own time)")
