@@ -18,7 +18,7 @@ from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError,
 from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
-from loopstream.core.secrets import Secrets, sanitize
+from loopstream.core.secrets import Secrets, sanitize_all
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
 
 EventCallback = Callable[[ev.Event], None]
@@ -74,14 +74,15 @@ def build_events(state: SessionState, cause_id: str | None, emits: Sequence[Emit
                  secrets: Secrets = (), time_ms: int = 0) -> list[ev.Event]:
     """Envelopes for `emits` at the head of `state`, ids derived from the cause, every
     payload sanitized (`core.secrets.sanitize`: secrets redacted, text capped), linked into the hash chain."""
+    payloads = sanitize_all([e.payload for e in emits], secrets)  # one redactor for the batch
     return chain(state, [
         ev.Event(
             event_id=ev.derived_id(state.session_id, cause_id or "", e.payload.TYPE, e.key),
             session_id=state.session_id, seq=state.next_seq + i, type=e.payload.TYPE, time=time_ms,
             causation_id=cause_id, correlation_id=state.correlation_id, actor=actor,
-            schema_version=REGISTRY.latest(e.payload.TYPE), payload=sanitize(e.payload, secrets),
+            schema_version=REGISTRY.latest(e.payload.TYPE), payload=payload,
         )
-        for i, e in enumerate(emits)
+        for i, (e, payload) in enumerate(zip(emits, payloads, strict=True))
     ])
 
 
