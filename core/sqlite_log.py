@@ -182,16 +182,27 @@ class SQLiteLog:
         then the rows; nothing is written when it raises. `data`: the events' stored bytes if
         the caller has them (default: `encode` each); `at_ms`: the session's update time
         (default: now). The Kafka projection appends what its acceptance rule accepts with it."""
-        if not self.db.conn.in_transaction:
+        conn = self.db.conn
+        if not conn.in_transaction:
             raise LogError("SQLiteLog.insert runs inside SQLiteLog.transaction()")
-        self._check(session_id, [e.event_id for e in events], expected_seq)
+        if self._next_seq(session_id) != expected_seq:  # the rare path: say which conflict it is
+            self._check(session_id, [e.event_id for e in events], expected_seq)
         stored = data if data is not None else [encode(e) for e in events]
-        self.db.conn.executemany(
-            "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.session_id, e.seq, e.event_id, e.type, e.time, d) for e, d in zip(events, stored, strict=True)],
-        )
+        # A duplicate id is found by the unique index on event_id, not by a SELECT before
+        # every insert. The rows of the batch that went in before it are taken back (the
+        # session's next seq was checked above: every row from it on is this batch's), so
+        # a caller that goes on with the transaction (the Kafka projection) keeps none.
+        try:
+            conn.executemany(
+                "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.session_id, e.seq, e.event_id, e.type, e.time, d) for e, d in zip(events, stored, strict=True)],
+            )
+        except sqlite3.IntegrityError:
+            conn.execute("DELETE FROM events WHERE session_id = ? AND seq >= ?", (session_id, expected_seq))
+            self._check(session_id, [e.event_id for e in events], expected_seq)
+            raise
         t = now_ms() if at_ms is None else at_ms
-        self.db.conn.execute(
+        conn.execute(
             "INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
             "updated_ms = excluded.updated_ms, next_seq = excluded.next_seq, "
