@@ -10,6 +10,7 @@ someone else); docs/architecture.md#cancelling-work-in-flight.
 """
 from __future__ import annotations
 
+import _thread
 import contextvars
 import logging
 import threading
@@ -127,7 +128,14 @@ def run_in_thread(fn: Callable[[], T], *, timeout: float | None = None, name: st
         return fn()
     token.check()
     box: dict = {}
-    woken = threading.Event()
+    woken = _thread.allocate_lock()  # a bare lock, held until the call ends or the token is cancelled:
+    woken.acquire()  # the quickest hand-over between two threads Python has
+
+    def wake() -> None:
+        try:
+            woken.release()
+        except RuntimeError:  # woken already (the call ended and the token was cancelled)
+            pass
 
     def target() -> None:
         try:
@@ -135,13 +143,13 @@ def run_in_thread(fn: Callable[[], T], *, timeout: float | None = None, name: st
         except BaseException as exc:  # re-raised in the waiting thread
             box["error"] = exc
         finally:
-            woken.set()
+            wake()
 
     context = contextvars.copy_context()  # the thread sees the same token
     _POOL.submit(lambda: context.run(target), name)
-    unregister = token.on_cancel(woken.set)
+    unregister = token.on_cancel(wake)
     try:
-        if not woken.wait(timeout):
+        if not woken.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
             raise TimeoutError
     finally:
         unregister()
@@ -195,7 +203,8 @@ class _Helpers:
 class _Helper:
     def __init__(self, pool: _Helpers) -> None:
         self.pool = pool
-        self.ready = threading.Semaphore(0)
+        self.ready = _thread.allocate_lock()  # released when a job is given
+        self.ready.acquire()
         self.job: Callable[[], None] | None = None
         self.thread = threading.Thread(target=self._run, daemon=True, name="loopstream-helper")
 
