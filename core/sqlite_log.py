@@ -90,12 +90,37 @@ def _open_readonly(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteLog:
-    """The `Log` over one SQLite file (`":memory:"`: a private in-memory database)."""
+# How hard a commit is pushed to the disk (docs/performance.md#durability): the WAL's
+# `synchronous` setting per choice. Both keep every committed event when the writing process
+# dies (kill -9, a crash: tests/test_durability.py); they differ when the machine does.
+DURABILITY = {
+    # A commit is written to the WAL file (the OS has it), not flushed to the disk: an OS
+    # crash or a power loss may lose the last commits, never corrupt the log.
+    "normal": "NORMAL",
+    # Every commit is flushed to the disk (fsync of the WAL) before append returns: an OS
+    # crash or a power loss loses nothing append returned for (if the disk honours fsync).
+    "full": "FULL",
+}
+DEFAULT_DURABILITY = "normal"
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False) -> None:
+
+def durability_setting(value: str | None) -> str:
+    """`value` checked ("normal" or "full", any case; None: the default), or ValueError in one line."""
+    choice = (value or DEFAULT_DURABILITY).strip().lower()
+    if choice not in DURABILITY:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, not {value!r}")
+    return choice
+
+
+class SQLiteLog:
+    """The `Log` over one SQLite file (`":memory:"`: a private in-memory database).
+    `durability` ("normal", the default, or "full"): see DURABILITY."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False,
+                 durability: str | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.durability = durability_setting(durability)
         self._lock = threading.RLock()
         if readonly:
             self.db = sqlite_utils.Database(_open_readonly(self.path, busy_timeout_ms))
@@ -106,9 +131,7 @@ class SQLiteLog:
         conn = _connect(str(self.path), busy_timeout_ms)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a process crash loses nothing committed; only an OS crash or
-            # power loss may drop the last transactions.
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {DURABILITY[self.durability]}")
             self.db = sqlite_utils.Database(conn)
             self._create()
         except sqlite3.Error as exc:
