@@ -9,10 +9,12 @@ real SQLite file in a temp dir. A step is the time between two consecutive Model
 events, less the time of the model call it made. Printed, in CPU time of the process (what a
 step costs on shared cores) and in wall time: µs per step near step 10 and near the last step
 (the median of the 11 steps around each: does it stay flat?) and the mean over the run, for
-this tree and for the baseline commit, side by side with the ratio. Each tree (this working
+this tree and for the baseline commit, side by side with the ratio. Each figure is the
+smallest over the `--repeat` runs (the least disturbed: the cores are shared; `--median` shows
+medians instead). Each tree (this working
 tree as it is; the baseline taken with `git archive`) has its folders laid out in a temp dir
 as the `loopstream` package its pyproject describes, and is measured in its own subprocess,
-alternating, `--repeat` times (medians shown).
+alternating, `--repeat` times.
 `--full` also measures this tree with `SQLiteLog(durability="full")` (an fsync per commit; the
 default and the baseline are NORMAL). `--profile` adds a cProfile top-10 of this tree's run.
 Prints figures; asserts nothing.
@@ -183,8 +185,8 @@ def describe_head() -> str:
     return f"{branch.stdout.strip() or '?'} @ {head.stdout.strip() or '?'}{' + changes' if dirty else ''}"
 
 
-def _line(name: str, runs: list[dict], clock: str, width: int) -> tuple[float, float, float]:
-    early, late, mean = (statistics.median(r[clock][k] for r in runs) for k in ("early", "late", "mean"))
+def _line(name: str, runs: list[dict], clock: str, width: int, pick=min) -> tuple[float, float, float]:
+    early, late, mean = (pick(r[clock][k] for r in runs) for k in ("early", "late", "mean"))
     print(f"{name:{width}}{early:>11,.0f} µs{late:>13,.0f} µs{mean:>7,.0f} µs{late / early:>11.2f}×")
     return early, late, mean
 
@@ -192,7 +194,9 @@ def _line(name: str, runs: list[dict], clock: str, width: int) -> tuple[float, f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="model steps, each with one tool call")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating; medians are shown")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating")
+    ap.add_argument("--median", action="store_true",
+                    help="show the median of the runs (default: the least disturbed run, each figure its minimum)")
     ap.add_argument("--baseline", default="1e20bd3", help="commit to compare with (main before the per-step work of issue 14)")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--profile", nargs="?", const="cumulative", choices=["cumulative", "tottime"],
@@ -227,17 +231,19 @@ def main() -> int:
     first = rows["this"][0]
     print(f"per-step harness overhead: a {first['steps']:,}-step scripted session ({first['events']:,} events: "
           f"one model call and one `add` call a step), SQLite file in a temp dir, {args.repeat} run(s) per tree "
-          "(medians), the scripted model's own time taken out")
+          f"({'medians' if args.median else 'each figure the minimum over the runs'}), the scripted model's own "
+          f"time taken out; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
     names = {"this": f"this tree ({describe_head()})", "base": f"baseline {args.baseline}",
              "full": "this tree, durability=full"}
     width = max(len(n) for n in names.values()) + 2
     for clock, title in (("cpu", "CPU time (process, all threads)"), ("wall", "wall time")):
         print(f"\n{title:{width}}{'near step 10':>14}{f'near step {args.steps}':>16}{'mean':>10}{'last/first':>12}")
-        this = _line(names["this"], rows["this"], clock, width)
+        pick = statistics.median if args.median else min
+        this = _line(names["this"], rows["this"], clock, width, pick)
         if rows["full"]:
-            _line(names["full"], rows["full"], clock, width)
+            _line(names["full"], rows["full"], clock, width, pick)
         if rows["base"]:
-            was = _line(names["base"], rows["base"], clock, width)
+            was = _line(names["base"], rows["base"], clock, width, pick)
             print(f"{'baseline / this tree':{width}}"
                   + "".join(f"{w / t:>{n}.1f}×" for w, t, n in zip(was, this, (13, 15, 9))))
     print()
