@@ -339,8 +339,15 @@ def sanitize_all(payloads: Iterable[Any], extra: Secrets = ()) -> list[Any]:
     """`sanitize` of each payload, with one redactor for the batch."""
     redactor = current(extra)
     text = redactor.text
+    plain = redactor.rx is None  # no named secret to look for: most text is left as it is at once
+    marker = _ANY_MARKER.search
 
     def fix(owner: str, field: str, value: str) -> str:
+        # Short ASCII text with no token marker, no placeholder and no secret to look for
+        # is already what would be stored (no cap is below DEFAULT_TEXT_LIMIT).
+        if (plain and len(value) <= DEFAULT_TEXT_LIMIT and value.isascii() and marker(value) is None
+                and LITERAL_PLACEHOLDER not in value):
+            return value
         return _fit(owner, field, text(value, (owner, field) in OUTSIDE_TEXT))
 
     return [_walk(p, fix) for p in payloads]
