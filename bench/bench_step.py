@@ -1,6 +1,6 @@
 """Per-step harness overhead of the embedded runtime: this tree against a baseline commit.
 
-    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline dfacb58 | --no-baseline] [--profile]
+    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline 1e20bd3 | --no-baseline] [--full] [--profile]
 
 A scripted session (providers/scripted.py, `adder:STEPS`: each step is one model call that
 asks for one `add` call, so the model and the tool cost microseconds and what is left is the
@@ -9,11 +9,15 @@ real SQLite file in a temp dir. A step is the time between two consecutive Model
 events, less the time of the model call it made. Printed, in CPU time of the process (what a
 step costs on shared cores) and in wall time: µs per step near step 10 and near the last step
 (the median of the 11 steps around each: does it stay flat?) and the mean over the run, for
-this tree and for the baseline commit, side by side with the ratio. Each tree (this working
+this tree and for the baseline commit, side by side with the ratio. Each figure is the
+smallest over the `--repeat` runs (the least disturbed: the cores are shared; `--median` shows
+medians instead). Each tree (this working
 tree as it is; the baseline taken with `git archive`) has its folders laid out in a temp dir
 as the `loopstream` package its pyproject describes, and is measured in its own subprocess,
-alternating, `--repeat` times (medians shown).
-`--profile` adds a cProfile top-10 of this tree's run. Prints figures; asserts nothing.
+alternating, `--repeat` times.
+`--full` also measures this tree with `SQLiteLog(durability="full")` (an fsync per commit; the
+default and the baseline are NORMAL). `--profile` adds a cProfile top-10 of this tree's run.
+Prints figures; asserts nothing.
 """
 from __future__ import annotations
 
@@ -83,7 +87,7 @@ class Timed:
         return getattr(self.inner, name)
 
 
-def measure(steps: int, profile: str | None = None) -> dict:
+def measure(steps: int, profile: str | None = None, durability: str | None = None) -> dict:
     """Run one `adder:steps` session over a fresh SQLite file; the per-step figures in µs."""
     build_runtime, SessionConfig, SQLiteLog, scripted_from_spec = _api()
     import loopstream.core.fsm as fsm
@@ -95,7 +99,8 @@ def measure(steps: int, profile: str | None = None) -> dict:
         if event.type == "ModelRequested":
             marks.append(_clocks())
 
-    with tempfile.TemporaryDirectory() as tmp, SQLiteLog(Path(tmp) / "bench.db") as log:
+    opened = {"durability": durability} if durability else {}  # a tree before the choice: its default (NORMAL)
+    with tempfile.TemporaryDirectory() as tmp, SQLiteLog(Path(tmp) / "bench.db", **opened) as log:
         rt = build_runtime(log, model, on_event=on_event)
         sid = rt.start_session("count", SessionConfig(provider="scripted", model=f"scripted:adder:{steps}",
                                                       tools=["add"], max_steps=steps + 5, workdir=tmp))
@@ -158,11 +163,13 @@ def lay_out(src: Path, into: Path) -> Path:
     return into
 
 
-def run_child(steps: int, tree: Path, profile: str | None = None) -> dict:
+def run_child(steps: int, tree: Path, profile: str | None = None, durability: str | None = None) -> dict:
     """One measurement in a fresh interpreter that imports `loopstream` from `tree`."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", "--steps", str(steps), "--tree", str(tree)]
     if profile:
         cmd += ["--profile", profile]
+    if durability:
+        cmd += ["--durability", durability]
     env = {**os.environ, "PYTHONPATH": str(tree)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tree)
     if done.returncode != 0:
@@ -178,8 +185,8 @@ def describe_head() -> str:
     return f"{branch.stdout.strip() or '?'} @ {head.stdout.strip() or '?'}{' + changes' if dirty else ''}"
 
 
-def _line(name: str, runs: list[dict], clock: str, width: int) -> tuple[float, float, float]:
-    early, late, mean = (statistics.median(r[clock][k] for r in runs) for k in ("early", "late", "mean"))
+def _line(name: str, runs: list[dict], clock: str, width: int, pick=min) -> tuple[float, float, float]:
+    early, late, mean = (pick(r[clock][k] for r in runs) for k in ("early", "late", "mean"))
     print(f"{name:{width}}{early:>11,.0f} µs{late:>13,.0f} µs{mean:>7,.0f} µs{late / early:>11.2f}×")
     return early, late, mean
 
@@ -187,11 +194,16 @@ def _line(name: str, runs: list[dict], clock: str, width: int) -> tuple[float, f
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1000, help="model steps, each with one tool call")
-    ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating; medians are shown")
-    ap.add_argument("--baseline", default="dfacb58", help="commit to compare with (before the architecture work)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating")
+    ap.add_argument("--median", action="store_true",
+                    help="show the median of the runs (default: the least disturbed run, each figure its minimum)")
+    ap.add_argument("--baseline", default="1e20bd3", help="commit to compare with (main before the per-step work of issue 14)")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--profile", nargs="?", const="cumulative", choices=["cumulative", "tottime"],
                     help="also print a cProfile top-10 of this tree's run (sorted by cumulative or own time)")
+    ap.add_argument("--full", action="store_true",
+                    help="also measure this tree with durability='full' (an fsync per commit): its cost")
+    ap.add_argument("--durability", default=None, help=argparse.SUPPRESS)  # a child's
     ap.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)  # a child: one run, JSON out
     ap.add_argument("--tree", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -201,10 +213,10 @@ def main() -> int:
     if args.measure:
         if args.tree is not None:
             _use_tree(args.tree)
-        print(json.dumps(measure(args.steps, args.profile)))
+        print(json.dumps(measure(args.steps, args.profile, args.durability)))
         return 0
 
-    rows: dict[str, list[dict]] = {"this": [], "base": []}
+    rows: dict[str, list[dict]] = {"this": [], "base": [], "full": []}
     with tempfile.TemporaryDirectory(prefix="bench-step-") as tmp:
         this = lay_out(ROOT, Path(tmp) / "this")  # the working tree as it is, changes included
         base = None if args.no_baseline else lay_out(checkout(args.baseline, Path(tmp) / "src"), Path(tmp) / "base")
@@ -212,26 +224,33 @@ def main() -> int:
             rows["this"].append(run_child(args.steps, this))
             if base is not None:
                 rows["base"].append(run_child(args.steps, base))
+            if args.full:
+                rows["full"].append(run_child(args.steps, this, durability="full"))
         profiled = run_child(args.steps, this, args.profile) if args.profile else None
 
     first = rows["this"][0]
     print(f"per-step harness overhead: a {first['steps']:,}-step scripted session ({first['events']:,} events: "
           f"one model call and one `add` call a step), SQLite file in a temp dir, {args.repeat} run(s) per tree "
-          "(medians), the scripted model's own time taken out")
-    names = {"this": f"this tree ({describe_head()})", "base": f"baseline {args.baseline}"}
+          f"({'medians' if args.median else 'each figure the minimum over the runs'}), the scripted model's own "
+          f"time taken out; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end")
+    names = {"this": f"this tree ({describe_head()})", "base": f"baseline {args.baseline}",
+             "full": "this tree, durability=full"}
     width = max(len(n) for n in names.values()) + 2
     for clock, title in (("cpu", "CPU time (process, all threads)"), ("wall", "wall time")):
         print(f"\n{title:{width}}{'near step 10':>14}{f'near step {args.steps}':>16}{'mean':>10}{'last/first':>12}")
-        this = _line(names["this"], rows["this"], clock, width)
+        pick = statistics.median if args.median else min
+        this = _line(names["this"], rows["this"], clock, width, pick)
+        if rows["full"]:
+            _line(names["full"], rows["full"], clock, width, pick)
         if rows["base"]:
-            was = _line(names["base"], rows["base"], clock, width)
+            was = _line(names["base"], rows["base"], clock, width, pick)
             print(f"{'baseline / this tree':{width}}"
                   + "".join(f"{w / t:>{n}.1f}×" for w, t, n in zip(was, this, (13, 15, 9))))
     print()
     for name, runs in rows.items():
         if runs:
             m = [statistics.median(r["cpu"][k] for r in runs) for k in ("model_early", "model_late")]
-            print(f"{'this tree' if name == 'this' else 'baseline'} measured from {runs[0]['fsm']} "
+            print(f"{names[name].split(' (')[0]} measured from {runs[0]['fsm']} "
                   f"(session {runs[0]['status']}); the model's own CPU time taken out: {m[0]:,.0f} µs near step 10, "
                   f"{m[1]:,.0f} µs near step {args.steps}")
     if profiled is not None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from loopstream.core.log import Log, SessionNotFound
-from loopstream.core.sqlite_log import LogNotFound
+from loopstream.core.sqlite_log import LogNotFound, durability_setting
 from loopstream.kafka.bus import DEFAULT_DB, open_log
 
 DbOpt = Annotated[Optional[Path], typer.Option(
@@ -36,9 +36,19 @@ def reader(bus: str | None, db: Path | None) -> Log:
         raise LogNotFound(f"{exc}: nothing has run with this log (choose another with --db or LOOPSTREAM_DB)") from None
 
 
-def writer(bus: str | None, db: Path | None) -> Log:
+DurabilityOpt = Annotated[Optional[str], typer.Option(
+    "--durability", envvar="LOOPSTREAM_DURABILITY", show_default=False,
+    help="normal | full: how hard each commit of a SQLite log is pushed to disk (default: normal; "
+         "both survive a killed process, full also an OS crash or power loss; docs/performance.md).")]
+
+
+def writer(bus: str | None, db: Path | None, durability: str | None = None) -> Log:
     """The log for a command that appends (created if missing)."""
-    return open_log(bus, db)
+    try:
+        durability = durability_setting(durability)
+    except ValueError as exc:
+        raise UserError(f"--durability (or LOOPSTREAM_DURABILITY): {exc}") from None
+    return open_log(bus, db, durability=durability)
 
 
 def resolve(log: Log, session: str) -> str:

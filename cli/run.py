@@ -13,6 +13,7 @@ from loopstream.cli import output
 from loopstream.cli.common import (
     BusOpt,
     DbOpt,
+    DurabilityOpt,
     QuietOpt,
     SessionArg,
     UserError,
@@ -112,6 +113,7 @@ def run(
     quiet: QuietOpt = False,
     db: DbOpt = None,
     bus: BusOpt = None,
+    durability: DurabilityOpt = None,
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
@@ -124,7 +126,7 @@ def run(
     prompt = read_text_file(system_prompt, "--system-prompt") if system_prompt else DEFAULT_SYSTEM_PROMPT
     session_policy = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds,
                                         context_budget=context_budget, policy=policy)  # a bad file: before any log opens
-    log = writer(bus, db)
+    log = writer(bus, db, durability)
     if allow_writes and (excluded := log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
         session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
                                                                         *excluded]})

@@ -204,3 +204,147 @@ def compile_reader(
     namespace: dict[str, Any] = dict(em.consts)
     exec(compile("\n".join(em.lines), f"<avro reader {schema.get('name')}>", "exec"), namespace)
     return namespace["read"]
+
+
+# -- writers ----------------------------------------------------------------------------------
+# The other direction, for the append's hot path: one straight-line function per record
+# schema that writes a value (a dict, or a pydantic model's fields) into a bytearray, byte
+# for byte what fastavro's schemaless_writer writes (tests/test_avro_compiled.py proves it
+# on every event type). It trusts its input's types (a validated payload, an envelope the
+# writer built); anything it cannot write raises, and the caller then asks fastavro.
+Writer = Callable[[Any, bytearray], None]
+
+
+def write_long(out: bytearray, n: int) -> None:
+    """Append `n` as a zigzag varint."""
+    if not -(1 << 63) <= n < (1 << 63):
+        raise ValueError(f"{n} does not fit in a long")
+    n = (n << 1) ^ (n >> 63)
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+
+
+def write_string(out: bytearray, s: str) -> None:
+    data = s.encode()
+    write_long(out, len(data))
+    out += data
+
+
+class _WriterEmitter:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.consts: dict[str, Any] = {"write_long": write_long, "write_string": write_string}
+        self._open: set[str] = set()
+        self._n = 0
+
+    def var(self, stem: str = "v") -> str:
+        self._n += 1
+        return f"{stem}{self._n}"
+
+    def const(self, value: Any) -> str:
+        name = self.var("c")
+        self.consts[name] = value
+        return name
+
+    def emit(self, indent: int, line: str) -> None:
+        self.lines.append("    " * indent + line)
+
+    def value(self, schema: Any, indent: int, source: str, named: dict[str, Any]) -> None:
+        """Emit code that writes the value of the expression `source` as `schema`."""
+        if isinstance(schema, str) and schema in named:
+            if schema in self._open:
+                raise Unsupported(f"recursive type {schema!r}")
+            schema = named[schema]
+        if isinstance(schema, list):
+            return self._union(schema, indent, source, named)
+        kind = schema if isinstance(schema, str) else schema["type"]
+        if isinstance(schema, dict) and "logicalType" in schema:
+            raise Unsupported(f"logical type {schema['logicalType']}")
+        if kind == "null":
+            self.emit(indent, f"if {source} is not None: raise TypeError('null expected')")
+        elif kind == "boolean":
+            self.emit(indent, f"out.append(1 if {source} else 0)")
+        elif kind in ("int", "long"):
+            self.emit(indent, f"write_long(out, {source})")
+        elif kind in ("float", "double"):
+            fmt = self.const(struct.Struct("<f" if kind == "float" else "<d"))
+            self.emit(indent, f"out += {fmt}.pack({source})")
+        elif kind == "string":
+            self.emit(indent, f"write_string(out, {source})")
+        elif kind == "bytes":
+            v = self.var()
+            self.emit(indent, f"{v} = {source}")
+            self.emit(indent, f"write_long(out, len({v})); out += {v}")
+        elif kind == "fixed":
+            self._name(schema, named)
+            v = self.var()
+            self.emit(indent, f"{v} = {source}")
+            self.emit(indent, f"if len({v}) != {int(schema['size'])}: raise ValueError('fixed size')")
+            self.emit(indent, f"out += {v}")
+        elif kind == "enum":
+            self._name(schema, named)
+            index = self.const({s: i for i, s in enumerate(schema["symbols"])})
+            self.emit(indent, f"write_long(out, {index}[{source}])")
+        elif kind == "record":
+            self._name(schema, named)
+            names = {schema.get("name", ""), f"{schema.get('namespace')}.{schema.get('name', '')}"}
+            self._open |= names
+            d = self.var("d")
+            self.emit(indent, f"{d} = {source}")
+            self.emit(indent, f"if type({d}) is not dict: {d} = {d}.__dict__")
+            for f in schema["fields"]:
+                self.value(f["type"], indent, f"{d}[{f['name']!r}]", named)
+            self._open -= names
+        elif kind in ("array", "map"):
+            items, item = self.var("a"), self.var()
+            self.emit(indent, f"{items} = {source}")
+            self.emit(indent, f"if {items}:")
+            self.emit(indent + 1, f"write_long(out, len({items}))")
+            if kind == "array":
+                self.emit(indent + 1, f"for {item} in {items}:")
+                self.value(schema["items"], indent + 2, item, named)
+            else:
+                key = self.var("key")
+                self.emit(indent + 1, f"for {key}, {item} in {items}.items():")
+                self.emit(indent + 2, f"write_string(out, {key})")
+                self.value(schema["values"], indent + 2, item, named)
+            self.emit(indent, "out.append(0)")
+        else:
+            raise Unsupported(f"type {kind!r}")
+
+    def _name(self, schema: dict, named: dict[str, Any]) -> None:
+        name = schema.get("name", "")
+        ns = schema.get("namespace")
+        named[name] = schema
+        if ns and "." not in name:
+            named[f"{ns}.{name}"] = schema
+
+    def _union(self, branches: list, indent: int, source: str, named: dict[str, Any]) -> None:
+        """Only an optional value ([null, T] or [T, null]): which branch a value of a wider
+        union takes is fastavro's call."""
+        if len(branches) != 2 or "null" not in branches:
+            raise Unsupported("a union other than an optional value")
+        null = branches.index("null")
+        v = self.var()
+        self.emit(indent, f"{v} = {source}")
+        self.emit(indent, f"if {v} is None: out.append({2 * null})")  # zigzag of the branch index
+        self.emit(indent, "else:")
+        self.emit(indent + 1, f"out.append({2 * (1 - null)})")
+        self.value(branches[1 - null], indent + 1, v, named)
+
+
+def compile_writer(schema: dict) -> Writer:
+    """A writer for the record schema `schema` (the raw JSON schema): `write(value, out)`
+    appends the value's Avro bytes to the bytearray `out`. A record is a dict or an object
+    whose `__dict__` holds its fields (a pydantic model). Raises Unsupported for constructs
+    it does not compile (unions other than an optional value, recursion, logical types)."""
+    if not isinstance(schema, dict) or schema.get("type") != "record":
+        raise Unsupported("only record schemas compile")
+    em = _WriterEmitter()
+    em.emit(0, "def write(value, out):")
+    em.value(schema, 1, "value", {})
+    namespace: dict[str, Any] = dict(em.consts)
+    exec(compile("\n".join(em.lines), f"<avro writer {schema.get('name')}>", "exec"), namespace)
+    return namespace["write"]

@@ -10,6 +10,7 @@ someone else); docs/architecture.md#cancelling-work-in-flight.
 """
 from __future__ import annotations
 
+import _thread
 import contextvars
 import logging
 import threading
@@ -113,17 +114,28 @@ def sleep(seconds: float) -> None:
 
 
 def run_in_thread(fn: Callable[[], T], *, timeout: float | None = None, name: str = "loopstream-call") -> T:
-    """`fn()` run in a daemon thread under the current token, waited for: its result or its
-    exception; TimeoutError after `timeout` seconds; Interrupted as soon as the token is
-    cancelled. Python cannot stop a thread: after a timeout or an interruption it is
+    """`fn()` run in a daemon helper thread under the current token, waited for: its result
+    or its exception; TimeoutError after `timeout` seconds; Interrupted as soon as the token
+    is cancelled. Python cannot stop a thread: after a timeout or an interruption it is
     abandoned and runs on until `fn` returns (what `fn` registered with `on_cancel` is
-    stopped). Outside a scope with no timeout, `fn` simply runs here."""
+    stopped). Outside a scope with no timeout, `fn` simply runs here.
+
+    Helper threads are reused (`_POOL`): starting a thread per call cost more than the rest
+    of a scripted step. A thread that finishes `fn` waits for the next call up to
+    `IDLE_EXIT_S`, then exits; an abandoned thread rejoins the pool only once `fn` returns."""
     token = current()
     if token is NEVER and timeout is None:
         return fn()
     token.check()
     box: dict = {}
-    woken = threading.Event()
+    woken = _thread.allocate_lock()  # a bare lock, held until the call ends or the token is cancelled:
+    woken.acquire()  # the quickest hand-over between two threads Python has
+
+    def wake() -> None:
+        try:
+            woken.release()
+        except RuntimeError:  # woken already (the call ended and the token was cancelled)
+            pass
 
     def target() -> None:
         try:
@@ -131,13 +143,13 @@ def run_in_thread(fn: Callable[[], T], *, timeout: float | None = None, name: st
         except BaseException as exc:  # re-raised in the waiting thread
             box["error"] = exc
         finally:
-            woken.set()
+            wake()
 
     context = contextvars.copy_context()  # the thread sees the same token
-    threading.Thread(target=context.run, args=(target,), daemon=True, name=name).start()
-    unregister = token.on_cancel(woken.set)
+    _POOL.submit(lambda: context.run(target), name)
+    unregister = token.on_cancel(wake)
     try:
-        if not woken.wait(timeout):
+        if not woken.acquire(timeout=-1 if timeout is None else max(timeout, 0)):
             raise TimeoutError
     finally:
         unregister()
@@ -145,6 +157,76 @@ def run_in_thread(fn: Callable[[], T], *, timeout: float | None = None, name: st
     if "error" in box:
         raise box["error"]
     return box["result"]
+
+
+IDLE_EXIT_S = 30.0  # an idle helper thread exits after this long without work
+
+
+class _Helpers:
+    """Idle daemon threads waiting for work: `submit` hands a job to one of them, or starts
+    a new one when none is idle. A job never waits for a busy thread, so an abandoned call
+    (one that runs on after a timeout) holds up nobody; each thread runs one job at a time."""
+
+    def __init__(self, idle_exit_s: float = IDLE_EXIT_S) -> None:
+        self.idle_exit_s = idle_exit_s
+        self._lock = threading.Lock()
+        self._idle: list[_Helper] = []  # last in, first out: the warmest thread runs next
+
+    def submit(self, job: Callable[[], None], name: str) -> None:
+        with self._lock:
+            helper = self._idle.pop() if self._idle else None
+        if helper is None:
+            helper = _Helper(self)
+            helper.give(job, name)
+            helper.thread.start()
+        else:
+            helper.give(job, name)
+
+    def idle(self) -> int:
+        """How many helper threads wait for work now."""
+        with self._lock:
+            return len(self._idle)
+
+    def _rest(self, helper: _Helper) -> None:
+        with self._lock:
+            self._idle.append(helper)
+
+    def _leave(self, helper: _Helper) -> bool:
+        """Take `helper` out of the idle list before it exits; False if a job was given to it meanwhile."""
+        with self._lock:
+            if helper in self._idle:
+                self._idle.remove(helper)
+                return True
+            return False
+
+
+class _Helper:
+    def __init__(self, pool: _Helpers) -> None:
+        self.pool = pool
+        self.ready = _thread.allocate_lock()  # released when a job is given
+        self.ready.acquire()
+        self.job: Callable[[], None] | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True, name="loopstream-helper")
+
+    def give(self, job: Callable[[], None], name: str) -> None:
+        self.job = job
+        self.thread.name = name
+        self.ready.release()
+
+    def _run(self) -> None:
+        while True:
+            if not self.ready.acquire(timeout=self.pool.idle_exit_s):
+                if self.pool._leave(self):
+                    return
+                self.ready.acquire()  # handed a job just as it timed out: it is on its way
+            job, self.job = self.job, None
+            if job is not None:
+                job()  # never raises: run_in_thread's target keeps every exception
+            job = None
+            self.pool._rest(self)
+
+
+_POOL = _Helpers()
 
 
 def _run_stop(stop: Callable[[], None]) -> None:

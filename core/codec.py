@@ -32,7 +32,7 @@ from typing import Any
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from pydantic import BaseModel
 
-from loopstream.core.avro_compiled import Reader, Unsupported, compile_reader
+from loopstream.core.avro_compiled import Reader, Unsupported, Writer, compile_reader, compile_writer
 from loopstream.core.construct import construct, factory
 from loopstream.core.events import PAYLOAD_TYPES, Event, Payload
 from loopstream.schemas import SCHEMA_DIR
@@ -61,6 +61,10 @@ class SchemaRegistry:
     # fields (`compiled_payloads`, by (type, version)). Anything else is read by fastavro.
     compiled_event: Reader | None = None
     compiled_payloads: dict[tuple[str, int], Reader] = field(default_factory=dict)
+    # And writers (core/avro_compiled.py), for the newest version of each type whose schema
+    # has the model's fields, and for the envelope body: the append's hot path.
+    compiled_writers: dict[str, Writer] = field(default_factory=dict)  # type -> its newest version's
+    compiled_body: Writer | None = None
 
     def latest(self, event_type: str) -> int:
         try:
@@ -121,6 +125,15 @@ def _compile(reg: SchemaRegistry, envelope_raw: dict) -> None:
                 schema, factories={r["name"]: factory(exact[r["name"]]) for r in records})
         except Unsupported:
             pass
+        try:
+            reg.compiled_writers[name] = compile_writer(schema)
+        except Unsupported:
+            pass
+    body_fields = [f for f in envelope_raw["fields"] if f["name"] != "chain_hash"]
+    try:
+        reg.compiled_body = compile_writer({**envelope_raw, "name": "EnvelopeBody", "fields": body_fields})
+    except Unsupported:
+        pass
     if {f["name"] for f in envelope_raw["fields"]} != set(Event.model_fields):
         return
     try:
@@ -169,6 +182,16 @@ register_upcaster("SessionStarted", 1, _session_started_v1)
 
 
 def encode_payload(payload: Payload) -> bytes:
+    """The payload's Avro bytes in its type's newest schema: by the compiled writer where
+    there is one, else (or if it cannot write this value) by fastavro."""
+    write = REGISTRY.compiled_writers.get(payload.TYPE)
+    if write is not None:
+        out = bytearray()
+        try:
+            write(payload, out)
+            return bytes(out)
+        except Exception:  # fastavro writes it, or says what is wrong with it
+            pass
     schema = REGISTRY.versions[payload.TYPE][REGISTRY.latest(payload.TYPE)]
     buf = io.BytesIO()
     schemaless_writer(buf, schema, payload.model_dump())
@@ -194,7 +217,7 @@ def seal(events: Sequence[Event], prev: bytes | None) -> list[Event]:
             raise ValueError(f"seal: event at seq {e.seq} needs the chain hash of seq {e.seq - 1}")
         body = _encode_body(e)
         prev = chain_link(prev, body)
-        sealed = e.model_copy(update={"chain_hash": prev})
+        sealed = construct(Event, {**e.__dict__, "chain_hash": prev})  # = model_copy(update=…), quicker
         _remember_body(sealed, body)
         out.append(sealed)
     return out
@@ -235,6 +258,13 @@ def _encode_body(event: Event) -> bytes:
         "schema_version": event.schema_version,
         "payload": encode_payload(event.payload),
     }
+    if REGISTRY.compiled_body is not None:
+        out = bytearray()
+        try:
+            REGISTRY.compiled_body(record, out)
+            return bytes(out)
+        except Exception:  # fastavro writes it, or says what is wrong with it
+            pass
     buf = io.BytesIO()
     schemaless_writer(buf, REGISTRY.envelope_body, record)
     return buf.getvalue()

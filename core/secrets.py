@@ -86,16 +86,22 @@ def is_secret_value(value: str) -> bool:
                             or ("://" in value and _redact_url_passwords(value) != value))
 
 
+_ALL_MARKERS = tuple(m for markers, _, _ in _SHAPES for m in markers) + ("://",)
 _ANY_MARKER = re.compile("|".join(re.escape(m) for markers, _, _ in _SHAPES for m in markers) + "|://")
 
 
 def redact_shapes(text: str) -> str:
     """`text` with well-known token shapes and URL passwords redacted."""
-    if len(text) < 1024 and _ANY_MARKER.search(text) is None:  # most fields: one search
+    if len(text) < 1024:
+        if _ANY_MARKER.search(text) is None:  # most fields: one search
+            return text
+    elif not [m for m in _ALL_MARKERS if m in text]:  # long text: substring tests beat the regex
         return text
     for markers, rx, placeholder in _SHAPES:
-        if any(m in text for m in markers):
-            text = rx.sub(placeholder, text)
+        for m in markers:
+            if m in text:
+                text = rx.sub(placeholder, text)
+                break
     return _redact_url_passwords(text) if "://" in text else text
 
 
@@ -143,20 +149,38 @@ class Redactor:
         return _walk(model, lambda owner, field, text: self.text(text, (owner, field) in OUTSIDE_TEXT))
 
 
+_LEAVES = frozenset({int, float, bool, type(None), bytes})  # no text in them: skipped at once
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}  # a model class -> its field names
+
+
 def _walk(value: Any, fix: Any, owner: str = "", field: str = "") -> Any:
     """`value` with `fix(owner type, field name, text)` applied to every string in it; the
     same objects where nothing changed."""
-    if isinstance(value, str):
+    kind = type(value)
+    if kind is str:
         return fix(owner, field, value)
+    if kind in _LEAVES:
+        return value
     if isinstance(value, BaseModel):
         changes = {}
-        kind = type(value).__name__
-        for name in type(value).model_fields:
+        owner = kind.__name__
+        names = _FIELD_NAMES.get(kind)
+        if names is None:
+            names = _FIELD_NAMES[kind] = tuple(kind.model_fields)
+        for name in names:
             old = getattr(value, name)
-            new = _walk(old, fix, kind, name)
+            t = type(old)
+            if t is str:
+                new = fix(owner, name, old)
+            elif t in _LEAVES:
+                continue
+            else:
+                new = _walk(old, fix, owner, name)
             if new is not old:
                 changes[name] = new
         return value.model_copy(update=changes) if changes else value
+    if isinstance(value, str):  # a str subclass
+        return fix(owner, field, value)
     if isinstance(value, list):
         items = [_walk(v, fix, owner, field) for v in value]
         return items if any(a is not b for a, b in zip(items, value)) else value
@@ -210,10 +234,21 @@ def _env_fingerprint() -> tuple:
     return tuple(out)
 
 
+# The last redactor `current` gave, with what it was built from: (a copy of the environment's
+# raw items, `extra` (a copy, if a Mapping), the redactor). While neither changed, one dict
+# comparison (its values are the very same objects: compared by identity) finds it again.
+_LAST: tuple | None = None
+
+
 def current(extra: Secrets = ()) -> Redactor:
     """The redactor for the environment as it is now (plus `extra`), compiled once per change."""
+    global _LAST
     if not isinstance(extra, Mapping):
         extra = tuple(extra)  # a generator is read once
+    data = getattr(os.environ, "_data", None)
+    last = _LAST
+    if isinstance(data, dict) and last is not None and last[0] == data and last[1] == extra:
+        return last[2]
     extra_key = tuple(sorted(extra.items())) if isinstance(extra, Mapping) else extra
     key = (_env_fingerprint(), isinstance(extra, Mapping), extra_key)
     found = _CACHE.get(key)
@@ -221,6 +256,8 @@ def current(extra: Secrets = ()) -> Redactor:
         if len(_CACHE) > 32:
             _CACHE.clear()
         found = _CACHE[key] = Redactor(secret_values(extra=extra))
+    if isinstance(data, dict):
+        _LAST = (dict(data), dict(extra) if isinstance(extra, Mapping) else extra, found)
     return found
 
 
@@ -295,9 +332,25 @@ def cap(payload: Any) -> Any:
 
 def sanitize(payload: Any, extra: Secrets = ()) -> Any:
     """What the writer stores: `payload` redacted (`redact`), then capped (`cap`), in one pass."""
+    return sanitize_all([payload], extra)[0]
+
+
+def sanitize_all(payloads: Iterable[Any], extra: Secrets = ()) -> list[Any]:
+    """`sanitize` of each payload, with one redactor for the batch."""
     redactor = current(extra)
-    return _walk(payload, lambda owner, field, text: _fit(
-        owner, field, redactor.text(text, (owner, field) in OUTSIDE_TEXT)))
+    text = redactor.text
+    plain = redactor.rx is None  # no named secret to look for: most text is left as it is at once
+    marker = _ANY_MARKER.search
+
+    def fix(owner: str, field: str, value: str) -> str:
+        # Short ASCII text with no token marker, no placeholder and no secret to look for
+        # is already what would be stored (no cap is below DEFAULT_TEXT_LIMIT).
+        if (plain and len(value) <= DEFAULT_TEXT_LIMIT and value.isascii() and marker(value) is None
+                and LITERAL_PLACEHOLDER not in value):
+            return value
+        return _fit(owner, field, text(value, (owner, field) in OUTSIDE_TEXT))
+
+    return [_walk(p, fix) for p in payloads]
 
 
 # -- revealing a secret to the tool that needs it ----------------------------------------

@@ -90,12 +90,37 @@ def _open_readonly(path: Path, busy_timeout_ms: int) -> sqlite3.Connection:
     return conn
 
 
-class SQLiteLog:
-    """The `Log` over one SQLite file (`":memory:"`: a private in-memory database)."""
+# How hard a commit is pushed to the disk (docs/performance.md#durability): the WAL's
+# `synchronous` setting per choice. Both keep every committed event when the writing process
+# dies (kill -9, a crash: tests/test_durability.py); they differ when the machine does.
+DURABILITY = {
+    # A commit is written to the WAL file (the OS has it), not flushed to the disk: an OS
+    # crash or a power loss may lose the last commits, never corrupt the log.
+    "normal": "NORMAL",
+    # Every commit is flushed to the disk (fsync of the WAL) before append returns: an OS
+    # crash or a power loss loses nothing append returned for (if the disk honours fsync).
+    "full": "FULL",
+}
+DEFAULT_DURABILITY = "normal"
 
-    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False) -> None:
+
+def durability_setting(value: str | None) -> str:
+    """`value` checked ("normal" or "full", any case; None: the default), or ValueError in one line."""
+    choice = (value or DEFAULT_DURABILITY).strip().lower()
+    if choice not in DURABILITY:
+        raise ValueError(f"durability must be one of {', '.join(DURABILITY)}, not {value!r}")
+    return choice
+
+
+class SQLiteLog:
+    """The `Log` over one SQLite file (`":memory:"`: a private in-memory database).
+    `durability` ("normal", the default, or "full"): see DURABILITY."""
+
+    def __init__(self, path: str | Path, *, busy_timeout_ms: int = 30_000, readonly: bool = False,
+                 durability: str | None = None) -> None:
         self.path = Path(path)
         self.readonly = readonly
+        self.durability = durability_setting(durability)
         self._lock = threading.RLock()
         if readonly:
             self.db = sqlite_utils.Database(_open_readonly(self.path, busy_timeout_ms))
@@ -106,9 +131,7 @@ class SQLiteLog:
         conn = _connect(str(self.path), busy_timeout_ms)
         try:
             conn.execute("PRAGMA journal_mode = WAL")
-            # NORMAL in WAL mode: a process crash loses nothing committed; only an OS crash or
-            # power loss may drop the last transactions.
-            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(f"PRAGMA synchronous = {DURABILITY[self.durability]}")
             self.db = sqlite_utils.Database(conn)
             self._create()
         except sqlite3.Error as exc:
@@ -182,16 +205,27 @@ class SQLiteLog:
         then the rows; nothing is written when it raises. `data`: the events' stored bytes if
         the caller has them (default: `encode` each); `at_ms`: the session's update time
         (default: now). The Kafka projection appends what its acceptance rule accepts with it."""
-        if not self.db.conn.in_transaction:
+        conn = self.db.conn
+        if not conn.in_transaction:
             raise LogError("SQLiteLog.insert runs inside SQLiteLog.transaction()")
-        self._check(session_id, [e.event_id for e in events], expected_seq)
+        if self._next_seq(session_id) != expected_seq:  # the rare path: say which conflict it is
+            self._check(session_id, [e.event_id for e in events], expected_seq)
         stored = data if data is not None else [encode(e) for e in events]
-        self.db.conn.executemany(
-            "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) VALUES (?, ?, ?, ?, ?, ?)",
-            [(e.session_id, e.seq, e.event_id, e.type, e.time, d) for e, d in zip(events, stored, strict=True)],
-        )
+        # A duplicate id is found by the unique index on event_id, not by a SELECT before
+        # every insert. The rows of the batch that went in before it are taken back (the
+        # session's next seq was checked above: every row from it on is this batch's), so
+        # a caller that goes on with the transaction (the Kafka projection) keeps none.
+        try:
+            conn.executemany(
+                "INSERT INTO events (session_id, seq, event_id, type, time_ms, data) VALUES (?, ?, ?, ?, ?, ?)",
+                [(e.session_id, e.seq, e.event_id, e.type, e.time, d) for e, d in zip(events, stored, strict=True)],
+            )
+        except sqlite3.IntegrityError:
+            conn.execute("DELETE FROM events WHERE session_id = ? AND seq >= ?", (session_id, expected_seq))
+            self._check(session_id, [e.event_id for e in events], expected_seq)
+            raise
         t = now_ms() if at_ms is None else at_ms
-        self.db.conn.execute(
+        conn.execute(
             "INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(session_id) DO UPDATE SET "
             "updated_ms = excluded.updated_ms, next_seq = excluded.next_seq, "

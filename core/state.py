@@ -9,7 +9,6 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from operator import attrgetter
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
@@ -364,20 +363,27 @@ def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str)
 
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionState))
-_read_fields = attrgetter(*_FIELDS)
+# The fields `apply` mutates in place (the others it replaces): copied one level deep.
+_COPIED = {"messages": "list(s.messages)", "fallbacks_used": "list(s.fallbacks_used)",
+           "pending_calls": "{c: p.copy() for c, p in s.pending_calls.items()}"}
+
+
+def _clone_function() -> Callable[[SessionState], SessionState]:
+    """`clone`, generated with one plain attribute copy per field: a straight line of
+    stores costs a third of a loop of setattr calls, and every write folds a clone."""
+    body = "\n".join(f"    n.{f} = {_COPIED.get(f, f's.{f}')}" for f in _FIELDS)
+    namespace = {"SessionState": SessionState, "new": object.__new__}
+    exec(f"def clone(s):\n    n = new(SessionState)\n{body}\n    return n\n", namespace)
+    return namespace["clone"]
+
+
+_clone = _clone_function()
 
 
 def clone(state: SessionState) -> SessionState:
     """A copy `apply` can mutate without touching `state` (messages are shared, never mutated;
-    fields the fold replaces rather than mutates are shared too). Field by field: a tenth of
-    `dataclasses.replace`'s time, and every write folds a clone."""
-    new = object.__new__(SessionState)
-    for name, value in zip(_FIELDS, _read_fields(state)):
-        setattr(new, name, value)
-    new.messages = list(state.messages)
-    new.pending_calls = {c: p.copy() for c, p in state.pending_calls.items()}
-    new.fallbacks_used = list(state.fallbacks_used)
-    return new
+    fields the fold replaces rather than mutates are shared too)."""
+    return _clone(state)
 
 
 def fold(

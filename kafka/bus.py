@@ -33,14 +33,16 @@ def sqlite_path(bus: str | None = None, db: str | Path | None = None) -> Path | 
     return None
 
 
-def open_log(bus: str | None = None, db: str | Path | None = None, *, readonly: bool = False) -> Log:
+def open_log(bus: str | None = None, db: str | Path | None = None, *, readonly: bool = False,
+             durability: str | None = None) -> Log:
     """The log a command uses. `readonly` (commands that only read): a SQLite log is opened
-    read-only and must exist (`LogNotFound` otherwise); nothing is created."""
+    read-only and must exist (`LogNotFound` otherwise); nothing is created. `durability`:
+    a SQLite log's (core/sqlite_log.py DURABILITY; a Kafka log's is the broker's)."""
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
     path = sqlite_path(bus, db)
     if path is not None:
         try:
-            return SQLiteLog(path, readonly=readonly)
+            return SQLiteLog(path, readonly=readonly, durability=durability)
         except LogNotFound:
             raise
         except LogUnavailable as exc:

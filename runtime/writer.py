@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.codec import REGISTRY, seal
+from loopstream.core.construct import factory
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
 from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
-from loopstream.core.secrets import Secrets, sanitize
+from loopstream.core.secrets import Secrets, sanitize_all
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
 
 EventCallback = Callable[[ev.Event], None]
@@ -74,15 +75,27 @@ def build_events(state: SessionState, cause_id: str | None, emits: Sequence[Emit
                  secrets: Secrets = (), time_ms: int = 0) -> list[ev.Event]:
     """Envelopes for `emits` at the head of `state`, ids derived from the cause, every
     payload sanitized (`core.secrets.sanitize`: secrets redacted, text capped), linked into the hash chain."""
+    for e in emits:
+        if not isinstance(e.payload, ev.Payload):
+            raise TypeError(f"an emit's payload must be an event payload, not {type(e.payload).__name__}")
+    if not isinstance(actor, str) or not (cause_id is None or isinstance(cause_id, str)):
+        raise TypeError("an envelope's actor and cause id are strings")
+    payloads = sanitize_all([e.payload for e in emits], secrets)  # one redactor for the batch
+    time_ms = int(time_ms)
+    # Every field is a str or int this function made (checked above): built without a
+    # second validation (core/construct.py), which cost more than the rest of the envelope.
     return chain(state, [
-        ev.Event(
-            event_id=ev.derived_id(state.session_id, cause_id or "", e.payload.TYPE, e.key),
-            session_id=state.session_id, seq=state.next_seq + i, type=e.payload.TYPE, time=time_ms,
-            causation_id=cause_id, correlation_id=state.correlation_id, actor=actor,
-            schema_version=REGISTRY.latest(e.payload.TYPE), payload=sanitize(e.payload, secrets),
-        )
-        for i, e in enumerate(emits)
+        _new_event({
+            "event_id": ev.derived_id(state.session_id, cause_id or "", e.payload.TYPE, e.key),
+            "session_id": state.session_id, "seq": state.next_seq + i, "type": e.payload.TYPE, "time": time_ms,
+            "causation_id": cause_id, "correlation_id": state.correlation_id, "actor": actor,
+            "schema_version": REGISTRY.latest(e.payload.TYPE), "payload": payload, "chain_hash": None,
+        })
+        for i, (e, payload) in enumerate(zip(emits, payloads, strict=True))
     ])
+
+
+_new_event = factory(ev.Event)
 
 
 def chain(state: SessionState, events: list[ev.Event]) -> list[ev.Event]:

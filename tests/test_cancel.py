@@ -112,6 +112,26 @@ def test_a_thread_waited_on_under_a_token_is_left_as_soon_as_the_token_is_cancel
     assert time.monotonic() - started < 10
 
 
+def test_helper_threads_are_reused_and_an_abandoned_one_holds_up_no_later_call(monkeypatch) -> None:
+    pool = cancel._Helpers(idle_exit_s=0.5)
+    monkeypatch.setattr(cancel, "_POOL", pool)
+    token = cancel.Cancel()
+    with cancel.scope(token):
+        first = cancel.run_in_thread(threading.get_ident, name="loopstream-a")
+        assert wait_for(lambda: pool.idle() == 1, 5)
+        assert cancel.run_in_thread(threading.get_ident) == first  # the idle thread took the job
+        assert cancel.run_in_thread(lambda: threading.current_thread().name, name="loopstream-b") == "loopstream-b"
+        release = threading.Event()
+        with pytest.raises(TimeoutError):
+            cancel.run_in_thread(lambda: release.wait(SLOW_S), timeout=0.1)  # abandoned, still running
+        assert cancel.run_in_thread(lambda: 42, timeout=5) == 42  # another thread, at once
+        with pytest.raises(ValueError, match="boom"):
+            cancel.run_in_thread(lambda: int("boom"))
+        release.set()
+    assert wait_for(lambda: pool.idle() == 2, 5), "the abandoned thread did not rejoin the pool when it returned"
+    assert wait_for(lambda: pool.idle() == 0, 10), "idle helper threads did not exit"
+
+
 def test_leaving_a_scope_by_an_exception_stops_what_the_work_registered() -> None:
     token, stopped = cancel.Cancel(), []
     with pytest.raises(KeyboardInterrupt), cancel.scope(token):

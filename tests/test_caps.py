@@ -6,9 +6,20 @@ from __future__ import annotations
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from loopstream.core import events as ev
-from loopstream.core.secrets import DEFAULT_TEXT_LIMIT, TEXT_LIMITS, UNCAPPED, cap, cap_text, limit_for
+from loopstream.core.secrets import (
+    DEFAULT_TEXT_LIMIT,
+    TEXT_LIMITS,
+    UNCAPPED,
+    cap,
+    cap_text,
+    limit_for,
+    redact,
+    sanitize,
+)
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.providers.base import ModelReply, ToolCall
 from loopstream.providers.scripted import ScriptedProvider
@@ -131,3 +142,14 @@ def test_the_limits_name_real_fields_and_every_text_field_has_one() -> None:
             if info.annotation in (str, str | None):
                 limit = limit_for(name, field)
                 assert limit is not None or field.endswith("_json"), (name, field)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.one_of(st.text(max_size=60), st.text(alphabet="ghp_sk-AIza:/@[]REDACTEDxab0123", max_size=80),
+                      st.text(max_size=5000)))
+def test_sanitize_is_redact_then_cap_whatever_the_text(text: str) -> None:
+    """The writer's one-pass `sanitize` (with its fast path for plain short text) stores what
+    redacting and then capping would."""
+    for payload in (ev.GoalReceived(text=text), ev.ToolFailed(call_id="c", name=text[:30], error_kind="k",
+                                                              message=text, latency_ms=1)):
+        assert sanitize(payload) == cap(redact(payload))

@@ -119,6 +119,19 @@ def test_a_changed_environment_is_picked_up(monkeypatch) -> None:
         "first-token-value [REDACTED:SERVICE_TOKEN]"
 
 
+def test_the_redactor_is_reused_until_the_environment_or_the_extra_secrets_change(monkeypatch) -> None:
+    monkeypatch.setenv("SERVICE_TOKEN", "first-token-value")
+    extra = {"MINE": "programmatic-value"}
+    first = current(extra)
+    assert current(extra) is first and current(dict(extra)) is first  # equal inputs: the same compiled one
+    extra["OTHER"] = "another-programmatic-value"  # the same dict, changed in place
+    assert redact(ev.GoalReceived(text="another-programmatic-value"), extra).text == "[REDACTED:OTHER]"
+    monkeypatch.setenv("UNRELATED_SETTING", "x")  # any change of the environment is looked at again
+    assert redact(ev.GoalReceived(text="first-token-value"), extra).text == "[REDACTED:SERVICE_TOKEN]"
+    monkeypatch.delenv("SERVICE_TOKEN")
+    assert redact(ev.GoalReceived(text="first-token-value"), ("programmatic-value",)).text == "first-token-value"
+
+
 # -- names, shapes and URLs --------------------------------------------------------------
 STRIPE = "sk_live_51HxAbCdEfGhIjKlMnOpQrStUv"
 GH_PAT = "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz"
