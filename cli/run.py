@@ -47,6 +47,7 @@ from loopstream.tools.registry import ToolRegistry
 from loopstream.tools.workspace import TOOLS as SIDE_EFFECT_TOOLS
 
 EXIT_INTERRUPTED = 130
+EXIT_PAUSED = 3  # a paused goal: not done, not failed
 
 
 class LogDamaged(Exception):
@@ -107,6 +108,8 @@ def run(
     system_prompt: Annotated[Optional[Path], typer.Option(show_default=False, help="File with a system prompt to use instead of the default.")] = None,
     sandbox: Annotated[Optional[str], typer.Option(show_default=False, help="How shell runs: workspace-write (default: only --workdir writable), read-only, full (all writable; explicit opt-in) or none (no sandbox; explicit opt-out). Needs bubblewrap unless none.")] = None,
     network: Annotated[bool, typer.Option("--network", help="Give shell the network (default: none inside the sandbox).")] = False,
+    goal_verify: Annotated[Optional[str], typer.Option(show_default=False, help="Goal mode: a shell command (run in the sandbox, in --workdir) that checks each final answer; the session is done only when it exits 0, and its output goes back to the model otherwise.")] = None,
+    goal_max_iterations: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Goal mode: failed verifications before the session fails (default: 10).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
     max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
     stop: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A text that ends a model reply where it appears (repeatable, at most 4; default: none).")] = None,
@@ -123,7 +126,8 @@ def run(
     prompt = read_text_file(system_prompt, "--system-prompt") if system_prompt else DEFAULT_SYSTEM_PROMPT
     session_policy = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds,
                                         context_budget=context_budget, policy=policy,
-                                        sandbox=sandbox, network=network)  # a bad file: before any log opens
+                                        sandbox=sandbox, network=network, goal_verify=goal_verify,
+                                        goal_max_iterations=goal_max_iterations)  # a bad file: before any log opens
     log = writer(bus, db)
     if allow_writes and (excluded := log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
         session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
@@ -171,16 +175,21 @@ def need_writes(names: list[str], allow_writes: bool) -> None:
 
 
 def session_policy_for(*, max_tokens: int | None, max_seconds: float | None, context_budget: int | None,
-                       policy: Path | None, sandbox: str | None = None, network: bool = False) -> SessionPolicy:
+                       policy: Path | None, sandbox: str | None = None, network: bool = False,
+                       goal_verify: str | None = None, goal_max_iterations: int | None = None) -> SessionPolicy:
     """The session's policy: the --policy file, then the budget and sandbox flags over it."""
     budgets = {k: v for k, v in (("max_tokens", max_tokens), ("max_wall_seconds", max_seconds)) if v}
     compaction = {"context_budget_tokens": context_budget} if context_budget else {}
     if sandbox is not None and sandbox not in get_args(SandboxMode):
         raise UserError(f"--sandbox {sandbox!r}: expected one of {', '.join(get_args(SandboxMode))}")
     box = {**({"mode": sandbox} if sandbox else {}), **({"network": True} if network else {})}
+    if goal_verify is not None and not goal_verify.strip():
+        raise UserError("--goal-verify: the verify command is empty")
+    goal = {**({"verify_command": goal_verify} if goal_verify else {}),
+            **({"max_iterations": goal_max_iterations} if goal_max_iterations else {})}
     try:
         from_file = load_policy(policy) if policy is not None else SessionPolicy()
-        return from_file.updated({"budgets": budgets, "compaction": compaction, "sandbox": box}, "command line")
+        return from_file.updated({"budgets": budgets, "compaction": compaction, "sandbox": box, "goal": goal}, "command line")
     except PolicyError as exc:
         raise UserError(str(exc)) from None
 
@@ -287,6 +296,10 @@ COLORS = {"ModelResponded": "cyan", "ToolCompleted": "green", "ToolFailed": "yel
 
 
 def progress(event: ev.Event) -> None:
+    if event.type == "GoalVerified":  # goal mode: the iteration's result stands out
+        p = event.payload
+        output.note(Styled(f"goal iteration {p.iteration}: {'PASSED' if p.passed else 'not yet'}",
+                           "bold green" if p.passed else "bold yellow"), f" (verify exit code {p.exit_code})")
     output.note("  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
                 summarize(event, 100))
 
@@ -326,6 +339,10 @@ def report(outcome: Outcome) -> None:
             f"· {_count(state.step, 'step')} · {_count(state.tool_calls, 'tool call')} · "
             f"{state.input_tokens}+{state.output_tokens} tokens", "dim"))
         return
+    if state.status == "paused":
+        output.note(Styled("paused", "bold yellow"), f" session {sid} (by {state.paused_by or 'someone'}); "
+                    f"it stays paused across restarts; continue it with: loopstream goal resume {sid}")
+        raise typer.Exit(EXIT_PAUSED)
     if state.status == "cancelled":  # by a person, maybe from another terminal while this one ran
         output.error(f"session {sid} was cancelled by {outcome.ended_by or 'someone'}: {state.error or 'no reason given'}")
         raise typer.Exit(1)

@@ -87,6 +87,11 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.SessionCancelled: lambda p: p.reason,
     ev.SessionForked: _forked,
     ev.UserMessage: lambda p: repr(p.text),
+    ev.GoalVerificationRequested: lambda p: f"iteration {p.iteration}: verify with {p.command!r}",
+    ev.GoalVerified: lambda p: (f"iteration {p.iteration}: {'PASSED' if p.passed else 'FAILED'} "
+                                f"(exit code {p.exit_code}, {p.latency_ms} ms) {p.output[-200:]!r}"),
+    ev.GoalPaused: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
+    ev.GoalResumed: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
     ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
                                          f"({p.files_changed} files changed)"),
 }

@@ -208,6 +208,19 @@ class Scope(_Section):
     (split at `;`, `&&`, `||`, `|`, newlines) must match one. Empty: any command."""
 
 
+class GoalMode(_Section):
+    """Goal mode: a final answer is not the end until a verify command passes (processors/verifier.py)."""
+
+    verify_command: str | None = None
+    """A shell command run in the workdir, in the session's sandbox, after each final answer;
+    exit code 0 ends the session done, anything else is fed back to the model. None: no goal mode."""
+    max_iterations: int = Field(10, ge=1)
+    """Verifications before the session fails (`goal_not_verified`); steps, tokens, cost and wall
+    time are `[budgets]` and `max_steps`, as for any session."""
+    verify_timeout_s: float = Field(300.0, gt=0, le=600)
+    """Time limit of one verification."""
+
+
 class SessionPolicy(_Section):
     """Everything a session runs under besides its model, tools and prompt; recorded in
     SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
@@ -221,6 +234,7 @@ class SessionPolicy(_Section):
     secrets: SecretHandling = SecretHandling()
     sandbox: Sandbox = Sandbox()
     scope: Scope = Scope()
+    goal: GoalMode = GoalMode()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []

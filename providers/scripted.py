@@ -122,11 +122,37 @@ def shell_script(command: str = "echo hello") -> Script:
     return script
 
 
+FIX_VERSIONS = ("def add(a, b):\n    return a - b\n", "def add(a, b):\n    return a * b  # try\n",
+                "def add(a, b):\n    return a + b  # fixed\n")  # sizes differ: a stale .pyc is never used
+
+
+def goalfix_script(delay: str = "0") -> Script:
+    """Goal mode's test model: fixes `calc.py` over several iterations. Each turn that starts
+    from the goal or from a failed verification logs the attempt with `shell` (a
+    non-idempotent call) and writes the next version of calc.py (two wrong ones, then the
+    right one); after the tool results it says it is done. It waits `delay` seconds per reply."""
+    wait = float(delay)
+
+    def script(messages: list[Message]) -> ModelReply:
+        if wait:
+            cancel.sleep(wait)
+        failures = sum(1 for m in messages if m.role == "user" and m.content.startswith("The goal is not reached"))
+        if messages[-1].role == "tool":
+            return ModelReply(text=f"attempt {failures + 1} is written", input_tokens=20, output_tokens=5)
+        version = FIX_VERSIONS[min(failures, len(FIX_VERSIONS) - 1)]
+        calls = [ToolCall(call_id=f"log{failures}", name="shell",
+                          arguments={"command": f"echo attempt-{failures + 1} >> attempts.log"}),
+                 ToolCall(call_id=f"fix{failures}", name="write_file", arguments={"path": "calc.py", "content": version})]
+        return ModelReply(text="", tool_calls=calls, input_tokens=20, output_tokens=10, mode="native")
+
+    return script
+
+
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
                                              "down": down_script, "slow": slow_script, "reads": reads_script,
-                                             "shell": shell_script}
+                                             "shell": shell_script, "goalfix": goalfix_script}
 SCRIPT_TOOLS: dict[str, tuple[str, ...]] = {"adder": ("add",), "slow": ("add",), "reads": ("read_file",),
-                                            "shell": ("shell",)}  # the tools a script calls
+                                            "shell": ("shell",), "goalfix": ("shell", "write_file")}  # tools called
 
 
 def missing_tools(spec: str, tools: Sequence[str]) -> list[str]:

@@ -1,0 +1,79 @@
+"""`loopstream goal status|pause|resume|stop SESSION`: control a goal-mode (or any) session
+from any terminal. A pause is an event in the log (GoalPaused), so it survives restarts;
+`resume` records GoalResumed and drives the session on in this terminal."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from loopstream.cli import output
+from loopstream.cli.common import BusOpt, DbOpt, QuietOpt, SessionArg, resolve, writer
+from loopstream.cli.run import ModelChoice, report, resume_agent, watch
+from loopstream.runtime.decisions import cancel as cancel_session
+from loopstream.runtime.decisions import load, pause, resume_paused
+
+goal_app = typer.Typer(help="Control a long-running goal: status, pause, resume, stop.", no_args_is_help=True,
+                       rich_markup_mode=None, add_completion=False)
+
+
+@goal_app.command()
+def status(session: SessionArg, db: DbOpt = None, bus: BusOpt = None) -> None:
+    """Where a session stands: state, goal iteration, last verification, steps, tool calls, tokens."""
+    log = writer(bus, db)
+    sid = resolve(log, session)
+    s = load(log, sid)
+    verify = s.policy.goal.verify_command
+    lines = [f"session {sid}: {s.status}" + (" (pause pending)" if s.pause_pending else ""),
+             f"goal: {s.goal[:200]!r}"]
+    if verify:
+        lines.append(f"verify: {verify!r}; iteration {s.goal_iterations} of at most {s.policy.goal.max_iterations}; "
+                     f"last verification: {s.last_verification or 'none yet'}")
+    lines.append(f"steps {s.step} of {s.max_steps} · tool calls {s.tool_calls} · tokens "
+                 f"{s.input_tokens}+{s.output_tokens} · sandbox {s.policy.sandbox.mode}")
+    if s.status == "paused":
+        lines.append(f"paused by {s.paused_by or 'someone'}; continue with: loopstream goal resume {sid}")
+    output.answer("\n".join(lines))
+
+
+@goal_app.command("pause")
+def pause_cmd(session: SessionArg, reason: Annotated[str, typer.Option(help="Recorded in GoalPaused.")] = "",
+              db: DbOpt = None, bus: BusOpt = None) -> None:
+    """Pause a session: at once between steps, else after the call in flight. It stays paused
+    across restarts until `loopstream goal resume`."""
+    log = writer(bus, db)
+    sid = resolve(log, session)
+    state = pause(log, sid, reason=reason)
+    when = "now" if state.status == "paused" else "at its next step (a call is in flight)"
+    output.answer(f"session {sid} pauses {when}; continue with: loopstream goal resume {sid}")
+
+
+@goal_app.command("resume")
+def resume_cmd(
+    session: SessionArg,
+    allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Needed when the session has write_file, edit_file or shell.")] = False,
+    model: Annotated[Optional[str], typer.Option(show_default=False, help="Model for the remaining steps (default: the session's own).")] = None,
+    provider: Annotated[Optional[str], typer.Option(show_default=False, help="Provider (default: the session's own).")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="Only record the resume; do not drive the session here.")] = False,
+    quiet: QuietOpt = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Resume a paused session and drive it on in this terminal (or only record it: --detach)."""
+    log = writer(bus, db)
+    sid = resolve(log, session)
+    resume_paused(log, sid)
+    if detach:
+        output.answer(f"session {sid} resumed; drive it with: loopstream resume {sid}")
+        return
+    report(resume_agent(log, sid, ModelChoice(provider, model), allow_writes, watch(quiet, log, bus)))
+
+
+@goal_app.command()
+def stop(session: SessionArg, reason: Annotated[str, typer.Option(help="Recorded in SessionCancelled.")] = "goal stopped by a person",
+         db: DbOpt = None, bus: BusOpt = None) -> None:
+    """Stop a goal for good (SessionCancelled)."""
+    log = writer(bus, db)
+    sid = resolve(log, session)
+    cancel_session(log, sid, reason=reason)
+    output.answer(f"stopped session {sid}")
