@@ -89,7 +89,8 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.UserMessage: lambda p: repr(p.text),
     ev.GoalVerificationRequested: lambda p: f"iteration {p.iteration}: verify with {p.command!r}",
     ev.GoalVerified: lambda p: (f"iteration {p.iteration}: {'PASSED' if p.passed else 'FAILED'} "
-                                f"(exit code {p.exit_code}, {p.latency_ms} ms) {p.output[-200:]!r}"),
+                                f"(exit code {p.exit_code}, {p.latency_ms} ms) "
+                                f"{(p.output.strip().splitlines() or [''])[-1][-200:]!r}"),  # the last line says most
     ev.GoalPaused: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
     ev.GoalResumed: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
     ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
@@ -118,7 +119,8 @@ def _status_by_last_type() -> dict[str, str]:
     for trigger, _, dest, _ in TRANSITIONS:
         dests.setdefault(trigger, set()).add(dest)
     shown = set(TERMINAL) | {row.status for row in STATES if row.owed_by == "person"}
-    return {t: next(iter(d)).replace("_", " ") for t, d in dests.items() if len(d) == 1 and d <= shown}
+    by_type = {t: next(iter(d)).replace("_", " ") for t, d in dests.items() if len(d) == 1 and d <= shown}
+    return {**by_type, "GoalPaused": "paused"}  # paused, or pausing after the call in flight
 
 
 STATUS_BY_LAST_TYPE = _status_by_last_type()
