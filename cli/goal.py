@@ -3,6 +3,7 @@ from any terminal. A pause is an event in the log (GoalPaused), so it survives r
 `resume` records GoalResumed and drives the session on in this terminal."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -10,11 +11,40 @@ import typer
 from loopstream.cli import output
 from loopstream.cli.common import BusOpt, DbOpt, QuietOpt, SessionArg, resolve, writer
 from loopstream.cli.run import ModelChoice, report, resume_agent, watch
+from loopstream.cli.run import run as run_cmd
 from loopstream.runtime.decisions import cancel as cancel_session
 from loopstream.runtime.decisions import load, pause, resume_paused
 
 goal_app = typer.Typer(help="Control a long-running goal: status, pause, resume, stop.", no_args_is_help=True,
                        rich_markup_mode=None, add_completion=False)
+
+
+@goal_app.command()
+def start(
+    objective: Annotated[str, typer.Argument(help="What the agent should achieve.", show_default=False)],
+    verify: Annotated[str, typer.Option(help="Shell command that checks the work (exit code 0: reached); runs in the sandbox, in --workdir.", show_default=False)],
+    max_iterations: Annotated[int, typer.Option(min=1, help="Failed verifications before the goal fails.")] = 10,
+    max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the goal fails.")] = 50,
+    max_seconds: Annotated[Optional[float], typer.Option(min=0.1, show_default=False, help="Wall-time budget (default: none).")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Token budget (default: none).")] = None,
+    tools: Annotated[str, typer.Option(help="Comma-separated tool names.")] = "read_file,list_dir,grep,write_file,edit_file,shell",
+    workdir: Annotated[Path, typer.Option(help="The directory the agent works in.")] = Path("."),
+    model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model name.")] = None,
+    provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted.")] = None,
+    sandbox: Annotated[Optional[str], typer.Option(show_default=False, help="workspace-write (default), read-only, full or none.")] = None,
+    network: Annotated[bool, typer.Option("--network", help="Give shell the network.")] = False,
+    policy: Annotated[Optional[Path], typer.Option(show_default=False, help="TOML policy file.")] = None,
+    context_budget: Annotated[Optional[int], typer.Option(min=64, show_default=False, help="Context size in tokens above which older turns are summarized.")] = None,
+    quiet: QuietOpt = False,
+    db: DbOpt = None,
+    bus: BusOpt = None,
+) -> None:
+    """Work on OBJECTIVE until --verify passes (`run --goal-verify` with goal defaults: the
+    side-effect tools, 50 steps)."""
+    run_cmd(goal=objective, model=model, provider=provider, tools=tools, max_steps=max_steps, max_tokens=max_tokens,
+            max_seconds=max_seconds, policy=policy, context_budget=context_budget, workdir=workdir,
+            allow_writes=True, sandbox=sandbox, network=network, goal_verify=verify,
+            goal_max_iterations=max_iterations, quiet=quiet, db=db, bus=bus)
 
 
 @goal_app.command()

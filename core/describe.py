@@ -48,6 +48,17 @@ def _sampling(p: ev.SessionStarted) -> str:
     return "".join(" " + x for x in parts if x)
 
 
+def _sandbox(p: ev.SessionStarted) -> str:
+    """The sandbox a session with a code tool recorded (policy.to_config_json), else nothing."""
+    if '"sandbox"' not in p.config_json:
+        return ""
+    try:
+        box = json.loads(p.config_json).get("sandbox", {})
+    except ValueError:
+        return ""
+    return f" sandbox={box.get('mode', '?')}{'+network' if box.get('network') else ''}" if "mode" in box else ""
+
+
 def _responded(p: ev.ModelResponded) -> str:
     calls = "; ".join(call_text(c.name, c.arguments_json) for c in p.tool_calls)
     body = f"calls {calls}" if calls else f"says {p.text!r}"
@@ -56,7 +67,7 @@ def _responded(p: ev.ModelResponded) -> str:
 
 # One summary per event type; tests/test_describe.py checks that every type has its own.
 SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
-    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} "
+    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sandbox(p)}{_sampling(p)} "
                                   f"tools={','.join(p.tools) or '-'} max_steps={p.max_steps}"),
     ev.GoalReceived: lambda p: repr(p.text),
     ev.ModelRequested: lambda p: f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "")

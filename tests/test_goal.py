@@ -226,3 +226,14 @@ def test_goal_cli_errors_are_one_line(tmp_path: Path, repo: Path) -> None:
                       (["goal", "status", "nope"], "nope")):
         r = runner.invoke(app, [*args, "--db", str(db)])
         assert r.exit_code == 2 and why in r.output and "Traceback" not in r.output, (args, r.output)
+
+
+def test_goal_start_runs_a_goal_to_a_passing_verification(tmp_path: Path, repo: Path) -> None:
+    db = tmp_path / "log.db"
+    r = CliRunner().invoke(app, ["goal", "start", "make test_calc.py pass", "--verify", VERIFY, "--provider",
+                                 "scripted", "--model", "goalfix", "--tools", "shell,write_file", "--workdir",
+                                 str(repo), "--db", str(db)])
+    assert r.exit_code == 0, r.output
+    assert "goal iteration 3: PASSED" in r.output and "sandbox=workspace-write" in r.output
+    show = CliRunner().invoke(app, ["show", only_session(db), "--db", str(db)])
+    assert "GoalVerified" in show.output and "AssertionError: add(2, 3) = -1" in show.output
