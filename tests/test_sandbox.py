@@ -311,3 +311,32 @@ def test_cli_run_sandbox_flags_and_errors(tmp_path: Path, work: Path, server: in
     with SQLiteLog(db) as log:
         modes = [json.loads(log.read(s.session_id)[0].payload.config_json)["sandbox"]["mode"] for s in log.sessions()]
     assert sorted(modes) == ["read-only", "workspace-write", "workspace-write", "workspace-write"]
+
+
+def test_escape_attempts_in_a_session_fail_and_each_is_in_the_log(tmp_path: Path, work: Path, home: Path,
+                                                                   server: int) -> None:
+    attempts = {
+        "outside": f"echo pwned > {tmp_path}/outside.txt",
+        "ssh": "cat ~/.ssh/id_rsa",
+        "git": "echo evil >> .git/config",
+        "net": f"curl -s -m 3 http://127.0.0.1:{server}/ || echo NO-NETWORK",
+        "orphan": "setsid sleep 4242.4242 & echo left",
+        "memory": "python3 -c 'bytearray(1 << 33)'",
+    }
+    calls = [ToolCall(call_id=k, name="shell", arguments={"command": c}) for k, c in attempts.items()]
+    provider = ScriptedProvider([ModelReply(tool_calls=calls), ModelReply(text="tried")])
+    config = SessionConfig(provider="scripted", model="scripted", tools=["shell"], workdir=str(work),
+                           policy=SessionPolicy(sandbox=Sandbox(memory_mb=512)))
+    with SQLiteLog(tmp_path / "log.db") as log:
+        rt = build_runtime(log, provider, default_registry(allow_writes=True))
+        sid = rt.start_session("escape", config)
+        assert rt.run_session(sid).status == "done"
+        results = {e.payload.call_id.rsplit(".", 1)[-1]: e.payload.result for e in log.read(sid)
+                   if e.type == "ToolCompleted"}
+    assert set(results) == set(attempts)  # every attempt ran, and its outcome is an event
+    assert not (tmp_path / "outside.txt").exists()  # it went to the sandbox's private /tmp, gone with it
+    assert "No such file" in results["ssh"] and "SECRET-KEY-MATERIAL" not in results["ssh"]
+    assert "Read-only file system" in results["git"] and (work / ".git/config").read_text() == "[core]\n"
+    assert "NO-NETWORK" in results["net"] and "REACHED-THE-HOST" not in results["net"]
+    assert "MemoryError" in results["memory"]
+    assert wait_for(lambda: not procs_with("4242.4242"), timeout=5)
