@@ -143,6 +143,9 @@ class Limits:
                 group = base / "loopstream" / uuid.uuid4().hex[:12]
                 try:
                     group.mkdir(parents=True)
+                    if base == PIDS_CGROUP_V2:  # cgroup v2: the pids controller must be enabled down to it
+                        for parent in (base, base / "loopstream"):
+                            _enable_pids(parent)
                     (group / "pids.max").write_text(str(policy.max_processes))
                     limits._procs_fd = os.open(group / "cgroup.procs", os.O_WRONLY)
                     limits.cgroup = group
@@ -186,6 +189,13 @@ class Limits:
                 group.rmdir()
             except OSError:  # the kernel frees it a moment after its last process: do not wait for it here
                 threading.Thread(target=_rmdir, args=(group,), daemon=True, name="loopstream-cgroup").start()
+
+
+def _enable_pids(parent: Path) -> None:
+    try:
+        (parent / "cgroup.subtree_control").write_text("+pids")
+    except OSError:
+        pass  # then pids.max is missing and the cgroup is not used
 
 
 def _cgroup_pids(group: Path) -> list[int]:
