@@ -340,3 +340,15 @@ def test_escape_attempts_in_a_session_fail_and_each_is_in_the_log(tmp_path: Path
     assert "NO-NETWORK" in results["net"] and "REACHED-THE-HOST" not in results["net"]
     assert "MemoryError" in results["memory"]
     assert wait_for(lambda: not procs_with("4242.4242"), timeout=5)
+
+
+def test_limits_without_prlimit_are_set_in_the_child(work: Path, tmp_path: Path, monkeypatch) -> None:
+    """No prlimit on PATH: the rlimits (and the pids cgroup) are applied by a preexec_fn instead."""
+    monkeypatch.setenv(sb.BWRAP_ENV, shutil.which("bwrap"))
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing there: no prlimit, no bash
+    assert sb.Limits(Sandbox()).wrap(["x"])[1] is not None
+    out = sh(work, "/usr/bin/python3 -c 'bytearray(1 << 30)'; echo $?", memory_mb=256)
+    assert "MemoryError" in out
+    out = sh(work, "/usr/bin/python3 -c 'import resource; print(resource.getrlimit(resource.RLIMIT_FSIZE))'",
+             file_size_mb=3)
+    assert f"({3 << 20}, {3 << 20})" in out

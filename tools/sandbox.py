@@ -61,7 +61,8 @@ def _probe(bwrap: str) -> str | None:
     try:
         proc = subprocess.run([bwrap, "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc",
                                "--unshare-pid", "--unshare-net", "--die-with-parent", "--cap-drop", "ALL",
-                               "--", "true"], capture_output=True, timeout=20)
+                               "--", "/bin/true" if os.path.exists("/bin/true") else "true"],
+                              capture_output=True, timeout=20)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{bwrap} does not run: {exc}"
     if proc.returncode != 0:
@@ -157,6 +158,24 @@ class Limits:
     @property
     def processes_bounded(self) -> bool:
         return self.cgroup is not None or os.geteuid() != 0
+
+    def wrap(self, argv: list[str]) -> tuple[list[str], Callable[[], None] | None]:
+        """`argv` started under the limits: through `prlimit` (util-linux) and, for the pids
+        cgroup, `sh` writing its own pid into it before it execs the rest, so the process can be
+        spawned without a Python `preexec_fn` (which forces a full fork: ~20 ms more per call).
+        Without prlimit, the limits are set in a `preexec_fn` instead (second item)."""
+        mib, p = 1 << 20, self.policy
+        prlimit = shutil.which("prlimit")
+        if prlimit is None:
+            return argv, self.preexec()
+        limits = [f"--as={p.memory_mb * mib}", f"--fsize={p.file_size_mb * mib}",
+                  f"--cpu={p.cpu_seconds}:{p.cpu_seconds + 5}", "--core=0"]
+        if os.geteuid() != 0:
+            limits.append(f"--nproc={p.max_processes}")
+        wrapped = [prlimit, *limits, "--", *argv]
+        if self.cgroup is not None:
+            wrapped = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(self.cgroup / "cgroup.procs"), *wrapped]
+        return wrapped, None
 
     def preexec(self) -> Callable[[], None]:
         mib = 1 << 20

@@ -161,10 +161,13 @@ def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
         except sandbox.SandboxUnavailable as exc:
             raise ToolError(f"shell did not run: {exc}", "sandbox_unavailable") from None
         limits = sandbox.Limits.make(policy)
+    preexec = None
+    if limits is not None:
+        argv, preexec = limits.wrap(argv)
     try:
         proc = subprocess.Popen(
             argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            start_new_session=True, preexec_fn=limits.preexec() if limits else None,
+            start_new_session=True, preexec_fn=preexec,
         )
     except BaseException:
         if limits:
