@@ -5,7 +5,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 
@@ -26,7 +26,7 @@ from loopstream.cli.output import Styled
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
 from loopstream.core.log import Log
-from loopstream.core.policy import PolicyError, SessionPolicy, load_policy
+from loopstream.core.policy import PolicyError, SandboxMode, SessionPolicy, load_policy
 from loopstream.core.sampling import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -38,6 +38,7 @@ from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
 from loopstream.providers.local import local_model as find_local_model
+from loopstream.providers.scripted import missing_tools
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
@@ -48,6 +49,7 @@ from loopstream.tools.registry import ToolRegistry
 from loopstream.tools.workspace import TOOLS as SIDE_EFFECT_TOOLS
 
 EXIT_INTERRUPTED = 130
+EXIT_PAUSED = 3  # a paused goal: not done, not failed
 
 
 class LogDamaged(Exception):
@@ -107,6 +109,10 @@ def run(
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
     system_prompt: Annotated[Optional[Path], typer.Option(show_default=False, help="File with a system prompt to use instead of the default.")] = None,
+    sandbox: Annotated[Optional[str], typer.Option(show_default=False, help="How shell runs: workspace-write (default: only --workdir writable), read-only, full (all writable; explicit opt-in) or none (no sandbox; explicit opt-out). Needs bubblewrap unless none.")] = None,
+    network: Annotated[bool, typer.Option("--network", help="Give shell the network (default: none inside the sandbox).")] = False,
+    goal_verify: Annotated[Optional[str], typer.Option(show_default=False, help="Goal mode: a shell command (run in the sandbox, in --workdir) that checks each final answer; the session is done only when it exits 0, and its output goes back to the model otherwise.")] = None,
+    goal_max_iterations: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Goal mode: failed verifications before the session fails (default: 10).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
     max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
     stop: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A text that ends a model reply where it appears (repeatable, at most 4; default: none).")] = None,
@@ -125,16 +131,28 @@ def run(
         raise UserError(f"--workdir {workdir} is not a directory")
     prompt = read_text_file(system_prompt, "--system-prompt") if system_prompt else DEFAULT_SYSTEM_PROMPT
     session_policy = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds,
-                                        context_budget=context_budget, policy=policy)  # a bad file: before any log opens
+                                        context_budget=context_budget, policy=policy,
+                                        sandbox=sandbox, network=network, goal_verify=goal_verify,
+                                        goal_max_iterations=goal_max_iterations)  # a bad file: before any log opens
     log = writer(bus, db, durability)
     if allow_writes and (excluded := log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
         session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
                                                                         *excluded]})
     choice = ModelChoice(provider, model, base_url, action_mode, fallback_model or [], rpm, tpm)
+    check_script_tools(provider, model, names)
     config = SessionConfig(provider="", model="", tools=names, system_prompt=prompt, max_steps=max_steps,
                            workdir=str(workdir.resolve()), policy=session_policy,
                            sampling=sampling)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def check_script_tools(provider: str | None, model: str | None, names: list[str]) -> None:
+    """The scripted model's script must find the tools it calls (one line, before a log opens)."""
+    if (provider or "").lower() == "scripted" and (missing := missing_tools(model or "adder", names)):
+        spec = model or "adder"
+        raise UserError(f"the scripted model {spec!r} calls {', '.join(missing)}, which --tools does not include: "
+                        f"add {', '.join(missing)} to --tools, or choose a script with --model "
+                        f"(adder, reads:FILE, shell:COMMAND, …)")
 
 
 def local_choice(key: str, provider: str | None, model: str | None) -> tuple[str, str]:
@@ -175,13 +193,21 @@ def need_writes(names: list[str], allow_writes: bool) -> None:
 
 
 def session_policy_for(*, max_tokens: int | None, max_seconds: float | None, context_budget: int | None,
-                       policy: Path | None) -> SessionPolicy:
-    """The session's policy: the --policy file, then the budget flags over it."""
+                       policy: Path | None, sandbox: str | None = None, network: bool = False,
+                       goal_verify: str | None = None, goal_max_iterations: int | None = None) -> SessionPolicy:
+    """The session's policy: the --policy file, then the budget and sandbox flags over it."""
     budgets = {k: v for k, v in (("max_tokens", max_tokens), ("max_wall_seconds", max_seconds)) if v}
     compaction = {"context_budget_tokens": context_budget} if context_budget else {}
+    if sandbox is not None and sandbox not in get_args(SandboxMode):
+        raise UserError(f"--sandbox {sandbox!r}: expected one of {', '.join(get_args(SandboxMode))}")
+    box = {**({"mode": sandbox} if sandbox else {}), **({"network": True} if network else {})}
+    if goal_verify is not None and not goal_verify.strip():
+        raise UserError("--goal-verify: the verify command is empty")
+    goal = {**({"verify_command": goal_verify} if goal_verify else {}),
+            **({"max_iterations": goal_max_iterations} if goal_max_iterations else {})}
     try:
         from_file = load_policy(policy) if policy is not None else SessionPolicy()
-        return from_file.updated({"budgets": budgets, "compaction": compaction}, "command line")
+        return from_file.updated({"budgets": budgets, "compaction": compaction, "sandbox": box, "goal": goal}, "command line")
     except PolicyError as exc:
         raise UserError(str(exc)) from None
 
@@ -288,6 +314,10 @@ COLORS = {"ModelResponded": "cyan", "ToolCompleted": "green", "ToolFailed": "yel
 
 
 def progress(event: ev.Event) -> None:
+    if event.type == "GoalVerified":  # goal mode: the iteration's result stands out
+        p = event.payload
+        output.note(Styled(f"goal iteration {p.iteration}: {'PASSED' if p.passed else 'not yet'}",
+                           "bold green" if p.passed else "bold yellow"), f" (verify exit code {p.exit_code})")
     output.note("  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
                 summarize(event, 100))
 
@@ -327,6 +357,10 @@ def report(outcome: Outcome) -> None:
             f"· {_count(state.step, 'step')} · {_count(state.tool_calls, 'tool call')} · "
             f"{state.input_tokens}+{state.output_tokens} tokens", "dim"))
         return
+    if state.status == "paused":
+        output.note(Styled("paused", "bold yellow"), f" session {sid} (by {state.paused_by or 'someone'}); "
+                    f"it stays paused across restarts; continue it with: loopstream goal resume {sid}")
+        raise typer.Exit(EXIT_PAUSED)
     if state.status == "cancelled":  # by a person, maybe from another terminal while this one ran
         output.error(f"session {sid} was cancelled by {outcome.ended_by or 'someone'}: {state.error or 'no reason given'}")
         raise typer.Exit(1)

@@ -292,6 +292,40 @@ class WorkspaceCheckpointed(Payload):
     files_changed: int
 
 
+class GoalVerificationRequested(Payload):
+    """Goal mode: the model answered; the goal's verify command is to run (in the sandbox):
+    iteration (from 1), the command."""
+    WRITTEN_BY = "orchestrator"
+    iteration: int
+    command: str
+
+
+class GoalVerified(Payload):
+    """Goal mode: the verifier's result: iteration, passed (exit code 0), exit code (-1: no
+    exit code: timeout, no sandbox), output, latency. A failure goes back to the model."""
+    WRITTEN_BY = "verifier"
+    iteration: int
+    passed: bool
+    exit_code: int
+    output: str
+    latency_ms: int
+
+
+class GoalPaused(Payload):
+    """The session is paused (`loopstream goal pause`): at once between steps, else pending
+    until the orchestrator's own GoalPaused at the next step. By whom, why."""
+    WRITTEN_BY = "a person (`loopstream goal pause`) / orchestrator (a pending pause takes effect)"
+    by: str
+    reason: str = ""
+
+
+class GoalResumed(Payload):
+    """A paused session goes on (`loopstream goal resume`), or a pending pause is withdrawn."""
+    WRITTEN_BY = "a person (`loopstream goal resume`)"
+    by: str
+    reason: str = ""
+
+
 class LoopDetected(Payload):
     """The model repeats itself: kind (repeated_call, repeated_reply, oscillation), action
     (tell_model: each call of the reply is answered with the message, which quotes the earlier

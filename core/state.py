@@ -114,6 +114,13 @@ class SessionState:
     tool_tokens: int = 0
     action_mode: str = "native"
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
+    # goal mode ([goal] verify_command): verifications so far, the last result, a pause asked for
+    goal_iterations: int = 0
+    goal_passed: bool = False  # the last verification passed (the answer it checked is final)
+    last_verification: str = ""  # "passed" | "failed: exit code N" (for status and progress)
+    open_verification_seq: int | None = None
+    pause_pending: bool = False
+    paused_by: str = ""
 
     @property
     def last_reply_calls(self) -> list[ToolCall]:
@@ -293,6 +300,22 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             if (rec := state.pending_calls.get(p.call_id)) is not None:  # the tool runs right after it
                 rec.owed_seq = rec.checkpoint_seq = event.seq
                 rec.retry_at_ms = None
+        case ev.GoalVerificationRequested():
+            state.goal_iterations = p.iteration
+            state.open_verification_seq = event.seq
+            state.goal_passed = False
+        case ev.GoalVerified():
+            state.open_verification_seq = None
+            state.goal_passed = p.passed
+            state.last_verification = "passed" if p.passed else f"failed: exit code {p.exit_code}"
+            if not p.passed:
+                state.messages.append(_message("user", verifier_feedback(p), event.seq))
+        case ev.GoalPaused():
+            state.pause_pending = state.status not in ("planning", "backing_off")  # else: paused now
+            state.paused_by = p.by if p.by != "orchestrator" else state.paused_by
+        case ev.GoalResumed():
+            state.pause_pending = False
+            state.paused_by = ""
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
     fixed = UNCONDITIONAL.get(key) if transition is next_state else None  # most rows need no condition
@@ -302,6 +325,13 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def verifier_feedback(p: ev.GoalVerified) -> str:
+    """The message the model reads after a failed verification."""
+    how = f"exit code {p.exit_code}" if p.exit_code >= 0 else "it did not complete"
+    return (f"The goal is not reached yet: its verification (iteration {p.iteration}) failed ({how}). "
+            f"Verifier output:\n{p.output or '(none)'}\nKeep working on the goal, then answer again.")
 
 
 def call_signature(call: ToolCall) -> str:
@@ -417,6 +447,8 @@ def open_work(state: SessionState) -> list[Owed]:
         return [Owed(state.open_request_seq, actor)]
     if actor == "compaction" and state.open_compaction_seq is not None:
         return [Owed(state.open_compaction_seq, actor)]
+    if actor == "verifier" and state.open_verification_seq is not None:
+        return [Owed(state.open_verification_seq, actor)]
     if actor in ("tools", "person"):
         calls = sorted(state.pending_calls.values(), key=lambda p: (p.checkpoint_seq is None, p.owed_seq))
         return [Owed(p.owed_seq, "person") if p.approval is not None else Owed(p.owed_seq, "tools", p.retry_at_ms)

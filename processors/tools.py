@@ -7,7 +7,8 @@ Before a call runs it passes a gate: guardrails (deny patterns, an optional revi
 model whose verdict is recorded as ToolCallReviewed before the call goes on) may block
 it (GuardrailTripped), and permission rules may deny it (ToolFailed permission_denied)
 or ask a person (ApprovalRequested; the session waits in awaiting_approval until an
-ApprovalDecided, written by `loopstream approve` / `deny`).
+ApprovalDecided, written by `loopstream approve` / `deny`). A call outside the session's
+`[scope]` (tools/scope.py) is ToolFailed `scope_denied` naming the rule, before anything runs.
 
 A side-effect tool (`read_only=False`) runs right after its WorkspaceCheckpointed is in the
 log: the processor snapshots the workspace and emits that event with the run attached
@@ -34,6 +35,7 @@ from loopstream.providers.base import Provider, ToolCall
 from loopstream.tools.checkpoint import CheckpointError, Workspace
 from loopstream.tools.permissions import decide
 from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
+from loopstream.tools.scope import check as scope_check
 
 MAX_RESULT_CHARS = 16_000
 TRANSIENT_KINDS = frozenset({"timeout", "transient"})  # raise ToolError(..., kind="transient") to ask for a retry
@@ -114,6 +116,9 @@ class ToolProcessor:
                     verdict = review(self.reviewer, call, state.goal)
                     blocked = [] if verdict.allowed else self._blocked(reviewer_blocked(guard, verdict), call.name)
                     return [Emit(verdict, key=call.call_id), *blocked]
+        why = scope_check(state.policy.scope, call.name, call.arguments, Path(state.workdir or "."))
+        if why is not None:
+            return [self._failed(call.call_id, call.name, "scope_denied", why, started)]
         permissions = state.policy.permissions
         if permissions:
             decision = decide(permissions, call.name, call.arguments)
@@ -171,7 +176,7 @@ class ToolProcessor:
         timeout = (tool.timeout_s if tool and tool.timeout_s else None) or float(
             state.policy.timeouts.tool_timeout_s)
         try:
-            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
+            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id, policy=state.policy)
             args = reveal(call.arguments, placeholders_from_outside(state.messages)) \
                 if state.policy.secrets.reveal_to_tools and mentions_placeholder(call.arguments) \
                 else call.arguments  # the log keeps [REDACTED:NAME]; the conversation is scanned only if needed

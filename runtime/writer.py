@@ -16,7 +16,7 @@ from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.construct import factory
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
-from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
+from loopstream.core.policy import CODE_TOOLS, SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize_all
@@ -162,7 +162,7 @@ class SessionWriter:
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
             tools=list(config.tools), max_steps=config.max_steps, workdir=config.workdir,
-            config_json=config.policy.to_config_json(), **record_fields(config.sampling),
+            config_json=config.policy.to_config_json(code_tools=bool(CODE_TOOLS & set(config.tools))), **record_fields(config.sampling),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)

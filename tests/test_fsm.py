@@ -40,6 +40,7 @@ def _state(status: Status, holds: dict[str, bool]) -> SessionState:
         s.pending_calls = {"c0": PendingCall(ADD, 0, approval="rule 1: ask add")}
     if not holds["reply_without_calls"]:
         s.last_reply_parsed = {"c0": ("{}", ADD)}
+    s.goal_passed = holds.get("goal_passed", False)
     assert {name: cond(s) for name, cond in CONDITIONS.items()} == holds
     return s
 
@@ -125,7 +126,7 @@ def test_owed_by_says_who_acts_in_each_state() -> None:
         "new": None, "idle": None, "done": None, "failed": None, "cancelled": None,
         "planning": "orchestrator", "acting": "orchestrator", "backing_off": "orchestrator",
         "awaiting_model": "model", "compacting": "compaction", "awaiting_tools": "tools",
-        "awaiting_approval": "person",
+        "awaiting_approval": "person", "verifying": "verifier", "paused": None,
     }
     assert fsm.also_owed_by("awaiting_approval") == "tools"  # the calls not waiting on a person
     assert {s for s in Status if fsm.also_owed_by(s)} == {"awaiting_approval"}
