@@ -4,6 +4,7 @@ session ended: core/fsm.py `ANNOTATIONS`)."""
 from __future__ import annotations
 
 import math
+import re
 
 from loopstream.core import events as ev
 from loopstream.core.log import Log
@@ -20,6 +21,7 @@ def give_feedback(log: Log, session_id: str, by: str, score: float | None = None
         raise FeedbackError("feedback needs a --score or a --comment")
     if score is not None and not math.isfinite(score):
         raise FeedbackError(f"--score must be a finite number, not {score}")
+    comment = re.sub("[\ud800-\udfff]", "\ufffd", comment)  # a lone surrogate (argv's undecodable bytes)
     writer = SessionWriter(log)
     state = writer.load(session_id)
     if not state.terminal:
