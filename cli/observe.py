@@ -112,6 +112,12 @@ def eval_suite(
                                                        show_default=False)] = None,
     run_id: Annotated[Optional[str], typer.Option(help="Continue this run (its unfinished trials); default: "
                                                   "a new run.", show_default=False)] = None,
+    ab: Annotated[Optional[str], typer.Option("--ab", metavar="A,B", show_default=False,
+                                              help="A/B by fork: run each case as variant A, fork its session "
+                                              "after --ab-at with variant B, grade both, say where they diverged.")]
+    = None,
+    ab_at: Annotated[int, typer.Option("--ab-at", min=0, help="The event after which B forks from A "
+                                       "(1: right after the goal).")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as one JSON object.")] = False,
     db: DbOpt = None,
     bus: BusOpt = None,
@@ -119,7 +125,7 @@ def eval_suite(
     """Run an eval suite: every case as a real session per variant and trial, graded; grades
     are EvalGraded events in each session. Prints pass rates with a 95 % Wilson interval.
     Exit 0 when it ran (whatever the pass rate)."""
-    from loopstream.observe.evals import run_suite
+    from loopstream.observe.evals import run_ab, run_suite
 
     try:
         suite = load_suite(suite_file)
@@ -144,12 +150,28 @@ def eval_suite(
             output.note(f"{t.variant} {t.case_id} #{t.trial}: {'PASS' if t.passed else 'FAIL'} "
                         f"({t.status}, session {t.session_id})")
 
+        def ab_progress(c) -> None:
+            output.note(f"{c.case_id} #{c.trial}: {c.a.variant} {'PASS' if c.a.passed else 'FAIL'} "
+                        f"({c.a.session_id}), {c.b.variant} {'PASS' if c.b.passed else 'FAIL'} ({c.b.session_id})"
+                        + (f"; diverged at {c.diverged}" if c.diverged else "; identical"))
+
+        cases = []
         try:
-            report = run_suite(log, suite, providers, run_id=run, judge=judge,
-                               on_trial=None if as_json else progress)
+            if ab is not None:
+                names = [n.strip() for n in ab.split(",")]
+                if len(names) != 2 or not all(names) or names[0] == names[1]:
+                    raise UserError(f"--ab {ab!r}: two different variant names, e.g. --ab terse,use-tools")
+                report, cases = run_ab(log, suite, providers, names[0], names[1], run_id=run, at_seq=ab_at,
+                                       judge=judge, on_case=None if as_json else ab_progress)
+            else:
+                report = run_suite(log, suite, providers, run_id=run, judge=judge,
+                                   on_trial=None if as_json else progress)
         except ValueError as exc:
             raise UserError(str(exc)) from None
     data = report.as_dict()
+    if cases:
+        data["ab"] = [{"case": c.case_id, "trial": c.trial, "a": c.a.session_id, "b": c.b.session_id,
+                       "fork_at": c.at_seq, "winner": c.winner, "diverged": c.diverged} for c in cases]
     if as_json:
         output.answer(json.dumps(data, sort_keys=True))
         return
@@ -157,6 +179,10 @@ def eval_suite(
                  [(v["variant"], f"{v['passed']}/{v['trials']}", f"{v['pass_rate']:.0%}",
                    f"{v['ci95'][0]:.0%}-{v['ci95'][1]:.0%}", v["failed_sessions"],
                    f"{v['input_tokens']}/{v['output_tokens']}", v["median_latency_ms"]) for v in data["variants"]])
+    if cases:
+        wins = {v["variant"]: sum(c.winner == v["variant"] for c in cases) for v in data["variants"]}
+        output.answer("A/B: " + ", ".join(f"{k} wins {n}" for k, n in wins.items())
+                      + f", {sum(not c.winner for c in cases)} ties (compare two with `loopstream diff A B`)")
     output.note(f"suite {suite.name}, run {run}: open a trial with `loopstream show SESSION`")
 
 

@@ -17,10 +17,12 @@ from loopstream.core import events as ev
 from loopstream.core.fsm import ANNOTATIONS
 from loopstream.core.log import Log
 from loopstream.core.policy import parse_policy
-from loopstream.core.state import SessionState, fold
+from loopstream.core.state import SessionState, apply, fold
 from loopstream.observe.graders import Verdict, grade
 from loopstream.observe.suite import Case, Suite, Variant
 from loopstream.providers.base import Provider
+from loopstream.replay.diff import diff
+from loopstream.replay.fork import batch_bounds, fork
 from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools.builtin import default_registry
@@ -166,3 +168,79 @@ def run_suite(log: Log, suite: Suite, providers: Callable[[Variant], Provider], 
                     on_trial(t)
         report.variants.append(vr)
     return report
+
+
+@dataclass
+class ABCase:
+    """One case of an A/B run: A's session, B's fork of it, their grades and where they diverged."""
+
+    case_id: str
+    trial: int
+    a: Trial
+    b: Trial
+    at_seq: int
+    diverged: str  # "" when the two sessions agree to the end
+
+    @property
+    def winner(self) -> str:
+        return "" if self.a.passed == self.b.passed else (self.a.variant if self.a.passed else self.b.variant)
+
+
+def run_ab(log: Log, suite: Suite, providers: Callable[[Variant], Provider], a_name: str, b_name: str, *,
+           run_id: str, at_seq: int = 1, judge: Provider | None = None, registry: ToolRegistry | None = None,
+           on_case: Callable[[ABCase], None] | None = None) -> tuple[Report, list[ABCase]]:
+    """A/B by fork: each case runs as variant A; its session is forked after event `at_seq`
+    (default 1: right after the goal, so both share the prefix) with B's model, prompt, tools
+    and step budget, and the fork continues under B. Both are graded; the cases say where the
+    two diverged (`loopstream diff`)."""
+    registry = registry or default_registry()
+    variants = {v.name: v for v in suite.variants}
+    for name in (a_name, b_name):
+        if name not in variants:
+            raise ValueError(f"{suite.path}: no variant {name!r} (variants: {', '.join(variants)})")
+    va, vb = variants[a_name], variants[b_name]
+    pa, pb = providers(va), providers(vb)
+    ra, rb = build_runtime(log, pa, registry), build_runtime(log, pb, registry)
+    ca, cb = session_config(suite, va, registry, pa), session_config(suite, vb, registry, pb)
+    report = Report(suite.name, run_id, [VariantReport(a_name), VariantReport(b_name)])
+    cases: list[ABCase] = []
+    for case in suite.cases:
+        for trial in range(1, suite.trials + 1):
+            ta = run_trial(ra, suite, run_id, va, case, trial, ca, judge)
+            events = log.read(ta.session_id)
+            last_live, folded = 0, SessionState()
+            for e in events:  # the fork point must leave the session live
+                if not apply(folded, e).terminal:
+                    last_live = e.seq
+            _, end = batch_bounds(events, min(at_seq, last_live))
+            child = ev.derived_id("ab", trial_key(suite, run_id, b_name, case.id, trial))[:16]
+            if not log.next_seq(child):
+                fork(log, ta.session_id, end, model=cb.model, system_prompt=cb.system_prompt, tools=cb.tools,
+                     max_steps=cb.max_steps, reason=f"eval {suite.name} A/B: variant {b_name}",
+                     registry=registry, child_session_id=child, acknowledge_side_effects=True, actor=EVAL_ACTOR)
+            tb = _continue(rb, suite, run_id, vb, case, trial, child, judge)
+            d = diff(log, ta.session_id, tb.session_id)
+            where = "" if d.divergence is None else (
+                f"A: {d.divergence.a} | B: {d.divergence.b}")
+            ab = ABCase(case.id, trial, ta, tb, end, where)
+            cases.append(ab)
+            report.variants[0].trials.append(ta)
+            report.variants[1].trials.append(tb)
+            if on_case is not None:
+                on_case(ab)
+    return report, cases
+
+
+def _continue(runtime: Runtime, suite: Suite, run_id: str, variant: Variant, case: Case, trial: int, sid: str,
+              judge: Provider | None) -> Trial:
+    """Run a forked session to its end and grade it once (as `run_trial` does a new one)."""
+    state = runtime.run_session(sid)
+    if not state.terminal:
+        runtime.writer.record(sid, [ev.SessionCancelled(reason="eval: the session waits for a person")], EVAL_ACTOR)
+    events = runtime.log.read(sid)
+    if not _grades(events, suite.name, variant.name):
+        state = fold(events)
+        runtime.writer.record(sid, [_graded(suite, variant, case, trial, g.name, g.kind, grade(g, case.goal, state, judge))
+                                    for g in case.graders], EVAL_ACTOR, key=run_id)
+        events = runtime.log.read(sid)
+    return trial_from_log(events, suite.name, variant.name, case.id, trial)

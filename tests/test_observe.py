@@ -13,7 +13,7 @@ import pytest
 from loopstream.core import events as ev
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.sqlite_log import SQLiteLog
-from loopstream.observe.evals import run_suite, wilson
+from loopstream.observe.evals import run_ab, run_suite, wilson
 from loopstream.observe.feedback import FeedbackError, give_feedback
 from loopstream.observe.spans import session_spans, span_id, trace_id
 from loopstream.observe.stats import compute, parse_since, percentile
@@ -216,6 +216,25 @@ def test_an_eval_runs_sessions_records_grades_and_reports_a_wilson_interval(tmp_
         assert sum(i.next_seq for i in log.sessions()) == n  # the same run id writes nothing twice
         assert again.as_dict()["variants"] == data["variants"]
         assert compute(log).as_dict()["evals_graded"] == 2 * 2 * (4 + 2)
+
+
+def test_ab_by_fork_shares_the_prefix_grades_both_and_says_where_they_diverged(tmp_path: Path) -> None:
+    suite = load_suite(write_suite(tmp_path, SUITE.replace("trials = 2", "trials = 1").replace(
+        '  { kind = "judge", rubric = "The answer says 2." },\n', "")))
+    with SQLiteLog(tmp_path / "log.db") as log:
+        report, cases = run_ab(log, suite, lambda v: scripted_from_spec(v.agent["model"]), "two", "three",
+                               run_id="ab")
+        first = cases[0]
+        assert (first.case_id, first.a.passed, first.b.passed, first.winner) == ("reaches-two", True, False, "two")
+        forked = [e for e in log.read(first.b.session_id) if e.type == "SessionForked"]
+        assert forked[0].payload.parent_session_id == first.a.session_id and forked[0].payload.parent_seq == 1
+        assert first.diverged.startswith("A: seq 2 ModelRequested") and "adder:3" in first.diverged
+        assert [v.passed for v in report.variants] == [1, 0]
+        n = sum(i.next_seq for i in log.sessions())
+        run_ab(log, suite, lambda v: scripted_from_spec(v.agent["model"]), "two", "three", run_id="ab")
+        assert sum(i.next_seq for i in log.sessions()) == n  # the same run writes nothing twice
+        with pytest.raises(ValueError, match="no variant 'four'"):
+            run_ab(log, suite, lambda v: scripted_from_spec("adder:1"), "two", "four", run_id="ab")
 
 
 def test_wilson_interval() -> None:
