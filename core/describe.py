@@ -106,6 +106,11 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
                                 f"{(p.output.strip().splitlines() or [''])[-1][-200:]!r}"),  # the last line says most
     ev.GoalPaused: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
     ev.GoalResumed: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
+    ev.EvalGraded: lambda p: (f"{'PASS' if p.passed else 'FAIL'} {p.suite}/{p.case_id}"
+                              + (f" [{p.variant}]" if p.variant else "") + f" trial {p.trial} "
+                              f"{p.kind}:{p.grader} score {p.score:g}" + (f": {p.detail}" if p.detail else "")),
+    ev.FeedbackGiven: lambda p: (f"by {p.by}" + (f" score {p.score:g}" if p.score is not None else "")
+                                 + (f": {p.comment!r}" if p.comment else "")),
     ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
                                          f"({p.files_changed} files changed)"),
 }

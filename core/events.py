@@ -338,6 +338,30 @@ class LoopDetected(Payload):
     detail: str = ""
 
 
+class EvalGraded(Payload):
+    """An annotation, legal once the session ended: one grader's verdict on it in an eval
+    suite (`loopstream eval`): suite, case, variant, trial, grader name and kind, passed,
+    score (0..1), detail."""
+    WRITTEN_BY = "eval (`loopstream eval`)"
+    suite: str
+    case_id: str
+    variant: str
+    trial: int
+    grader: str
+    kind: str
+    passed: bool
+    score: float
+    detail: str
+
+
+class FeedbackGiven(Payload):
+    """An annotation, legal once the session ended: a person's score and/or comment on it."""
+    WRITTEN_BY = "a person (`loopstream feedback`)"
+    by: str
+    score: float | None = None
+    comment: str = ""
+
+
 # Every event type, by name, in the order declared above.
 PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.TYPE: cls for cls in Payload.__subclasses__()}
 

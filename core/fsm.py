@@ -145,7 +145,12 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     # A person adds a message while neither the model nor a tool call is owed an answer.
     ("UserMessage",         [S.IDLE, S.PLANNING],  S.PLANNING,            None),
     ("UserMessage",         S.ACTING,              S.PLANNING,            "reply_without_calls"),
+    # Annotations of an ended session (loopstream.observe): an eval's grade, a person's
+    # feedback. They change no state and nothing is owed after them.
+    *[(t, s, s, None) for t in ("EvalGraded", "FeedbackGiven") for s in (S.DONE, S.FAILED, S.CANCELLED)],
 ]
+# The annotation types: legal only once a session ended, they leave its state as it was.
+ANNOTATIONS = frozenset({"EvalGraded", "FeedbackGiven"})
 
 # Conditions read the folded state *after* the event's payload was applied to it.
 CONDITIONS: dict[str, Callable[[Any], bool]] = {

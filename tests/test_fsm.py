@@ -11,6 +11,7 @@ from loopstream.core import events as ev
 from loopstream.core import fsm
 from loopstream.core.conversation import ToolCall
 from loopstream.core.fsm import (
+    ANNOTATIONS,
     CONDITIONS,
     LEGAL,
     MACHINE,
@@ -178,10 +179,20 @@ def test_illegal_event_is_rejected_with_a_clear_error_and_state_untouched() -> N
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
-def test_nothing_follows_a_terminal_state(terminal: str) -> None:
+def test_nothing_but_an_annotation_follows_a_terminal_state(terminal: str) -> None:
     for t in ev.PAYLOAD_TYPES:
+        if t in ANNOTATIONS:  # an eval's grade, a person's feedback: the session stays as it ended
+            assert next_state(SessionState(status=terminal), t) == terminal
+            continue
         with pytest.raises(IllegalTransition):
             next_state(SessionState(status=terminal), t)
+
+
+@pytest.mark.parametrize("status", sorted(set(Status) - TERMINAL))
+def test_an_annotation_is_refused_before_the_session_ended(status: str) -> None:
+    for t in ANNOTATIONS:
+        with pytest.raises(IllegalTransition):
+            next_state(SessionState(status=status), t)
 
 
 def test_every_state_is_reachable_every_event_type_has_a_row_and_the_diagram_says_who_acts() -> None:
