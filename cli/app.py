@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from loopstream.cli import decide, inspect, output, replay, run, workers
+from loopstream.cli import compose, decide, inspect, output, replay, run, workers
 from loopstream.cli.common import UserError
 from loopstream.core.codec import CodecError
 from loopstream.core.fsm import IllegalTransition
@@ -59,7 +59,7 @@ app = typer.Typer(
 
 for command in (run.run, run.resume, replay.rollback, decide.approve, decide.deny, decide.cancel,
                 replay.replay, replay.fork, replay.diff, replay.export, inspect.sessions, inspect.show,
-                workers.worker, workers.submit):
+                workers.worker, workers.submit, compose.agents, compose.plugins):
     app.command()(command)
 
 

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from loopstream.agents.assemble import Composed, compose
+from loopstream.agents.project import ProjectError
 from loopstream.cli import output
 from loopstream.cli.common import (
     BusOpt,
@@ -88,6 +90,7 @@ class Watch:
 def run(
     goal: Annotated[Optional[str], typer.Argument(help="What the agent should do.", show_default=False)] = None,
     goal_file: Annotated[Optional[Path], typer.Option(help="Read the goal from this UTF-8 file (- reads stdin).", show_default=False)] = None,
+    agent: Annotated[Optional[str], typer.Option(show_default=False, help="An agent of loopstream.toml (found upward from here) or the user file: its model, prompt, tools, skills, policy and hooks; flags given override its model and provider.")] = None,
     model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model name (default: the local Qwen2.5-Coder-0.5B when no API key is set).")] = None,
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
@@ -113,6 +116,17 @@ def run(
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
+    if agent is not None:
+        if not workdir.is_dir():
+            raise UserError(f"--workdir {workdir} is not a directory")
+        composed = compose_agent(agent, text, workdir)
+        log = writer(bus, db)
+        config = composed.config
+        config.max_steps = max_steps if max_steps != 12 else config.max_steps
+        choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
+                             base_url, action_mode, fallback_model or [], rpm, tpm)
+        report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
+        return
     sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
     if not workdir.is_dir():
@@ -129,6 +143,17 @@ def run(
                            workdir=str(workdir.resolve()), policy=session_policy,
                            sampling=sampling)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def compose_agent(name: str, goal: str, workdir: Path) -> Composed:
+    """Agent `name` of the project file, ready to start; warnings (skipped skills, broken plugins) printed."""
+    try:
+        composed = compose(name, goal, workdir, DEFAULT_SYSTEM_PROMPT)
+    except ProjectError as exc:
+        raise UserError(str(exc)) from None
+    for message in composed.warnings:
+        output.warning(message)
+    return composed
 
 
 def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:

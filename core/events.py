@@ -39,7 +39,7 @@ class Payload(BaseModel):
 
 class SessionStarted(Payload):
     """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
-    settings (v2: temperature, output cap, stop sequences, top_p, seed)."""
+    settings (v2: temperature, output cap, stop sequences, top_p, seed); the agent definition (v3)."""
     WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
@@ -56,6 +56,8 @@ class SessionStarted(Payload):
     stop: list[str] = []
     top_p: float | None = None
     seed: int | None = None
+    # v3: the agent definition it ran with, as JSON (agents/definition.py); "" for none recorded.
+    agent_json: str = ""
 
 
 class GoalReceived(Payload):

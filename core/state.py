@@ -57,6 +57,7 @@ class SessionState:
     last_event_id: str | None = None
     correlation_id: str = ""
     agent: str = ""
+    agent_json: str = ""  # the agent definition it ran with (SessionStarted v3; agents/definition.py)
     provider: str = ""
     model: str = ""
     tools: list[str] = field(default_factory=list)
@@ -194,6 +195,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.correlation_id = event.correlation_id
             state.started_ms = event.time
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
+            state.agent_json = p.agent_json
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.policy = recorded_policy(p.config_json)
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
