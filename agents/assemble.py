@@ -2,6 +2,7 @@
 and the installed plugins: the SessionConfig to record, the tool registry, the model choice."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,3 +83,29 @@ def compose(name: str, goal: str, workdir: Path, default_prompt: str, *, start: 
         except PolicyError as exc:
             raise ProjectError(str(exc)) from None
     return Composed(agent, config, registry, warnings, plugins)
+
+
+def registry_for_session(agent_json: str, allow_writes: bool,
+                         plugins: list[plugin_mod.Plugin] | None = None) -> tuple[ToolRegistry, list[str]]:
+    """The tools to continue a recorded session with (`resume`): the built-in and plugin tools,
+    and `load_skill` over the skills its definition recorded, read again from their files (a
+    skill changed since is used as it is now, with a warning); the warnings."""
+    plugins = plugin_mod.discover() if plugins is None else plugins
+    registry = full_registry(plugins, allow_writes)
+    try:
+        recorded = json.loads(agent_json or "{}").get("skills", [])
+    except ValueError:
+        recorded = []
+    skills, warnings = [], []
+    for entry in recorded:
+        try:
+            skill = skill_mod.read_skill(Path(entry["path"]).parent)
+        except (skill_mod.SkillError, OSError, KeyError, TypeError) as exc:
+            warnings.append(f"skill {entry.get('name', '?') if isinstance(entry, dict) else '?'} unavailable: {exc}")
+            continue
+        if skill.sha256 != entry.get("sha256"):
+            warnings.append(f"skill {skill.name} changed since the session started ({skill.path})")
+        skills.append(skill)
+    if skills:
+        registry.add(skill_mod.load_skill_tool(skills))
+    return registry, warnings

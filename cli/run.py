@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loopstream.agents.assemble import Composed, compose
+from loopstream.agents.assemble import Composed, compose, registry_for_session
 from loopstream.agents.project import ProjectError
 from loopstream.cli import output
 from loopstream.cli.common import (
@@ -283,7 +283,10 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
     try:
         with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
                                           on_local_start=watch.on_local_model) as chosen:
-            runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes), on_event=watch.on_event)
+            registry, warnings = registry_for_session(state.agent_json, allow_writes)
+            for message in warnings:
+                output.warning(message)
+            runtime = build_runtime(log, chosen, registry, on_event=watch.on_event)
             return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)

@@ -5,6 +5,7 @@ drive any sequence of tool calls and answers without a model server.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -109,15 +110,35 @@ def reads_script(path: str = "reply.txt") -> Script:
     return script
 
 
+def calls_script(spec: str) -> Script:
+    """`TOOL:JSON_ARGUMENTS`: calls TOOL once with those arguments, then answers with what the
+    tool returned (or the failure the model was told), exactly."""
+    name, _, arguments = spec.partition(":")
+    args = json.loads(arguments or "{}")
+    if not name or not isinstance(args, dict):
+        raise ValueError(spec)
+
+    def script(messages: list[Message]) -> ModelReply:
+        results = [m for m in messages if m.role == "tool"]
+        if not results:
+            return ModelReply(text="", tool_calls=[ToolCall(call_id="c0", name=name, arguments=args)],
+                              input_tokens=10, output_tokens=5, mode="native")
+        return ModelReply(text=results[-1].content or "(empty)", input_tokens=10, output_tokens=5)
+
+    return script
+
+
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
-                                             "down": down_script, "slow": slow_script, "reads": reads_script}
+                                             "down": down_script, "slow": slow_script, "reads": reads_script,
+                                             "calls": calls_script}
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
     """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
     `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
     `down` → a model that always fails (retryable); `slow:SECONDS` → the adder, slowly;
-    `reads:FILE` → reads FILE and answers with its text."""
+    `reads:FILE` → reads FILE and answers with its text; `calls:TOOL:JSON` → calls TOOL with
+    the JSON arguments and answers with its result."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:
