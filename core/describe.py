@@ -75,6 +75,10 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.ContextOverBudget: lambda p: f"~{p.estimated_tokens} tok > budget {p.budget_tokens}: {p.reason}",
     ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
                                    + (f" call {p.call_id}" if p.call_id else ""),
+    ev.HookDecided: lambda p: (f"{p.point} hook {p.hook!r}" + (f" on {p.call_id}" if p.call_id else "")
+                               + f": {p.decision}" + (f" ({p.reason})" if p.reason else "")
+                               + (f" args={p.arguments_json}" if p.arguments_json else "")
+                               + (f" note={p.context!r}" if p.context else "")),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "
                                     f"{p.reason} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)"),
     ev.ApprovalRequested: lambda p: (f"{call_text(p.name, p.arguments_json)} waits for a person ({p.reason}); "

@@ -294,6 +294,20 @@ class WorkspaceCheckpointed(Payload):
     files_changed: int
 
 
+class HookDecided(Payload):
+    """A hook's decision (point, hook, call id, allow / deny / ask / error / stop, reason, rewritten
+    arguments, a note for the model); recorded before it is acted on, so it never runs twice."""
+    WRITTEN_BY = "tools (PreToolUse, PostToolUse)"
+    point: str
+    hook: str
+    call_id: str | None = None
+    decision: str
+    reason: str = ""
+    arguments_json: str | None = None
+    context: str = ""
+    latency_ms: int = 0
+
+
 # Every event type, by name, in the order declared above.
 PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.TYPE: cls for cls in Payload.__subclasses__()}
 

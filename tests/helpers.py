@@ -39,6 +39,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.ContextOverBudget(estimated_tokens=1200, budget_tokens=800,
                          reason="the 4 newest messages, kept verbatim, take ~700 tokens"),
     ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
+    ev.HookDecided(point="PreToolUse", hook="./check.py", call_id="c1", decision="allow", reason="fine",
+                   arguments_json='{"a": 1}', context="note", latency_ms=3),
     ev.ToolCallReviewed(call_id="c1", allowed=False, reason="not needed", model="m", input_tokens=40,
                         output_tokens=9, latency_ms=12),
     ev.ApprovalRequested(call_id="c1", name="add", arguments_json='{"a": 1}', reason="rule 1: ask add"),
