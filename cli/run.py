@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 import typer
 
 from loopstream.agents.assemble import Composed, compose, registry_for_session
+from loopstream.agents.mcp import McpError, McpHub
 from loopstream.agents.project import ProjectError
 from loopstream.cli import output
 from loopstream.cli.common import (
@@ -125,7 +126,8 @@ def run(
         config.max_steps = max_steps if max_steps != 12 else config.max_steps
         choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
                              base_url, action_mode, fallback_model or [], rpm, tpm)
-        report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
+        with mcp_tools(composed, workdir):
+            report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
         return
     sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
@@ -154,6 +156,21 @@ def compose_agent(name: str, goal: str, workdir: Path) -> Composed:
     for message in composed.warnings:
         output.warning(message)
     return composed
+
+
+@contextmanager
+def mcp_tools(composed: Composed, workdir: Path) -> Iterator[None]:
+    """The agent's MCP servers started (their tools added to the run) until the run ends."""
+    try:
+        hub = McpHub(composed.agent.mcp, str(workdir.resolve())).__enter__()
+    except McpError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        composed.registry.add(*hub.tools)
+        composed.config.tools += [t.name for t in hub.tools]
+        yield
+    finally:
+        hub.close()
 
 
 def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:
