@@ -9,7 +9,7 @@ from pathlib import Path
 from loopstream.agents import plugins as plugin_mod
 from loopstream.agents import skills as skill_mod
 from loopstream.agents.definition import session_config
-from loopstream.agents.project import Agent, Project, ProjectError, load_project, user_file
+from loopstream.agents.project import Agent, McpServer, Project, ProjectError, load_project, user_file
 from loopstream.core.policy import PolicyError
 from loopstream.runtime.writer import SessionConfig
 from loopstream.tools.builtin import default_registry
@@ -83,6 +83,15 @@ def compose(name: str, goal: str, workdir: Path, default_prompt: str, *, start: 
         except PolicyError as exc:
             raise ProjectError(str(exc)) from None
     return Composed(agent, config, registry, warnings, plugins)
+
+
+def recorded_mcp(agent_json: str) -> dict[str, McpServer]:
+    """The MCP servers a session's definition recorded (to start them again for `resume`)."""
+    try:
+        servers = json.loads(agent_json or "{}").get("mcp_servers", {})
+        return {name: McpServer.model_validate(cfg) for name, cfg in servers.items()}
+    except (ValueError, AttributeError):
+        return {}
 
 
 def registry_for_session(agent_json: str, allow_writes: bool,

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from loopstream.agents.assemble import Composed, compose, registry_for_session
+from loopstream.agents.assemble import Composed, compose, recorded_mcp, registry_for_session
 from loopstream.agents.mcp import McpError, McpHub
 from loopstream.agents.project import ProjectError
 from loopstream.cli import output
@@ -161,14 +161,20 @@ def compose_agent(name: str, goal: str, workdir: Path) -> Composed:
 @contextmanager
 def mcp_tools(composed: Composed, workdir: Path) -> Iterator[None]:
     """The agent's MCP servers started (their tools added to the run) until the run ends."""
-    try:
-        hub = McpHub(composed.agent.mcp, str(workdir.resolve())).__enter__()
-    except McpError as exc:
-        raise UserError(str(exc)) from None
-    try:
+    with _hub(composed.agent.mcp, str(workdir.resolve())) as hub:
         composed.registry.add(*hub.tools)
         composed.config.tools += [t.name for t in hub.tools]
         yield
+
+
+@contextmanager
+def _hub(servers: dict, workdir: str) -> Iterator[McpHub]:
+    try:
+        hub = McpHub(servers, workdir).__enter__()
+    except McpError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        yield hub
     finally:
         hub.close()
 
@@ -303,8 +309,10 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
             registry, warnings = registry_for_session(state.agent_json, allow_writes)
             for message in warnings:
                 output.warning(message)
-            runtime = build_runtime(log, chosen, registry, on_event=watch.on_event)
-            return _drive(runtime, sid, watch)
+            with _hub(recorded_mcp(state.agent_json), state.workdir) as hub:  # the MCP servers it ran with
+                registry.add(*hub.tools)
+                runtime = build_runtime(log, chosen, registry, on_event=watch.on_event)
+                return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
 

@@ -67,6 +67,11 @@ def test_stdio_server_tools_are_called_recorded_and_replayed_without_it(tmp_path
     assert events[0].payload.tools == ["calc__multiply", "calc__explode"]
     done = next(e.payload for e in events if e.type == "ToolCompleted")
     assert (done.name, done.result) == ("calc__multiply", "42")
+    # A fork before the call, resumed: the recorded servers are started again for the redo.
+    assert cli("fork", sid, "--at", "4", "--yes", "--db", "x.db", cwd=tmp_path).returncode == 0  # an MCP call: a side effect
+    child = [s.session_id for s in log.sessions() if s.session_id != sid][0]
+    resumed = cli("resume", child, "--db", "x.db", cwd=tmp_path)
+    assert resumed.returncode == 0 and resumed.stdout.strip() == "42", resumed.stderr
     (tmp_path / "server.py").unlink()  # a replay never starts the server
     assert cli("replay", sid, "--db", "x.db", cwd=tmp_path).returncode == 0
 
