@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from loopstream.cli import compose, decide, inspect, output, replay, run, workers
+from loopstream.cli import compose, decide, inspect, mcp_server, output, replay, run, workers
 from loopstream.cli.common import UserError
 from loopstream.core.codec import CodecError
 from loopstream.core.fsm import IllegalTransition
@@ -61,6 +61,7 @@ for command in (run.run, run.resume, replay.rollback, decide.approve, decide.den
                 replay.replay, replay.fork, replay.diff, replay.export, inspect.sessions, inspect.show,
                 workers.worker, workers.submit, compose.agents, compose.plugins):
     app.command()(command)
+app.command("mcp-server")(mcp_server.mcp_server)
 
 
 def main() -> None:
