@@ -10,6 +10,7 @@ from loopstream.agents import plugins as plugin_mod
 from loopstream.agents import skills as skill_mod
 from loopstream.agents.definition import session_config
 from loopstream.agents.project import Agent, McpServer, Project, ProjectError, load_project, user_file
+from loopstream.agents.start_hooks import StartRefused, run_session_start
 from loopstream.core.policy import PolicyError
 from loopstream.runtime.writer import SessionConfig
 from loopstream.tools.builtin import default_registry
@@ -82,6 +83,10 @@ def compose(name: str, goal: str, workdir: Path, default_prompt: str, *, start: 
                 {"hooks": [*[h.model_dump() for h in config.policy.hooks], *plugin_hooks]}, "plugin hooks")
         except PolicyError as exc:
             raise ProjectError(str(exc)) from None
+    try:
+        config = run_session_start(config, goal)
+    except StartRefused as exc:
+        raise ProjectError(str(exc)) from None
     return Composed(agent, config, registry, warnings, plugins)
 
 

@@ -187,3 +187,37 @@ def test_decision_shapes(raw, decision) -> None:
 def test_bad_decisions_are_failures(raw) -> None:
     with pytest.raises(HookFailed):
         parse(raw)
+
+
+START = """\
+#!/usr/bin/env python3
+import json, pathlib, sys
+data = json.load(sys.stdin)
+with open(pathlib.Path(__file__).with_suffix(".runs"), "a") as f:
+    f.write(data["hook_event_name"] + "\\n")
+if "forbidden" in data["goal"]:
+    print(json.dumps({"decision": "deny", "reason": "not on this project"}))
+else:
+    print(json.dumps({"additional_context": "The team's style guide: answer in one line."}))
+"""
+
+
+def test_session_start_hook_adds_context_recorded_in_session_started_or_refuses(tmp_path: Path) -> None:
+    script = tmp_path / "hook0.py"
+    script.write_text(START)
+    script.chmod(0o755)
+    (tmp_path / "loopstream.toml").write_text('[agents.a]\nprovider = "scripted"\ntools = ["add"]\n'
+                                              f'[[agents.a.hooks]]\nevent = "SessionStart"\ncommand = ["{script}"]\n')
+    r = cli("run", "--agent", "a", "--db", "x.db", "add", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    log = SQLiteLog(tmp_path / "x.db")
+    sid = log.sessions()[0].session_id
+    started = log.read(sid, 0, 0)[0].payload
+    assert started.system_prompt.endswith("The team's style guide: answer in one line.")
+    (record,) = json.loads(started.agent_json)["session_start_hooks"]
+    assert record["decision"] == "allow" and record["hook"] == str(script)
+    assert cli("replay", sid, "--db", "x.db", cwd=tmp_path).returncode == 0
+    assert runs(tmp_path) == ["SessionStart"]  # replay read it from SessionStarted
+    refused = cli("run", "--agent", "a", "--db", "x.db", "forbidden goal", cwd=tmp_path)
+    assert refused.returncode == 2 and "refused the session: not on this project" in refused.stderr
+    assert len(log.sessions()) == 1  # nothing written
