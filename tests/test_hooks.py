@@ -221,3 +221,32 @@ def test_session_start_hook_adds_context_recorded_in_session_started_or_refuses(
     refused = cli("run", "--agent", "a", "--db", "x.db", "forbidden goal", cwd=tmp_path)
     assert refused.returncode == 2 and "refused the session: not on this project" in refused.stderr
     assert len(log.sessions()) == 1  # nothing written
+
+
+def test_hostile_hook_output(tmp_path: Path) -> None:
+    """Huge output, a lone surrogate in a reason, markup: a failure or text, never a crash."""
+    from loopstream.core import events as ev
+    from loopstream.core.codec import decode, encode
+    from loopstream.core.policy import Hook
+    from loopstream.processors.hooks import run_hook
+    from tests.helpers import make_event
+
+    huge = tmp_path / "huge.py"
+    huge.write_text("import sys\nsys.stdout.write('{\"reason\": \"' + 'x' * 200000 + '\"}')\n")
+    decision, _ = run_hook(Hook(event="PreToolUse", command=[sys.executable, str(huge)]), {}, str(tmp_path))
+    assert decision.decision == "deny" and "not JSON" in decision.reason  # cut at 64 KB: no longer JSON
+    (tmp_path / "weird.py").write_text("def hook(data):\n    return {'decision': 'deny', "
+                                       "'reason': '[bold]x[/bold] \\udcff <script>'}\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        decision, _ = run_hook(Hook(event="PreToolUse", python="weird:hook"), {}, str(tmp_path))
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert decision.decision == "deny"
+    hook = Hook(event="PreToolUse", python="weird:hook")
+    event = make_event(decision.event(hook, "c1", 1), seq=5)
+    from loopstream.core.secrets import sanitize
+    event = event.model_copy(update={"payload": sanitize(event.payload, ())})
+    assert isinstance(decode(encode(event)).payload, ev.HookDecided)
+    missing = run_hook(Hook(event="PreToolUse", python="no_such_module_x:hook"), {}, ".")[0]
+    assert missing.decision == "deny" and "cannot import" in missing.reason
