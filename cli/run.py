@@ -1,6 +1,7 @@
 """`loopstream run` and `resume`: drive a session in the foreground and print its progress."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -118,12 +119,24 @@ def run(
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
     if agent is not None:
+        clash = [flag for flag, given in (("--tools", tools), ("--system-prompt", system_prompt), ("--policy", policy),
+                                           ("--allow-writes", allow_writes), ("--stop", stop),
+                                           ("--temperature", temperature != DEFAULT_TEMPERATURE),
+                                           ("--max-output-tokens", max_output_tokens != DEFAULT_MAX_OUTPUT_TOKENS))
+                 if given]
+        if clash:
+            raise UserError(f"{', '.join(clash)}: set by the agent's definition in loopstream.toml, "
+                            f"not with --agent {agent}")
         if not workdir.is_dir():
             raise UserError(f"--workdir {workdir} is not a directory")
         composed = compose_agent(agent, text, workdir)
         log = writer(bus, db)
         config = composed.config
         config.max_steps = max_steps if max_steps != 12 else config.max_steps
+        budgets = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds, context_budget=context_budget,
+                                     policy=None)
+        if budgets != SessionPolicy():  # budget flags apply over the agent's policy
+            config.policy = config.policy.updated(json.loads(budgets.to_config_json()), "command line")
         choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
                              base_url, action_mode, fallback_model or [], rpm, tpm)
         with mcp_tools(composed, workdir):

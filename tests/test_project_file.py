@@ -181,3 +181,11 @@ def test_project_file_with_a_lone_surrogate_or_binary_is_one_line(tmp_path: Path
         load_project(tmp_path, user=tmp_path / "none.toml")
     (tmp_path / "loopstream.toml").write_text('[agents.a]\ndescription = "[red]markup[/red] \\u202e"\n')
     assert load_project(tmp_path, user=tmp_path / "none.toml").agents["a"].spec.description.startswith("[red]")
+
+
+def test_flags_that_the_agent_sets_are_refused_budgets_apply_over_it(tmp_path: Path) -> None:
+    root = project(tmp_path)
+    r = cli("run", "--agent", "adder", "--tools", "add", "--temperature", "1", "g", cwd=root)
+    assert r.returncode == 2 and "--tools, --temperature: set by the agent's definition" in r.stderr
+    r = cli("run", "--agent", "adder", "--max-tokens", "5", "--db", "x.db", "g", cwd=root)
+    assert r.returncode == 1 and "token budget exceeded" in r.stderr
