@@ -78,6 +78,8 @@ def test_pre_tool_use_rewrites_the_arguments_and_replay_does_not_run_it(tmp_path
         "PreToolUse", "allow", "scaled", {"a": 20, "b": 3})
     assert runs(tmp_path) == ["PreToolUse"]
     assert cli("replay", sid, "--db", "x.db", cwd=tmp_path).returncode == 0
+    checked = cli("replay", sid, "--check", "--db", "x.db", cwd=tmp_path)  # the determinism check re-drives it
+    assert checked.returncode == 0 and "no divergence" in checked.stdout, checked.stdout + checked.stderr
     assert runs(tmp_path) == ["PreToolUse"]  # the replay read the decision
     # A fork from the decision redoes the call: with the recorded arguments, the hook not run again.
     forked = cli("fork", sid, "--at", "5", "--db", "x.db", cwd=tmp_path)
