@@ -40,6 +40,7 @@ from loopstream.core.sampling import (
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
+from loopstream.providers.local import local_model as find_local_model
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
@@ -97,6 +98,7 @@ def run(
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
     action_mode: Annotated[Optional[str], typer.Option(show_default=False, help="native | json_schema | json_text: how the model writes tool calls (default: env LOOPSTREAM_ACTION_MODE for other servers, else native).")] = None,
+    local_model: Annotated[Optional[str], typer.Option(show_default=False, help="Run on a bundled local model: 0.5b (the default, extra [local]) or 1.5b (Qwen2.5-Coder-1.5B, extra [local-1-5b]); same as --provider local --model NAME.")] = None,
     tools: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated tool names (default: all built-in tools).")] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before the session fails.")] = 12,
     max_tokens: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Token budget (input + output) for the session (default: none).")] = None,
@@ -118,6 +120,8 @@ def run(
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
+    if local_model is not None:
+        provider, model = local_choice(local_model, provider, model)
     if agent is not None:
         clash = [flag for flag, given in (("--tools", tools), ("--system-prompt", system_prompt), ("--policy", policy),
                                            ("--allow-writes", allow_writes), ("--stop", stop),
@@ -190,6 +194,18 @@ def _hub(servers: dict, workdir: str) -> Iterator[McpHub]:
         yield hub
     finally:
         hub.close()
+
+
+def local_choice(key: str, provider: str | None, model: str | None) -> tuple[str, str]:
+    """(provider, model) for `--local-model KEY`, or one line saying what conflicts with it."""
+    try:
+        chosen = find_local_model(key)
+    except ValueError as exc:
+        raise UserError(f"--local-model: {exc}") from None
+    if provider not in (None, "local") or (model is not None and model != chosen.name):
+        raise UserError("--local-model picks the provider and the model: leave out --provider and --model "
+                        "(and LOOPSTREAM_PROVIDER, LOOPSTREAM_MODEL)")
+    return "local", chosen.name
 
 
 def sampling_options(temperature: float, max_output_tokens: int, stop: list[str] | None) -> Sampling:

@@ -79,6 +79,8 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
                                + f": {p.decision}" + (f" ({p.reason})" if p.reason else "")
                                + (f" args={p.arguments_json}" if p.arguments_json else "")
                                + (f" note={p.context!r}" if p.context else "")),
+    ev.LoopDetected: lambda p: f"{p.kind} {p.action}: {p.detail}"
+                               + (f" ({', '.join(p.call_ids)})" if p.call_ids else ""),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "
                                     f"{p.reason} ({p.input_tokens}+{p.output_tokens} tok, {p.latency_ms} ms)"),
     ev.ApprovalRequested: lambda p: (f"{call_text(p.name, p.arguments_json)} waits for a person ({p.reason}); "

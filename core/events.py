@@ -308,6 +308,18 @@ class HookDecided(Payload):
     latency_ms: int = 0
 
 
+class LoopDetected(Payload):
+    """The model repeats itself: kind (repeated_call, repeated_reply, oscillation), action
+    (tell_model: each call of the reply is answered with the message, which quotes the earlier
+    result, instead of running; stop: SessionFailed follows), the calls answered, what repeated."""
+    WRITTEN_BY = "orchestrator"
+    kind: str
+    action: str
+    message: str
+    call_ids: list[str] = []
+    detail: str = ""
+
+
 # Every event type, by name, in the order declared above.
 PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.TYPE: cls for cls in Payload.__subclasses__()}
 

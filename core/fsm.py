@@ -109,6 +109,7 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     # guardrails, the reviewer model, a person's approval
     ("GuardrailTripped",    S.PLANNING,            S.PLANNING,            None),  # input: SessionFailed follows
     ("GuardrailTripped",    S.ACTING,              S.PLANNING,            None),  # output: the model is told
+    ("LoopDetected",        S.ACTING,              S.PLANNING,            None),  # the calls are answered, not run
     ("GuardrailTripped",    S.AWAITING_TOOLS,      S.PLANNING,            "tools_settled"),  # a blocked call settles
     ("GuardrailTripped",    S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),
     ("GuardrailTripped",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),

@@ -203,6 +203,39 @@ class Hook(_Section):
         return self.python or " ".join(self.command)[:200]
 
 
+class Loops(_Section):
+    """Noticing a model that repeats itself (processors/loops.py): the model is told, with the
+    earlier result, `nudges` times; the next repeat ends the session (error kind `loop`)."""
+
+    enabled: bool = True
+    """Detect loops at all. Sessions recorded before loop detection existed replay with it off."""
+    max_identical_calls: int = Field(2, ge=1)
+    """Times a tool call with the same name and arguments may be made within the window; the
+    next one is a loop (repeated_call)."""
+    max_identical_replies: int = Field(2, ge=1)
+    """Consecutive identical replies (text and calls) before the next one is a loop (repeated_reply)."""
+    oscillation: bool = True
+    """Replies alternating between two calls, A B A B, are a loop (oscillation)."""
+    window: int = Field(8, ge=2, le=64)
+    """Replies looked back over."""
+    nudges: int = Field(1, ge=0)
+    """Times the model is told before a loop ends the session."""
+
+
+class Shaping(_Section):
+    """What the model is sent, made to fit a small context (processors/shaping.py); the log
+    keeps every message whole."""
+
+    enabled: bool = True
+    """Shape the conversation sent. Sessions recorded before shaping existed run without it."""
+    dedupe_results: bool = True
+    """A tool result identical to a later one (a file read twice) is sent once, at its latest place."""
+    max_result_chars: int = Field(8000, ge=0)
+    """A longer tool result is sent as its head and tail with a note of what was left out; 0: whole."""
+    final_answer_nudge: bool = True
+    """On the last step the step budget allows, the model is told to answer now."""
+
+
 class SessionPolicy(_Section):
     """Everything a session runs under besides its model, tools and prompt; recorded in
     SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
@@ -214,6 +247,8 @@ class SessionPolicy(_Section):
     permissions: Permissions = Permissions()
     timeouts: Timeouts = Timeouts()
     secrets: SecretHandling = SecretHandling()
+    loops: Loops = Loops()
+    shaping: Shaping = Shaping()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []
@@ -231,11 +266,15 @@ class SessionPolicy(_Section):
         return self._unreadable
 
     def to_config_json(self) -> str:
-        """The JSON recorded in SessionStarted: what differs from the defaults (`{}` for none),
-        and with a context budget the estimator it is measured with (the default may change)."""
+        """The JSON recorded in SessionStarted: what differs from the defaults, with a context
+        budget the estimator it is measured with, and loop detection's and shaping's settings
+        whole (defaults may change; a replay decides as the session was decided)."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         if self.compaction.context_budget_tokens is not None:
             data.setdefault("compaction", {})["estimator"] = self.compaction.estimator
+        for name in WHOLE_WHEN_ON:  # recorded whole: a session without them ran without them
+            if getattr(self, name).enabled:
+                data[name] = getattr(self, name).model_dump(mode="json")
         return json.dumps(data, sort_keys=True)
 
     def updated(self, changes: dict[str, Any], where: str = "policy") -> SessionPolicy:
@@ -412,8 +451,8 @@ def recorded_policy(config_json: str) -> SessionPolicy:
         raw = json.loads(config_json or "{}")
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        return SessionPolicy.model_validate(_recorded_estimator(_known_only(SessionPolicy, from_legacy(raw))),
-                                            strict=False)
+        config = _recorded_loops(_recorded_estimator(_known_only(SessionPolicy, from_legacy(raw))))
+        return SessionPolicy.model_validate(config, strict=False)
     except (ValueError, TypeError, RecursionError) as exc:
         why = str(_one_line(exc, "recorded policy")) if isinstance(exc, ValidationError) else f"recorded policy: {exc}"
         return _fail_closed(why)
@@ -425,6 +464,19 @@ def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
     compaction = config.get("compaction")
     if isinstance(compaction, dict) and compaction.get("context_budget_tokens") is not None:
         config["compaction"] = {"estimator": 1, **compaction}
+    return config
+
+
+# Sections recorded whole while on; a recorded policy without one was written before it existed
+# (or with it off) and replays with it off.
+WHOLE_WHEN_ON = ("loops", "shaping")
+
+
+def _recorded_loops(config: dict[str, Any]) -> dict[str, Any]:
+    """Sections of `WHOLE_WHEN_ON` a recorded policy lacks are off."""
+    if isinstance(config, dict):
+        for name in WHOLE_WHEN_ON:
+            config.setdefault(name, {"enabled": False})
     return config
 
 

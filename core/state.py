@@ -88,6 +88,13 @@ class SessionState:
     last_reply_parsed: dict[str, tuple[str, ToolCall]] = field(default_factory=dict)
     pending_calls: dict[str, PendingCall] = field(default_factory=dict)  # call id -> its record, until it settles
     guardrail_trips: int = 0
+    # Loop detection (policy `loops`, processors/loops.py): the last `loops.window` replies as
+    # (seq, signature), the calls they made as (seq, call signature, call id), and how many times
+    # the model was told. Tuples, replaced and never mutated: a clone shares them.
+    recent_replies: tuple[tuple[int, str], ...] = ()
+    recent_calls: tuple[tuple[int, str, str], ...] = ()
+    loop_nudges: int = 0
+    long_results: int = 0  # tool results of LONG_RESULT_CHARS or more: shaping looks at the context only if any
     unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
     tool_calls: int = 0
     tool_errors: int = 0
@@ -133,6 +140,11 @@ class SessionState:
 # GuardrailTripped rules of the orchestrator's own check on a final answer (not a policy's
 # guardrails): the reply was empty, or cut at the output cap. The model is told and answers again.
 UNFINISHED_ANSWER_RULES = frozenset({"empty_answer", "truncated_answer"})
+
+
+# A tool result this long is worth shaping (processors/shaping.py): sent once if repeated,
+# windowed if longer than the policy allows.
+LONG_RESULT_CHARS = 200
 
 
 class SequenceGap(ValueError):
@@ -182,6 +194,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.consecutive_model_failures = 0
             state.step_open = False
             state.open_request_id = state.open_request_seq = None
+            if state.policy.loops.enabled:
+                _remember_reply(state, event.seq, p.text, calls)
         case ev.ToolRequested():
             known = state.last_reply_parsed.get(p.call_id)
             if known is None or known[0] != p.arguments_json or known[1].name != p.name:
@@ -190,6 +204,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.tool_calls += 1
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
+            if len(p.result) >= LONG_RESULT_CHARS:
+                state.long_results += 1
             state.messages.append(_message("tool", p.result, event.seq, tool_call_id=p.call_id, name=p.name))
         case ev.SessionStarted():
             state.session_id = event.session_id
@@ -247,6 +263,13 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 state.messages.append(_message("tool", note, event.seq, tool_call_id=p.call_id, name=name))
             elif p.stage == "output" and p.action == "tell_model":
                 state.messages.append(_message("user", note, event.seq))
+        case ev.LoopDetected():
+            if p.action == "tell_model":  # each call of the reply is answered with the note; none runs
+                state.loop_nudges += 1
+                for call_id in p.call_ids:
+                    known = state.last_reply_parsed.get(call_id)
+                    state.messages.append(_message("tool", p.message, event.seq, tool_call_id=call_id,
+                                                   name=known[1].name if known else None))
         case ev.ToolCallReviewed():
             state.input_tokens += p.input_tokens  # a review is model use: it counts toward the budgets
             state.output_tokens += p.output_tokens
@@ -288,6 +311,22 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def call_signature(call: ToolCall) -> str:
+    """A tool call's name and arguments, canonical: two calls with the same signature are the same call."""
+    return f"{call.name}\x00{json.dumps(call.arguments, sort_keys=True, ensure_ascii=False)}"
+
+
+def _remember_reply(state: SessionState, seq: int, text: str, calls: list[ToolCall]) -> None:
+    """Keep the reply's signature and its calls' for loop detection, within the window."""
+    signatures = [call_signature(c) for c in calls]
+    replies = (*state.recent_replies, (seq, text.strip() + "\x01" + "\x02".join(signatures)))
+    replies = replies[-state.policy.loops.window:]
+    oldest = replies[0][0]
+    state.recent_replies = replies
+    state.recent_calls = (*(c for c in state.recent_calls if c[0] >= oldest),
+                          *((seq, sig, call.call_id) for sig, call in zip(signatures, calls)))
 
 
 def _payload_only(state: SessionState, event_type: str, seq: int | None) -> str:

@@ -14,6 +14,7 @@ from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling
 from loopstream.core.state import SessionState
 from loopstream.processors import budgets
+from loopstream.processors.shaping import shaped
 from loopstream.providers.base import Provider, ProviderError, ToolSpec
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.tokens import RequestEstimate, estimate_request
@@ -39,19 +40,20 @@ class ModelProcessor:
         req = event.payload
         assert isinstance(req, ev.ModelRequested)
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
+        messages = shaped(state)  # what the model is sent; the log keeps every message whole
         provider = self.provider_for(state.model)
         limiter = self.limits.get(provider.name)
         # What this request carries, as the adapter writes it (no extra request): recorded with
         # the reply, it calibrates the orchestrator's next context estimate (processors/context.py).
         # A pass over the whole context: made only when a budget or a rate limit uses it.
-        sent = (estimate_request(state.messages, specs, provider.name, getattr(provider, "action_mode", "native"))
+        sent = (estimate_request(messages, specs, provider.name, getattr(provider, "action_mode", "native"))
                 if limiter or _measures(state) else NOT_MEASURED)
         if limiter:
             limiter.acquire(sent.total)  # waits here rather than earning a 429
         started = time.monotonic()
         try:
             # The session's recorded settings, bounded by what is left of its budgets.
-            reply = provider.complete(state.messages, specs, bounded(state, sent.total),
+            reply = provider.complete(messages, specs, bounded(state, sent.total),
                                       timeout=budgets.remaining_seconds(state, now_ms))
         except ProviderError as exc:
             return [Emit(ev.ModelFailed(

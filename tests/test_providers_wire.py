@@ -426,7 +426,7 @@ def test_factory_model_with_both_keys_prefers_openai_for_non_claude() -> None:
         ({}, {"OPENAI_BASE_URL": "http://127.0.0.1:1/v1"}, "LOOPSTREAM_MODEL"),
         ({"provider": "anthropic", "action_mode": "json_text"}, {"ANTHROPIC_API_KEY": "k"}, "only supports"),
         ({"model": "llama3"}, {}, "no provider for model"),
-        ({"provider": "local", "model": "llama3"}, {}, "only serves"),
+        ({"provider": "local", "model": "llama3"}, {}, "unknown local model 'llama3'"),
     ],
 )
 def test_factory_config_errors(kwargs: dict[str, Any], env: dict[str, str], fragment: str) -> None:
