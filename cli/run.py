@@ -9,6 +9,9 @@ from typing import Annotated, Optional, get_args
 
 import typer
 
+from loopstream.agents.assemble import Composed, compose, recorded_mcp, registry_for_session
+from loopstream.agents.mcp import McpError, McpHub
+from loopstream.agents.project import ProjectError
 from loopstream.cli import output
 from loopstream.cli.common import (
     BusOpt,
@@ -92,6 +95,7 @@ class Watch:
 def run(
     goal: Annotated[Optional[str], typer.Argument(help="What the agent should do.", show_default=False)] = None,
     goal_file: Annotated[Optional[Path], typer.Option(help="Read the goal from this UTF-8 file (- reads stdin).", show_default=False)] = None,
+    agent: Annotated[Optional[str], typer.Option(show_default=False, help="An agent of loopstream.toml (found upward from here) or the user file: its model, prompt, tools, skills, policy and hooks; flags given override its model and provider.")] = None,
     model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model name (default: the local Qwen2.5-Coder-0.5B when no API key is set).")] = None,
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
@@ -123,9 +127,35 @@ def run(
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
-    sampling = sampling_options(temperature, max_output_tokens, stop)
     if local_model is not None:
         provider, model = local_choice(local_model, provider, model)
+    if agent is not None:
+        clash = [flag for flag, given in (("--tools", tools), ("--system-prompt", system_prompt), ("--policy", policy),
+                                           ("--allow-writes", allow_writes), ("--stop", stop),
+                                           ("--temperature", temperature != DEFAULT_TEMPERATURE),
+                                           ("--max-output-tokens", max_output_tokens != DEFAULT_MAX_OUTPUT_TOKENS))
+                 if given]
+        if clash:
+            raise UserError(f"{', '.join(clash)}: set by the agent's definition in loopstream.toml, "
+                            f"not with --agent {agent}")
+        if not workdir.is_dir():
+            raise UserError(f"--workdir {workdir} is not a directory")
+        flags = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds, context_budget=context_budget,
+                                   policy=None, sandbox=sandbox, network=network, goal_verify=goal_verify,
+                                   goal_max_iterations=goal_max_iterations)
+        composed = compose_agent(agent, text, workdir)
+        log = writer(bus, db, durability)
+        config = composed.config
+        config.max_steps = max_steps if max_steps != 12 else config.max_steps
+        # Budget, sandbox and goal flags apply over the agent's policy: only what they set.
+        if changes := flags.model_dump(mode="json", exclude_defaults=True):
+            config.policy = config.policy.updated(changes, "command line")
+        choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
+                             base_url, action_mode, fallback_model or [], rpm, tpm)
+        with mcp_tools(composed, workdir):
+            report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
+        return
+    sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
     if not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is not a directory")
@@ -153,6 +183,38 @@ def check_script_tools(provider: str | None, model: str | None, names: list[str]
         raise UserError(f"the scripted model {spec!r} calls {', '.join(missing)}, which --tools does not include: "
                         f"add {', '.join(missing)} to --tools, or choose a script with --model "
                         f"(adder, reads:FILE, shell:COMMAND, …)")
+
+
+def compose_agent(name: str, goal: str, workdir: Path) -> Composed:
+    """Agent `name` of the project file, ready to start; warnings (skipped skills, broken plugins) printed."""
+    try:
+        composed = compose(name, goal, workdir, DEFAULT_SYSTEM_PROMPT)
+    except ProjectError as exc:
+        raise UserError(str(exc)) from None
+    for message in composed.warnings:
+        output.warning(message)
+    return composed
+
+
+@contextmanager
+def mcp_tools(composed: Composed, workdir: Path) -> Iterator[None]:
+    """The agent's MCP servers started (their tools added to the run) until the run ends."""
+    with _hub(composed.agent.mcp, str(workdir.resolve())) as hub:
+        composed.registry.add(*hub.tools)
+        composed.config.tools += [t.name for t in hub.tools]
+        yield
+
+
+@contextmanager
+def _hub(servers: dict, workdir: str) -> Iterator[McpHub]:
+    try:
+        hub = McpHub(servers, workdir).__enter__()
+    except McpError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        yield hub
+    finally:
+        hub.close()
 
 
 def local_choice(key: str, provider: str | None, model: str | None) -> tuple[str, str]:
@@ -302,8 +364,13 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
     try:
         with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
                                           on_local_start=watch.on_local_model) as chosen:
-            runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes), on_event=watch.on_event)
-            return _drive(runtime, sid, watch)
+            registry, warnings = registry_for_session(state.agent_json, allow_writes)
+            for message in warnings:
+                output.warning(message)
+            with _hub(recorded_mcp(state.agent_json), state.workdir) as hub:  # the MCP servers it ran with
+                registry.add(*hub.tools)
+                runtime = build_runtime(log, chosen, registry, on_event=watch.on_event)
+                return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
 

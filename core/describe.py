@@ -86,6 +86,10 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.ContextOverBudget: lambda p: f"~{p.estimated_tokens} tok > budget {p.budget_tokens}: {p.reason}",
     ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
                                    + (f" call {p.call_id}" if p.call_id else ""),
+    ev.HookDecided: lambda p: (f"{p.point} hook {p.hook!r}" + (f" on {p.call_id}" if p.call_id else "")
+                               + f": {p.decision}" + (f" ({p.reason})" if p.reason else "")
+                               + (f" args={p.arguments_json}" if p.arguments_json else "")
+                               + (f" note={p.context!r}" if p.context else "")),
     ev.LoopDetected: lambda p: f"{p.kind} {p.action}: {p.detail}"
                                + (f" ({', '.join(p.call_ids)})" if p.call_ids else ""),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "

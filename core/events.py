@@ -39,7 +39,7 @@ class Payload(BaseModel):
 
 class SessionStarted(Payload):
     """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
-    settings (v2: temperature, output cap, stop sequences, top_p, seed)."""
+    settings (v2: temperature, output cap, stop sequences, top_p, seed); the agent definition (v3)."""
     WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
@@ -56,6 +56,8 @@ class SessionStarted(Payload):
     stop: list[str] = []
     top_p: float | None = None
     seed: int | None = None
+    # v3: the agent definition it ran with, as JSON (agents/definition.py); "" for none recorded.
+    agent_json: str = ""
 
 
 class GoalReceived(Payload):
@@ -324,6 +326,20 @@ class GoalResumed(Payload):
     WRITTEN_BY = "a person (`loopstream goal resume`)"
     by: str
     reason: str = ""
+
+
+class HookDecided(Payload):
+    """A hook's decision (point, hook, call id, allow / deny / ask / error / stop, reason, rewritten
+    arguments, a note for the model); recorded before it is acted on, so it never runs twice."""
+    WRITTEN_BY = "tools (PreToolUse, PostToolUse)"
+    point: str
+    hook: str
+    call_id: str | None = None
+    decision: str
+    reason: str = ""
+    arguments_json: str | None = None
+    context: str = ""
+    latency_ms: int = 0
 
 
 class LoopDetected(Payload):

@@ -123,6 +123,8 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     ("GuardrailTripped",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
     ("ToolCallReviewed",    S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),  # the reviewer model's verdict
     ("ToolCallReviewed",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),  # another call waits for a person
+    ("HookDecided",         S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),  # a hook's decision on a call
+    ("HookDecided",         S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
     ("ApprovalRequested",   [S.AWAITING_TOOLS, S.AWAITING_APPROVAL], S.AWAITING_APPROVAL, None),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_TOOLS,      "no_open_approvals"),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),

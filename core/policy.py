@@ -221,6 +221,37 @@ class GoalMode(_Section):
     """Time limit of one verification."""
 
 
+HookPoint = Literal["PreToolUse", "PostToolUse", "SessionStart", "SessionEnd", "PreCompact"]
+HOOK_POINTS = get_args(HookPoint)
+
+
+class Hook(_Section):
+    """A hook (processors/hooks.py): a command (JSON on stdin, a JSON decision on stdout) or a
+    Python callable (`module:function`) run at one point of the loop; its decision is an event."""
+
+    event: HookPoint
+    """Where it runs: PreToolUse (may allow, deny or rewrite the arguments), PostToolUse (may add a
+    note to the result), SessionStart, SessionEnd, PreCompact."""
+    matcher: str = "*"
+    """Tool name glob for the tool events."""
+    command: list[str] = []
+    """argv of an executable (no shell), run in the session's workdir."""
+    python: str = ""
+    """`module:function` called with the input dict, returning a decision dict."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Seconds before the hook counts as failed."""
+    on_error: Literal["deny", "allow", "stop"] = "deny"
+    """A failing hook (non-zero exit, timeout, bad JSON): deny the call, let it through, or stop the session."""
+
+    def model_post_init(self, _context: Any) -> None:
+        if bool(self.command) == bool(self.python):
+            raise ValueError("a hook needs exactly one of `command` (argv list) or `python` (module:function)")
+
+    @property
+    def label(self) -> str:
+        return self.python or " ".join(self.command)[:200]
+
+
 class Loops(_Section):
     """Noticing a model that repeats itself (processors/loops.py): the model is told, with the
     earlier result, `nudges` times; the next repeat ends the session (error kind `loop`)."""
@@ -276,6 +307,8 @@ class SessionPolicy(_Section):
     """gitignore patterns never snapshotted before a side-effect tool (nor restored)."""
     progress_updates: bool = False
     """Publish every event as a progress update to the goal's reply topic (Kafka)."""
+    hooks: list[Hook] = []
+    """Hooks run at points of the loop (processors/hooks.py); each decision is a HookDecided event."""
 
     _unreadable: str | None = PrivateAttr(None)
 

@@ -30,10 +30,11 @@ class PendingCall:
     review: bool | None = None  # the reviewer model's verdict (ToolCallReviewed), once given
     approval: str | None = None  # why a person must decide, while they have not (ApprovalRequested)
     approved: bool | None = None  # the person's decision (ApprovalDecided)
+    hooked: bool = False  # its PreToolUse hooks have decided (HookDecided)
 
     def copy(self) -> PendingCall:
         return PendingCall(self.call, self.owed_seq, self.checkpoint_seq, self.attempt, self.retry_at_ms,
-                           self.review, self.approval, self.approved)
+                           self.review, self.approval, self.approved, self.hooked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class SessionState:
     last_event_id: str | None = None
     correlation_id: str = ""
     agent: str = ""
+    agent_json: str = ""  # the agent definition it ran with (SessionStarted v3; agents/definition.py)
     provider: str = ""
     model: str = ""
     tools: list[str] = field(default_factory=list)
@@ -216,6 +218,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.correlation_id = event.correlation_id
             state.started_ms = event.time
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
+            state.agent_json = p.agent_json
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.policy = recorded_policy(p.config_json)
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
@@ -280,6 +283,11 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 rec.review = p.allowed
                 if p.allowed:
                     rec.owed_seq = event.seq  # the tool processor carries on from here
+        case ev.HookDecided() if p.point == "PreToolUse":
+            if p.call_id is not None and (rec := state.pending_calls.get(p.call_id)) is not None:
+                rec.owed_seq, rec.hooked = event.seq, True  # the tool processor carries on from here
+                if p.arguments_json is not None:  # the hook rewrote the arguments
+                    rec.call = _tool_call(p.call_id, rec.call.name, p.arguments_json)
         case ev.ApprovalRequested():
             if (rec := state.pending_calls.get(p.call_id)) is not None:
                 rec.approval, rec.owed_seq = p.reason, event.seq  # owed by a person from here

@@ -5,6 +5,7 @@ drive any sequence of tool calls and answers without a model server.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -145,12 +146,29 @@ def goalfix_script(delay: str = "0") -> Script:
                  ToolCall(call_id=f"fix{failures}", name="write_file", arguments={"path": "calc.py", "content": version})]
         return ModelReply(text="", tool_calls=calls, input_tokens=20, output_tokens=10, mode="native")
 
+
+def calls_script(spec: str) -> Script:
+    """`TOOL:JSON_ARGUMENTS`: calls TOOL once with those arguments, then answers with what the
+    tool returned (or the failure the model was told), exactly."""
+    name, _, arguments = spec.partition(":")
+    args = json.loads(arguments or "{}")
+    if not name or not isinstance(args, dict):
+        raise ValueError(spec)
+
+    def script(messages: list[Message]) -> ModelReply:
+        results = [m for m in messages if m.role == "tool"]
+        if not results:
+            return ModelReply(text="", tool_calls=[ToolCall(call_id="c0", name=name, arguments=args)],
+                              input_tokens=10, output_tokens=5, mode="native")
+        return ModelReply(text=results[-1].content or "(empty)", input_tokens=10, output_tokens=5)
+
     return script
 
 
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
                                              "down": down_script, "slow": slow_script, "reads": reads_script,
-                                             "shell": shell_script, "goalfix": goalfix_script}
+                                             "shell": shell_script, "goalfix": goalfix_script,
+                                             "calls": calls_script}
 SCRIPT_TOOLS: dict[str, tuple[str, ...]] = {"adder": ("add",), "slow": ("add",), "reads": ("read_file",),
                                             "shell": ("shell",), "goalfix": ("shell", "write_file")}  # tools called
 
@@ -166,7 +184,8 @@ def scripted_from_spec(spec: str) -> ScriptedProvider:
     `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
     `down` → a model that always fails (retryable); `slow:SECONDS` → the adder, slowly;
     `reads:FILE` → reads FILE and answers with its text; `shell:COMMAND` → runs COMMAND with
-    the shell tool and answers with its result."""
+    the shell tool and answers with its result; `calls:TOOL:JSON` → calls TOOL with the JSON
+    arguments and answers with its result."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:

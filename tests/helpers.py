@@ -46,6 +46,8 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
     ev.ContextOverBudget(estimated_tokens=1200, budget_tokens=800,
                          reason="the 4 newest messages, kept verbatim, take ~700 tokens"),
     ev.GuardrailTripped(stage="tool_call", rule="reviewer", message="blocked", action="tell_model", call_id="c1"),
+    ev.HookDecided(point="PreToolUse", hook="./check.py", call_id="c1", decision="allow", reason="fine",
+                   arguments_json='{"a": 1}', context="note", latency_ms=3),
     ev.LoopDetected(kind="repeated_call", action="tell_model", message="You already called add(a=1) twice.",
                     call_ids=["c1"], detail="add {\"a\": 1} made 3 times"),
     ev.ToolCallReviewed(call_id="c1", allowed=False, reason="not needed", model="m", input_tokens=40,

@@ -20,8 +20,9 @@ ALLOWED: dict[str, set[str]] = {
     "replay": {"core", "processors", "tools", "runtime"},
     "kafka": {"core", "runtime", "schemas"},  # schemas: the goal contract's .avsc files
     "observe": {"core", "providers", "tools", "processors", "runtime", "replay"},
-    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe"},
-    "api": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe"},
+    "agents": {"core", "providers", "tools", "processors", "runtime"},
+    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
+    "api": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
 }
 LAYERS = sorted(ALLOWED)
 
