@@ -146,6 +146,8 @@ def goalfix_script(delay: str = "0") -> Script:
                  ToolCall(call_id=f"fix{failures}", name="write_file", arguments={"path": "calc.py", "content": version})]
         return ModelReply(text="", tool_calls=calls, input_tokens=20, output_tokens=10, mode="native")
 
+    return script
+
 
 def calls_script(spec: str) -> Script:
     """`TOOL:JSON_ARGUMENTS`: calls TOOL once with those arguments, then answers with what the
