@@ -389,3 +389,33 @@ def test_the_readme_model_worker_needs_no_api_key(kafka_broker: str, tmp_path: P
     r = cli("worker", *args, cwd=tmp_path, timeout=60)
     assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
     assert "keyless local model" in r.stderr and "needs OPENAI_API_KEY" not in r.stderr, r.stderr
+
+
+def test_show_and_sessions_report_the_model_that_answered(kafka_broker: str, tmp_path: Path) -> None:
+    """An orchestrator given no model starts sessions before any model worker is known: its
+    SessionStarted says `provider=any model=default` (whichever model worker takes the steps);
+    `show` and `sessions` report the model that answered, from the ModelResponded events."""
+    prefix = "ma" + uuid.uuid4().hex[:6]
+    bus = bus_url(kafka_broker, prefix)
+    workers = Workers(bus, tmp_path)
+    key = "ma-" + uuid.uuid4().hex[:8]
+    try:
+        workers.start("orchestrator", model=None)
+        workers.start("model", model="adder:2")
+        workers.start("tool", model=None)
+        r = cli("submit", "--bus", bus, "--wait", "--timeout", "90", "--idempotency-key", key, "count to two",
+                cwd=tmp_path, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "The result is 2.", (r.stdout, r.stderr, workers.logs())
+    finally:
+        codes = workers.stop_all()
+    assert all(c == 0 for c in codes.values()), (codes, workers.logs())
+    sid = session_id_for(key)
+    shown = cli("show", sid, "--bus", bus, "--width", "400", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "provider=any model=default" in shown.stdout  # what the orchestrator knew, as recorded
+    assert shown.stdout.splitlines()[1] == "answered by scripted:adder:2", shown.stdout
+    listing = cli("sessions", "--bus", bus, cwd=tmp_path)
+    rows = [line.split() for line in listing.stdout.splitlines() if sid in line]
+    assert len(rows) == 1, listing.stdout
+    row = rows[0]
+    assert row[:6] == [sid, *row[1:3], "done", row[4], "scripted:adder:2"], listing.stdout
