@@ -5,10 +5,13 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, get_args
 
 import typer
 
+from loopstream.agents.assemble import Composed, compose, recorded_mcp, registry_for_session
+from loopstream.agents.mcp import McpError, McpHub
+from loopstream.agents.project import ProjectError
 from loopstream.cli import output
 from loopstream.cli.common import (
     BusOpt,
@@ -26,7 +29,7 @@ from loopstream.cli.output import Styled
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
 from loopstream.core.log import Log
-from loopstream.core.policy import PolicyError, SessionPolicy, load_policy
+from loopstream.core.policy import PolicyError, SandboxMode, SessionPolicy, load_policy
 from loopstream.core.sampling import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     DEFAULT_TEMPERATURE,
@@ -38,6 +41,7 @@ from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState
 from loopstream.providers.base import Provider
 from loopstream.providers.local import local_model as find_local_model
+from loopstream.providers.scripted import missing_tools
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
@@ -48,6 +52,7 @@ from loopstream.tools.registry import ToolRegistry
 from loopstream.tools.workspace import TOOLS as SIDE_EFFECT_TOOLS
 
 EXIT_INTERRUPTED = 130
+EXIT_PAUSED = 3  # a paused goal: not done, not failed
 
 
 class LogDamaged(Exception):
@@ -90,6 +95,7 @@ class Watch:
 def run(
     goal: Annotated[Optional[str], typer.Argument(help="What the agent should do.", show_default=False)] = None,
     goal_file: Annotated[Optional[Path], typer.Option(help="Read the goal from this UTF-8 file (- reads stdin).", show_default=False)] = None,
+    agent: Annotated[Optional[str], typer.Option(show_default=False, help="An agent of loopstream.toml (found upward from here) or the user file: its model, prompt, tools, skills, policy and hooks; flags given override its model and provider.")] = None,
     model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model name (default: the local Qwen2.5-Coder-0.5B when no API key is set).")] = None,
     provider: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_PROVIDER", show_default=False, help="anthropic | openai | local | scripted (default: chosen from the environment).")] = None,
     base_url: Annotated[Optional[str], typer.Option(show_default=False, help="OpenAI-compatible server URL (default: env OPENAI_BASE_URL).")] = None,
@@ -107,6 +113,10 @@ def run(
     workdir: Annotated[Path, typer.Option(help="Directory the file tools may read.")] = Path("."),
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Also give the model write_file, edit_file and shell in --workdir (the workspace is checkpointed before each; undo with `loopstream rollback`).")] = False,
     system_prompt: Annotated[Optional[Path], typer.Option(show_default=False, help="File with a system prompt to use instead of the default.")] = None,
+    sandbox: Annotated[Optional[str], typer.Option(show_default=False, help="How shell runs: workspace-write (default: only --workdir writable), read-only, full (all writable; explicit opt-in) or none (no sandbox; explicit opt-out). Needs bubblewrap unless none.")] = None,
+    network: Annotated[bool, typer.Option("--network", help="Give shell the network (default: none inside the sandbox).")] = False,
+    goal_verify: Annotated[Optional[str], typer.Option(show_default=False, help="Goal mode: a shell command (run in the sandbox, in --workdir) that checks each final answer; the session is done only when it exits 0, and its output goes back to the model otherwise.")] = None,
+    goal_max_iterations: Annotated[Optional[int], typer.Option(min=1, show_default=False, help="Goal mode: failed verifications before the session fails (default: 10).")] = None,
     temperature: Annotated[float, typer.Option(help="Sampling temperature, 0 to 2 (sent on every model call; recorded in the session).")] = DEFAULT_TEMPERATURE,
     max_output_tokens: Annotated[int, typer.Option(help="Cap on the tokens of one model reply.")] = DEFAULT_MAX_OUTPUT_TOKENS,
     stop: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A text that ends a model reply where it appears (repeatable, at most 4; default: none).")] = None,
@@ -117,24 +127,94 @@ def run(
 ) -> None:
     """Run an agent on GOAL until it answers; print progress, the answer and the session id."""
     text = read_goal(goal, goal_file)
-    sampling = sampling_options(temperature, max_output_tokens, stop)
     if local_model is not None:
         provider, model = local_choice(local_model, provider, model)
+    if agent is not None:
+        clash = [flag for flag, given in (("--tools", tools), ("--system-prompt", system_prompt), ("--policy", policy),
+                                           ("--allow-writes", allow_writes), ("--stop", stop),
+                                           ("--temperature", temperature != DEFAULT_TEMPERATURE),
+                                           ("--max-output-tokens", max_output_tokens != DEFAULT_MAX_OUTPUT_TOKENS))
+                 if given]
+        if clash:
+            raise UserError(f"{', '.join(clash)}: set by the agent's definition in loopstream.toml, "
+                            f"not with --agent {agent}")
+        if not workdir.is_dir():
+            raise UserError(f"--workdir {workdir} is not a directory")
+        flags = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds, context_budget=context_budget,
+                                   policy=None, sandbox=sandbox, network=network, goal_verify=goal_verify,
+                                   goal_max_iterations=goal_max_iterations)
+        composed = compose_agent(agent, text, workdir)
+        log = writer(bus, db, durability)
+        config = composed.config
+        config.max_steps = max_steps if max_steps != 12 else config.max_steps
+        # Budget, sandbox and goal flags apply over the agent's policy: only what they set.
+        if changes := flags.model_dump(mode="json", exclude_defaults=True):
+            config.policy = config.policy.updated(changes, "command line")
+        choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
+                             base_url, action_mode, fallback_model or [], rpm, tpm)
+        with mcp_tools(composed, workdir):
+            report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
+        return
+    sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
     if not workdir.is_dir():
         raise UserError(f"--workdir {workdir} is not a directory")
     prompt = read_text_file(system_prompt, "--system-prompt") if system_prompt else DEFAULT_SYSTEM_PROMPT
     session_policy = session_policy_for(max_tokens=max_tokens, max_seconds=max_seconds,
-                                        context_budget=context_budget, policy=policy)  # a bad file: before any log opens
+                                        context_budget=context_budget, policy=policy,
+                                        sandbox=sandbox, network=network, goal_verify=goal_verify,
+                                        goal_max_iterations=goal_max_iterations)  # a bad file: before any log opens
     log = writer(bus, db, durability)
     if allow_writes and (excluded := log_inside(log, workdir)):  # never snapshot (nor restore) the log itself
         session_policy = session_policy.updated({"checkpoint_exclude": [*session_policy.checkpoint_exclude,
                                                                         *excluded]})
     choice = ModelChoice(provider, model, base_url, action_mode, fallback_model or [], rpm, tpm)
+    check_script_tools(provider, model, names)
     config = SessionConfig(provider="", model="", tools=names, system_prompt=prompt, max_steps=max_steps,
                            workdir=str(workdir.resolve()), policy=session_policy,
                            sampling=sampling)  # provider and model: once it is open
     report(run_agent(log, text, config, registry, choice, watch(quiet, log, bus)))
+
+
+def check_script_tools(provider: str | None, model: str | None, names: list[str]) -> None:
+    """The scripted model's script must find the tools it calls (one line, before a log opens)."""
+    if (provider or "").lower() == "scripted" and (missing := missing_tools(model or "adder", names)):
+        spec = model or "adder"
+        raise UserError(f"the scripted model {spec!r} calls {', '.join(missing)}, which --tools does not include: "
+                        f"add {', '.join(missing)} to --tools, or choose a script with --model "
+                        f"(adder, reads:FILE, shell:COMMAND, …)")
+
+
+def compose_agent(name: str, goal: str, workdir: Path) -> Composed:
+    """Agent `name` of the project file, ready to start; warnings (skipped skills, broken plugins) printed."""
+    try:
+        composed = compose(name, goal, workdir, DEFAULT_SYSTEM_PROMPT)
+    except ProjectError as exc:
+        raise UserError(str(exc)) from None
+    for message in composed.warnings:
+        output.warning(message)
+    return composed
+
+
+@contextmanager
+def mcp_tools(composed: Composed, workdir: Path) -> Iterator[None]:
+    """The agent's MCP servers started (their tools added to the run) until the run ends."""
+    with _hub(composed.agent.mcp, str(workdir.resolve())) as hub:
+        composed.registry.add(*hub.tools)
+        composed.config.tools += [t.name for t in hub.tools]
+        yield
+
+
+@contextmanager
+def _hub(servers: dict, workdir: str) -> Iterator[McpHub]:
+    try:
+        hub = McpHub(servers, workdir).__enter__()
+    except McpError as exc:
+        raise UserError(str(exc)) from None
+    try:
+        yield hub
+    finally:
+        hub.close()
 
 
 def local_choice(key: str, provider: str | None, model: str | None) -> tuple[str, str]:
@@ -175,13 +255,21 @@ def need_writes(names: list[str], allow_writes: bool) -> None:
 
 
 def session_policy_for(*, max_tokens: int | None, max_seconds: float | None, context_budget: int | None,
-                       policy: Path | None) -> SessionPolicy:
-    """The session's policy: the --policy file, then the budget flags over it."""
+                       policy: Path | None, sandbox: str | None = None, network: bool = False,
+                       goal_verify: str | None = None, goal_max_iterations: int | None = None) -> SessionPolicy:
+    """The session's policy: the --policy file, then the budget and sandbox flags over it."""
     budgets = {k: v for k, v in (("max_tokens", max_tokens), ("max_wall_seconds", max_seconds)) if v}
     compaction = {"context_budget_tokens": context_budget} if context_budget else {}
+    if sandbox is not None and sandbox not in get_args(SandboxMode):
+        raise UserError(f"--sandbox {sandbox!r}: expected one of {', '.join(get_args(SandboxMode))}")
+    box = {**({"mode": sandbox} if sandbox else {}), **({"network": True} if network else {})}
+    if goal_verify is not None and not goal_verify.strip():
+        raise UserError("--goal-verify: the verify command is empty")
+    goal = {**({"verify_command": goal_verify} if goal_verify else {}),
+            **({"max_iterations": goal_max_iterations} if goal_max_iterations else {})}
     try:
         from_file = load_policy(policy) if policy is not None else SessionPolicy()
-        return from_file.updated({"budgets": budgets, "compaction": compaction}, "command line")
+        return from_file.updated({"budgets": budgets, "compaction": compaction, "sandbox": box, "goal": goal}, "command line")
     except PolicyError as exc:
         raise UserError(str(exc)) from None
 
@@ -276,8 +364,13 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
     try:
         with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
                                           on_local_start=watch.on_local_model) as chosen:
-            runtime = build_runtime(log, chosen, default_registry(allow_writes=allow_writes), on_event=watch.on_event)
-            return _drive(runtime, sid, watch)
+            registry, warnings = registry_for_session(state.agent_json, allow_writes)
+            for message in warnings:
+                output.warning(message)
+            with _hub(recorded_mcp(state.agent_json), state.workdir) as hub:  # the MCP servers it ran with
+                registry.add(*hub.tools)
+                runtime = build_runtime(log, chosen, registry, on_event=watch.on_event)
+                return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
 
@@ -288,6 +381,10 @@ COLORS = {"ModelResponded": "cyan", "ToolCompleted": "green", "ToolFailed": "yel
 
 
 def progress(event: ev.Event) -> None:
+    if event.type == "GoalVerified":  # goal mode: the iteration's result stands out
+        p = event.payload
+        output.note(Styled(f"goal iteration {p.iteration}: {'PASSED' if p.passed else 'not yet'}",
+                           "bold green" if p.passed else "bold yellow"), f" (verify exit code {p.exit_code})")
     output.note("  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
                 summarize(event, 100))
 
@@ -327,6 +424,10 @@ def report(outcome: Outcome) -> None:
             f"· {_count(state.step, 'step')} · {_count(state.tool_calls, 'tool call')} · "
             f"{state.input_tokens}+{state.output_tokens} tokens", "dim"))
         return
+    if state.status == "paused":
+        output.note(Styled("paused", "bold yellow"), f" session {sid} (by {state.paused_by or 'someone'}); "
+                    f"it stays paused across restarts; continue it with: loopstream goal resume {sid}")
+        raise typer.Exit(EXIT_PAUSED)
     if state.status == "cancelled":  # by a person, maybe from another terminal while this one ran
         output.error(f"session {sid} was cancelled by {outcome.ended_by or 'someone'}: {state.error or 'no reason given'}")
         raise typer.Exit(1)

@@ -178,7 +178,15 @@ def _session_started_v1(fields: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def _session_started_v2(fields: dict[str, Any]) -> dict[str, Any]:
+    """v2 recorded no agent definition: it ran with what the command line gave (no project file)."""
+    if not fields.get("agent_json"):
+        fields["agent_json"] = json.dumps({"name": fields["agent"], "source": "flags"}, sort_keys=True)
+    return fields
+
+
 register_upcaster("SessionStarted", 1, _session_started_v1)
+register_upcaster("SessionStarted", 2, _session_started_v2)
 
 
 def encode_payload(payload: Payload) -> bytes:

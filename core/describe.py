@@ -48,6 +48,17 @@ def _sampling(p: ev.SessionStarted) -> str:
     return "".join(" " + x for x in parts if x)
 
 
+def _sandbox(p: ev.SessionStarted) -> str:
+    """The sandbox a session with a code tool recorded (policy.to_config_json), else nothing."""
+    if '"sandbox"' not in p.config_json:
+        return ""
+    try:
+        box = json.loads(p.config_json).get("sandbox", {})
+    except ValueError:
+        return ""
+    return f" sandbox={box.get('mode', '?')}{'+network' if box.get('network') else ''}" if "mode" in box else ""
+
+
 def _responded(p: ev.ModelResponded) -> str:
     calls = "; ".join(call_text(c.name, c.arguments_json) for c in p.tool_calls)
     body = f"calls {calls}" if calls else f"says {p.text!r}"
@@ -56,7 +67,7 @@ def _responded(p: ev.ModelResponded) -> str:
 
 # One summary per event type; tests/test_describe.py checks that every type has its own.
 SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
-    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sampling(p)} "
+    ev.SessionStarted: lambda p: (f"agent={p.agent} provider={p.provider} model={p.model}{_sandbox(p)}{_sampling(p)} "
                                   f"tools={','.join(p.tools) or '-'} max_steps={p.max_steps}"),
     ev.GoalReceived: lambda p: repr(p.text),
     ev.ModelRequested: lambda p: f"step {p.step}" + (f" attempt {p.attempt}" if p.attempt > 1 else "")
@@ -75,6 +86,10 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.ContextOverBudget: lambda p: f"~{p.estimated_tokens} tok > budget {p.budget_tokens}: {p.reason}",
     ev.GuardrailTripped: lambda p: f"{p.stage} {p.action}: {p.message} [{p.rule}]"
                                    + (f" call {p.call_id}" if p.call_id else ""),
+    ev.HookDecided: lambda p: (f"{p.point} hook {p.hook!r}" + (f" on {p.call_id}" if p.call_id else "")
+                               + f": {p.decision}" + (f" ({p.reason})" if p.reason else "")
+                               + (f" args={p.arguments_json}" if p.arguments_json else "")
+                               + (f" note={p.context!r}" if p.context else "")),
     ev.LoopDetected: lambda p: f"{p.kind} {p.action}: {p.detail}"
                                + (f" ({', '.join(p.call_ids)})" if p.call_ids else ""),
     ev.ToolCallReviewed: lambda p: (f"{'allowed' if p.allowed else 'BLOCKED'} {p.call_id} by {p.model}: "
@@ -89,6 +104,17 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
     ev.SessionCancelled: lambda p: p.reason,
     ev.SessionForked: _forked,
     ev.UserMessage: lambda p: repr(p.text),
+    ev.GoalVerificationRequested: lambda p: f"iteration {p.iteration}: verify with {p.command!r}",
+    ev.GoalVerified: lambda p: (f"iteration {p.iteration}: {'PASSED' if p.passed else 'FAILED'} "
+                                f"(exit code {p.exit_code}, {p.latency_ms} ms) "
+                                f"{(p.output.strip().splitlines() or [''])[-1][-200:]!r}"),  # the last line says most
+    ev.GoalPaused: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
+    ev.GoalResumed: lambda p: f"by {p.by}" + (f": {p.reason}" if p.reason else ""),
+    ev.EvalGraded: lambda p: (f"{'PASS' if p.passed else 'FAIL'} {p.suite}/{p.case_id}"
+                              + (f" [{p.variant}]" if p.variant else "") + f" trial {p.trial} "
+                              f"{p.kind}:{p.grader} score {p.score:g}" + (f": {p.detail}" if p.detail else "")),
+    ev.FeedbackGiven: lambda p: (f"by {p.by}" + (f" score {p.score:g}" if p.score is not None else "")
+                                 + (f": {p.comment!r}" if p.comment else "")),
     ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
                                          f"({p.files_changed} files changed)"),
 }
@@ -115,7 +141,8 @@ def _status_by_last_type() -> dict[str, str]:
     for trigger, _, dest, _ in TRANSITIONS:
         dests.setdefault(trigger, set()).add(dest)
     shown = set(TERMINAL) | {row.status for row in STATES if row.owed_by == "person"}
-    return {t: next(iter(d)).replace("_", " ") for t, d in dests.items() if len(d) == 1 and d <= shown}
+    by_type = {t: next(iter(d)).replace("_", " ") for t, d in dests.items() if len(d) == 1 and d <= shown}
+    return {**by_type, "GoalPaused": "paused"}  # paused, or pausing after the call in flight
 
 
 STATUS_BY_LAST_TYPE = _status_by_last_type()

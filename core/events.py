@@ -39,7 +39,7 @@ class Payload(BaseModel):
 
 class SessionStarted(Payload):
     """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
-    settings (v2: temperature, output cap, stop sequences, top_p, seed)."""
+    settings (v2: temperature, output cap, stop sequences, top_p, seed); the agent definition (v3)."""
     WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
@@ -56,6 +56,8 @@ class SessionStarted(Payload):
     stop: list[str] = []
     top_p: float | None = None
     seed: int | None = None
+    # v3: the agent definition it ran with, as JSON (agents/definition.py); "" for none recorded.
+    agent_json: str = ""
 
 
 class GoalReceived(Payload):
@@ -292,6 +294,54 @@ class WorkspaceCheckpointed(Payload):
     files_changed: int
 
 
+class GoalVerificationRequested(Payload):
+    """Goal mode: the model answered; the goal's verify command is to run (in the sandbox):
+    iteration (from 1), the command."""
+    WRITTEN_BY = "orchestrator"
+    iteration: int
+    command: str
+
+
+class GoalVerified(Payload):
+    """Goal mode: the verifier's result: iteration, passed (exit code 0), exit code (-1: no
+    exit code: timeout, no sandbox), output, latency. A failure goes back to the model."""
+    WRITTEN_BY = "verifier"
+    iteration: int
+    passed: bool
+    exit_code: int
+    output: str
+    latency_ms: int
+
+
+class GoalPaused(Payload):
+    """The session is paused (`loopstream goal pause`): at once between steps, else pending
+    until the orchestrator's own GoalPaused at the next step. By whom, why."""
+    WRITTEN_BY = "a person (`loopstream goal pause`) / orchestrator (a pending pause takes effect)"
+    by: str
+    reason: str = ""
+
+
+class GoalResumed(Payload):
+    """A paused session goes on (`loopstream goal resume`), or a pending pause is withdrawn."""
+    WRITTEN_BY = "a person (`loopstream goal resume`)"
+    by: str
+    reason: str = ""
+
+
+class HookDecided(Payload):
+    """A hook's decision (point, hook, call id, allow / deny / ask / error / stop, reason, rewritten
+    arguments, a note for the model); recorded before it is acted on, so it never runs twice."""
+    WRITTEN_BY = "tools (PreToolUse, PostToolUse)"
+    point: str
+    hook: str
+    call_id: str | None = None
+    decision: str
+    reason: str = ""
+    arguments_json: str | None = None
+    context: str = ""
+    latency_ms: int = 0
+
+
 class LoopDetected(Payload):
     """The model repeats itself: kind (repeated_call, repeated_reply, oscillation), action
     (tell_model: each call of the reply is answered with the message, which quotes the earlier
@@ -302,6 +352,30 @@ class LoopDetected(Payload):
     message: str
     call_ids: list[str] = []
     detail: str = ""
+
+
+class EvalGraded(Payload):
+    """An annotation, legal once the session ended: one grader's verdict on it in an eval
+    suite (`loopstream eval`): suite, case, variant, trial, grader name and kind, passed,
+    score (0..1), detail."""
+    WRITTEN_BY = "eval (`loopstream eval`)"
+    suite: str
+    case_id: str
+    variant: str
+    trial: int
+    grader: str
+    kind: str
+    passed: bool
+    score: float
+    detail: str
+
+
+class FeedbackGiven(Payload):
+    """An annotation, legal once the session ended: a person's score and/or comment on it."""
+    WRITTEN_BY = "a person (`loopstream feedback`)"
+    by: str
+    score: float | None = None
+    comment: str = ""
 
 
 # Every event type, by name, in the order declared above.

@@ -36,6 +36,8 @@ class Status(StrEnum):
     ACTING = "acting"
     AWAITING_TOOLS = "awaiting_tools"
     AWAITING_APPROVAL = "awaiting_approval"
+    VERIFYING = "verifying"
+    PAUSED = "paused"
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -47,6 +49,7 @@ class Status(StrEnum):
 S = Status
 # Who acts: a processor's `name`, or a person (`loopstream approve` / `deny`, `Runtime.record`).
 ORCHESTRATOR, MODEL, COMPACTION, TOOLS, PERSON = "orchestrator", "model", "compaction", "tools", "person"
+VERIFIER = "verifier"
 
 
 class StateRow(NamedTuple):
@@ -71,12 +74,17 @@ STATES: tuple[StateRow, ...] = (
     # processor still runs the session's other pending calls (those not waiting on a person).
     StateRow(S.AWAITING_APPROVAL,  PERSON,       TOOLS, "a person approves or denies a call, "
                                                         "the tool processor runs the calls not waiting on one"),
+    StateRow(S.VERIFYING,          VERIFIER,     None,  "goal mode: the goal's verify command checks the answer"),
+    StateRow(S.PAUSED,             None,         None,  "paused by a person; waits for GoalResumed"),
     StateRow(S.DONE,               None,         None,  "finished with an answer"),
     StateRow(S.FAILED,             None,         None,  "ended by an error or a budget"),
     StateRow(S.CANCELLED,          None,         None,  "ended by a person"),
 )
 TERMINAL = frozenset({S.DONE, S.FAILED, S.CANCELLED})
 LIVE = [row.status for row in STATES if row.status not in TERMINAL and row.status is not S.NEW]
+
+PAUSABLE = [S.PLANNING, S.BACKING_OFF]  # between steps: a pause takes effect at once
+BUSY = [S.AWAITING_MODEL, S.COMPACTING, S.ACTING, S.AWAITING_TOOLS, S.AWAITING_APPROVAL, S.VERIFYING]
 
 # trigger (event type)    source                 destination            condition
 TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
@@ -115,9 +123,20 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     ("GuardrailTripped",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
     ("ToolCallReviewed",    S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),  # the reviewer model's verdict
     ("ToolCallReviewed",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),  # another call waits for a person
+    ("HookDecided",         S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),  # a hook's decision on a call
+    ("HookDecided",         S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
     ("ApprovalRequested",   [S.AWAITING_TOOLS, S.AWAITING_APPROVAL], S.AWAITING_APPROVAL, None),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_TOOLS,      "no_open_approvals"),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
+    # goal mode: a final answer is verified; a failure goes back to the model
+    ("GoalVerificationRequested", S.ACTING,        S.VERIFYING,           None),
+    ("GoalVerified",        S.VERIFYING,           S.ACTING,              "goal_passed"),  # then SessionFinished
+    ("GoalVerified",        S.VERIFYING,           S.PLANNING,            None),
+    # pause: at once between steps; pending (a self-transition) while something is in flight
+    ("GoalPaused",          PAUSABLE,              S.PAUSED,              None),
+    *[("GoalPaused", s, s, None) for s in BUSY],
+    ("GoalResumed",         S.PAUSED,              S.PLANNING,            None),
+    *[("GoalResumed", s, s, None) for s in BUSY],  # withdraws a pending pause
     # the end
     ("SessionFinished",     S.ACTING,              S.DONE,                None),
     ("SessionFailed",       LIVE,                  S.FAILED,              None),
@@ -128,13 +147,19 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     # A person adds a message while neither the model nor a tool call is owed an answer.
     ("UserMessage",         [S.IDLE, S.PLANNING],  S.PLANNING,            None),
     ("UserMessage",         S.ACTING,              S.PLANNING,            "reply_without_calls"),
+    # Annotations of an ended session (loopstream.observe): an eval's grade, a person's
+    # feedback. They change no state and nothing is owed after them.
+    *[(t, s, s, None) for t in ("EvalGraded", "FeedbackGiven") for s in (S.DONE, S.FAILED, S.CANCELLED)],
 ]
+# The annotation types: legal only once a session ended, they leave its state as it was.
+ANNOTATIONS = frozenset({"EvalGraded", "FeedbackGiven"})
 
 # Conditions read the folded state *after* the event's payload was applied to it.
 CONDITIONS: dict[str, Callable[[Any], bool]] = {
     "tools_settled": lambda state: not state.pending_calls,
     "no_open_approvals": lambda state: not state.open_approvals,
     "reply_without_calls": lambda state: not state.last_reply_calls,
+    "goal_passed": lambda state: state.goal_passed,
 }
 
 _OWED = {row.status: row for row in STATES}

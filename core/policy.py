@@ -22,6 +22,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, 
 Action = Literal["allow", "deny", "ask"]
 OnTrip = Literal["tell_model", "stop"]
 ACTIONS = ("allow", "deny", "ask")
+CODE_TOOLS = frozenset({"shell"})  # tools that run code: they run under the sandbox policy
 MAX_POLICY_BYTES = 1 << 20
 
 
@@ -172,6 +173,85 @@ class SecretHandling(_Section):
     (goal, user message, tool result). Off: tools get the placeholder itself."""
 
 
+SandboxMode = Literal["workspace-write", "read-only", "full", "none"]
+
+
+class Sandbox(_Section):
+    """How code tools (`shell`) run: under bubblewrap (tools/sandbox.py), or not at all (`none`)."""
+
+    mode: SandboxMode = "workspace-write"
+    """workspace-write: the workdir (and a private /tmp) writable, `.git` and `.loopstream` and the
+    rest of the file system read-only, home directories hidden; read-only: nothing writable but a
+    private /tmp; full: the whole file system writable (explicit opt-in; still its own processes and
+    limits); none: no sandbox at all (a plain shell; explicit opt-out)."""
+    network: bool = False
+    """Give code tools the host's network (default: an empty network namespace, no network at all)."""
+    memory_mb: int = Field(4096, ge=16)
+    """Address-space limit of each process a code tool starts (RLIMIT_AS), in MiB."""
+    file_size_mb: int = Field(1024, ge=1)
+    """Largest file a code tool may write (RLIMIT_FSIZE), in MiB."""
+    cpu_seconds: int = Field(600, ge=1)
+    """CPU time of each process a code tool starts (RLIMIT_CPU)."""
+    max_processes: int = Field(256, ge=1)
+    """Processes and threads a code tool may have at once (a pids cgroup; RLIMIT_NPROC when not root)."""
+
+
+class Scope(_Section):
+    """What the agent may touch, checked before a tool call runs (tools/scope.py); a call outside is
+    ToolFailed `scope_denied` naming the rule."""
+
+    allowed_paths: list[str] = []
+    """Paths a tool may name besides the workdir: absolute paths or globs (`/data/*`), or globs relative
+    to the workdir (`src/*`: then a relative path must match one of them). Empty: the workdir."""
+    allowed_commands: list[str] = []
+    """Globs (`git *`, `pytest*`) or `re:REGEX` (matched whole); every simple command of a `shell` call
+    (split at `;`, `&&`, `||`, `|`, newlines) must match one. Empty: any command."""
+
+
+class GoalMode(_Section):
+    """Goal mode: a final answer is not the end until a verify command passes (processors/verifier.py)."""
+
+    verify_command: str | None = None
+    """A shell command run in the workdir, in the session's sandbox, after each final answer;
+    exit code 0 ends the session done, anything else is fed back to the model. None: no goal mode."""
+    max_iterations: int = Field(10, ge=1)
+    """Verifications before the session fails (`goal_not_verified`); steps, tokens, cost and wall
+    time are `[budgets]` and `max_steps`, as for any session."""
+    verify_timeout_s: float = Field(300.0, gt=0, le=600)
+    """Time limit of one verification."""
+
+
+HookPoint = Literal["PreToolUse", "PostToolUse", "SessionStart", "SessionEnd", "PreCompact"]
+HOOK_POINTS = get_args(HookPoint)
+
+
+class Hook(_Section):
+    """A hook (processors/hooks.py): a command (JSON on stdin, a JSON decision on stdout) or a
+    Python callable (`module:function`) run at one point of the loop; its decision is an event."""
+
+    event: HookPoint
+    """Where it runs: PreToolUse (may allow, deny or rewrite the arguments), PostToolUse (may add a
+    note to the result), SessionStart, SessionEnd, PreCompact."""
+    matcher: str = "*"
+    """Tool name glob for the tool events."""
+    command: list[str] = []
+    """argv of an executable (no shell), run in the session's workdir."""
+    python: str = ""
+    """`module:function` called with the input dict, returning a decision dict."""
+    timeout_s: float = Field(10.0, gt=0)
+    """Seconds before the hook counts as failed."""
+    on_error: Literal["deny", "allow", "stop"] = "deny"
+    """A failing hook (non-zero exit, timeout, bad JSON): deny the call, let it through, or stop the session."""
+
+    def model_post_init(self, _context: Any) -> None:
+        if bool(self.command) == bool(self.python):
+            raise ValueError("a hook needs exactly one of `command` (argv list) or `python` (module:function)")
+
+    @property
+    def label(self) -> str:
+        return self.python or " ".join(self.command)[:200]
+
+
 class Loops(_Section):
     """Noticing a model that repeats itself (processors/loops.py): the model is told, with the
     earlier result, `nudges` times; the next repeat ends the session (error kind `loop`)."""
@@ -216,6 +296,9 @@ class SessionPolicy(_Section):
     permissions: Permissions = Permissions()
     timeouts: Timeouts = Timeouts()
     secrets: SecretHandling = SecretHandling()
+    sandbox: Sandbox = Sandbox()
+    scope: Scope = Scope()
+    goal: GoalMode = GoalMode()
     loops: Loops = Loops()
     shaping: Shaping = Shaping()
     fallback_models: list[str] = []
@@ -224,6 +307,8 @@ class SessionPolicy(_Section):
     """gitignore patterns never snapshotted before a side-effect tool (nor restored)."""
     progress_updates: bool = False
     """Publish every event as a progress update to the goal's reply topic (Kafka)."""
+    hooks: list[Hook] = []
+    """Hooks run at points of the loop (processors/hooks.py); each decision is a HookDecided event."""
 
     _unreadable: str | None = PrivateAttr(None)
 
@@ -232,11 +317,14 @@ class SessionPolicy(_Section):
         """Why the recorded policy this stands in for could not be read (see `recorded_policy`)."""
         return self._unreadable
 
-    def to_config_json(self) -> str:
+    def to_config_json(self, *, code_tools: bool = False) -> str:
         """The JSON recorded in SessionStarted: what differs from the defaults, with a context
         budget the estimator it is measured with, and loop detection's and shaping's settings
-        whole (defaults may change; a replay decides as the session was decided)."""
+        whole (defaults may change; a replay decides as the session was decided). A session with
+        a code tool (`code_tools`: shell) always records its sandbox mode and network."""
         data = self.model_dump(mode="json", exclude_defaults=True)
+        if code_tools:
+            data["sandbox"] = {**data.get("sandbox", {}), "mode": self.sandbox.mode, "network": self.sandbox.network}
         if self.compaction.context_budget_tokens is not None:
             data.setdefault("compaction", {})["estimator"] = self.compaction.estimator
         for name in WHOLE_WHEN_ON:  # recorded whole: a session without them ran without them

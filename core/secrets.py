@@ -287,6 +287,10 @@ TEXT_LIMITS: dict[tuple[str, str], int] = {
     ("GuardrailTripped", "message"): 16_000,
     ("ContextCompacted", "summary"): 100_000,
     ("WorkspaceCheckpointed", "workdir"): 8_192,
+    ("GoalVerificationRequested", "command"): 16_000,
+    ("GoalVerified", "output"): 16_000,
+    ("EvalGraded", "detail"): 16_000,
+    ("FeedbackGiven", "comment"): 16_000,
 }
 DEFAULT_TEXT_LIMIT = 4_096  # reasons, ids, names, models, kinds
 UNCAPPED = frozenset({("SessionStarted", "config_json"), ("SessionForked", "overrides_json"),

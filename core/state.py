@@ -30,10 +30,11 @@ class PendingCall:
     review: bool | None = None  # the reviewer model's verdict (ToolCallReviewed), once given
     approval: str | None = None  # why a person must decide, while they have not (ApprovalRequested)
     approved: bool | None = None  # the person's decision (ApprovalDecided)
+    hooked: bool = False  # its PreToolUse hooks have decided (HookDecided)
 
     def copy(self) -> PendingCall:
         return PendingCall(self.call, self.owed_seq, self.checkpoint_seq, self.attempt, self.retry_at_ms,
-                           self.review, self.approval, self.approved)
+                           self.review, self.approval, self.approved, self.hooked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,7 @@ class SessionState:
     last_event_id: str | None = None
     correlation_id: str = ""
     agent: str = ""
+    agent_json: str = ""  # the agent definition it ran with (SessionStarted v3; agents/definition.py)
     provider: str = ""
     model: str = ""
     tools: list[str] = field(default_factory=list)
@@ -114,6 +116,13 @@ class SessionState:
     tool_tokens: int = 0
     action_mode: str = "native"
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
+    # goal mode ([goal] verify_command): verifications so far, the last result, a pause asked for
+    goal_iterations: int = 0
+    goal_passed: bool = False  # the last verification passed (the answer it checked is final)
+    last_verification: str = ""  # "passed" | "failed: exit code N" (for status and progress)
+    open_verification_seq: int | None = None
+    pause_pending: bool = False
+    paused_by: str = ""
 
     @property
     def last_reply_calls(self) -> list[ToolCall]:
@@ -209,6 +218,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.correlation_id = event.correlation_id
             state.started_ms = event.time
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
+            state.agent_json = p.agent_json
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.policy = recorded_policy(p.config_json)
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
@@ -273,6 +283,11 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 rec.review = p.allowed
                 if p.allowed:
                     rec.owed_seq = event.seq  # the tool processor carries on from here
+        case ev.HookDecided() if p.point == "PreToolUse":
+            if p.call_id is not None and (rec := state.pending_calls.get(p.call_id)) is not None:
+                rec.owed_seq, rec.hooked = event.seq, True  # the tool processor carries on from here
+                if p.arguments_json is not None:  # the hook rewrote the arguments
+                    rec.call = _tool_call(p.call_id, rec.call.name, p.arguments_json)
         case ev.ApprovalRequested():
             if (rec := state.pending_calls.get(p.call_id)) is not None:
                 rec.approval, rec.owed_seq = p.reason, event.seq  # owed by a person from here
@@ -293,6 +308,22 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             if (rec := state.pending_calls.get(p.call_id)) is not None:  # the tool runs right after it
                 rec.owed_seq = rec.checkpoint_seq = event.seq
                 rec.retry_at_ms = None
+        case ev.GoalVerificationRequested():
+            state.goal_iterations = p.iteration
+            state.open_verification_seq = event.seq
+            state.goal_passed = False
+        case ev.GoalVerified():
+            state.open_verification_seq = None
+            state.goal_passed = p.passed
+            state.last_verification = "passed" if p.passed else f"failed: exit code {p.exit_code}"
+            if not p.passed:
+                state.messages.append(_message("user", verifier_feedback(p), event.seq))
+        case ev.GoalPaused():
+            state.pause_pending = state.status not in ("planning", "backing_off")  # else: paused now
+            state.paused_by = p.by if p.by != "orchestrator" else state.paused_by
+        case ev.GoalResumed():
+            state.pause_pending = False
+            state.paused_by = ""
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
     fixed = UNCONDITIONAL.get(key) if transition is next_state else None  # most rows need no condition
@@ -302,6 +333,13 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def verifier_feedback(p: ev.GoalVerified) -> str:
+    """The message the model reads after a failed verification."""
+    how = f"exit code {p.exit_code}" if p.exit_code >= 0 else "it did not complete"
+    return (f"The goal is not reached yet: its verification (iteration {p.iteration}) failed ({how}). "
+            f"Verifier output:\n{p.output or '(none)'}\nKeep working on the goal, then answer again.")
 
 
 def call_signature(call: ToolCall) -> str:
@@ -417,6 +455,8 @@ def open_work(state: SessionState) -> list[Owed]:
         return [Owed(state.open_request_seq, actor)]
     if actor == "compaction" and state.open_compaction_seq is not None:
         return [Owed(state.open_compaction_seq, actor)]
+    if actor == "verifier" and state.open_verification_seq is not None:
+        return [Owed(state.open_verification_seq, actor)]
     if actor in ("tools", "person"):
         calls = sorted(state.pending_calls.values(), key=lambda p: (p.checkpoint_seq is None, p.owed_seq))
         return [Owed(p.owed_seq, "person") if p.approval is not None else Owed(p.owed_seq, "tools", p.retry_at_ms)

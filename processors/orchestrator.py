@@ -10,6 +10,10 @@ the budget) or ContextOverBudget before the request (nothing to compact now; it 
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
 that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
 truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed.
+Goal mode (policy [goal] verify_command): a final answer is GoalVerificationRequested instead,
+SessionFinished only once the verifier's GoalVerified passed; after goal.max_iterations failed
+verifications, SessionFailed. A pause a person asked for while something was in flight takes
+effect at the next planning step (GoalPaused by orchestrator).
 """
 from __future__ import annotations
 
@@ -43,6 +47,14 @@ class Orchestrator:
         return self._act(state, now_ms) if state.status == "acting" else self._plan(state, now_ms)
 
     def _plan(self, state: SessionState, now: int) -> list[Emit]:
+        if state.pause_pending:  # a person asked for a pause while something was in flight: now it takes effect
+            return [Emit(ev.GoalPaused(by="orchestrator", reason=f"the pause {state.paused_by} asked for"))]
+        goal = state.policy.goal
+        if goal.verify_command and state.last_verification.startswith("failed") \
+                and state.goal_iterations >= goal.max_iterations:
+            return [Emit(ev.SessionFailed(error_kind="goal_not_verified", reason=(
+                f"the goal's verification failed {state.goal_iterations} time(s) (goal.max_iterations "
+                f"{goal.max_iterations}); last: {state.last_verification}")))]
         step = state.step if state.step_open else state.step + 1
         if (stop := budgets.exceeded(state, step if not state.step_open else 0, now)) is not None:
             return [Emit(stop)]
@@ -143,6 +155,8 @@ class Orchestrator:
                 return [Emit(trip), Emit(ev.SessionFailed(
                     reason=f"output blocked by guardrail {trip.rule}: {trip.message}", error_kind="guardrail"))]
             return [Emit(trip)]  # the fold tells the model why; it answers again
+        if (command := state.policy.goal.verify_command) and not state.goal_passed:
+            return [Emit(ev.GoalVerificationRequested(iteration=state.goal_iterations + 1, command=command))]
         return [Emit(ev.SessionFinished(
             answer=answer,
             steps=state.step,

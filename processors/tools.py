@@ -7,7 +7,8 @@ Before a call runs it passes a gate: guardrails (deny patterns, an optional revi
 model whose verdict is recorded as ToolCallReviewed before the call goes on) may block
 it (GuardrailTripped), and permission rules may deny it (ToolFailed permission_denied)
 or ask a person (ApprovalRequested; the session waits in awaiting_approval until an
-ApprovalDecided, written by `loopstream approve` / `deny`).
+ApprovalDecided, written by `loopstream approve` / `deny`). A call outside the session's
+`[scope]` (tools/scope.py) is ToolFailed `scope_denied` naming the rule, before anything runs.
 
 A side-effect tool (`read_only=False`) runs right after its WorkspaceCheckpointed is in the
 log: the processor snapshots the workspace and emits that event with the run attached
@@ -28,12 +29,14 @@ from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.secrets import mentions_placeholder, placeholders_from_outside, reveal
 from loopstream.core.state import PendingCall, SessionState
+from loopstream.processors import hooks
 from loopstream.processors.guardrails import check_tool_call, no_reviewer, review, reviewer_blocked
 from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.base import Provider, ToolCall
 from loopstream.tools.checkpoint import CheckpointError, Workspace
 from loopstream.tools.permissions import decide
 from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
+from loopstream.tools.scope import check as scope_check
 
 MAX_RESULT_CHARS = 16_000
 TRANSIENT_KINDS = frozenset({"timeout", "transient"})  # raise ToolError(..., kind="transient") to ask for a retry
@@ -57,7 +60,7 @@ class ToolProcessor:
     name = "tools"
     acts_for = "tools"  # awaiting_tools / awaiting_approval: each pending call not waiting for a person
     triggers = frozenset({"ToolRequested", "ToolCallReviewed", "WorkspaceCheckpointed", "ApprovalDecided",
-                          "RetryScheduled"})
+                          "RetryScheduled", "HookDecided"})
 
     def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None) -> None:
         self.registry = registry
@@ -79,10 +82,70 @@ class ToolProcessor:
             return self._proceed(call, state, now_ms)
         if isinstance(p, ev.ToolRequested) and (bad := _bad_arguments(p.arguments_json)) is not None:
             return [self._failed(call.call_id, call.name, "invalid_arguments", bad, started)]
+        if not rec.hooked and (pre := hooks.matching(state.policy.hooks, "PreToolUse", call.name)):
+            return self._pre_hooks(pre, call, state, started)
         # ToolRequested, or ToolCallReviewed (allowed): through the gate, then on
         if (gated := self._gate(rec, state, started)) is not None:
             return gated
         return self._proceed(call, state, now_ms)
+
+    def _pre_hooks(self, pre: list, call: ToolCall, state: SessionState, started: float) -> list[Emit]:
+        """Run the PreToolUse hooks in order (each sees the arguments the one before left) and
+        record each decision; the call goes on from the last HookDecided, unless one denied
+        (ToolFailed hook_denied), asked a person (ApprovalRequested) or stopped the session."""
+        emits: list[Emit] = []
+        arguments = dict(call.arguments)
+        for i, hook in enumerate(pre):
+            decision, ms = hooks.run_hook(hook, self._hook_input("PreToolUse", call.name, arguments, state),
+                                          state.workdir or ".")
+            if decision.arguments is not None:
+                arguments = decision.arguments
+            emits.append(Emit(decision.event(hook, call.call_id, ms), key=f"{call.call_id}.pre.{i}"))
+            why = decision.reason or f"hook {hook.label}"
+            if decision.decision == "deny":
+                return [*emits, self._failed(call.call_id, call.name, "hook_denied",
+                                             f"denied by a PreToolUse hook: {why}", started)]
+            if decision.decision == "stop":
+                return [*emits, Emit(ev.SessionFailed(reason=f"tool call {call.name} stopped by {why}",
+                                                      error_kind="hook_failed"))]
+            if decision.decision == "ask":
+                return [*emits, Emit(ev.ApprovalRequested(call_id=call.call_id, name=call.name,
+                                                          arguments_json=json.dumps(arguments, sort_keys=True),
+                                                          reason=f"a hook asks: {why}"), key=call.call_id)]
+        return emits
+
+    @staticmethod
+    def _hook_input(point: str, name: str, arguments: dict, state: SessionState, **extra: object) -> dict:
+        return {"hook_event_name": point, "session_id": state.session_id, "cwd": state.workdir or ".",
+                "tool_name": name, "tool_input": arguments, **extra}
+
+    def _post_hooks(self, done: Emit, call: ToolCall, state: SessionState) -> list[Emit]:
+        """Run the PostToolUse hooks on a finished call: each decision is recorded with the result
+        (one batch), and what a hook says (a denial's reason, its note) is added to the result."""
+        post = hooks.matching(state.policy.hooks, "PostToolUse", call.name)
+        if not post:
+            return [done]
+        p = done.payload
+        ok = isinstance(p, ev.ToolCompleted)
+        emits: list[Emit] = []
+        notes: list[str] = []
+        for i, hook in enumerate(post):
+            extra = {"tool_response": p.result} if ok else {"tool_error": p.message}
+            decision, ms = hooks.run_hook(hook, self._hook_input("PostToolUse", call.name, call.arguments, state,
+                                                                 **extra), state.workdir or ".")
+            decision.arguments = None  # the call has run: nothing to rewrite
+            emits.append(Emit(decision.event(hook, call.call_id, ms), key=f"{call.call_id}.post.{i}"))
+            if decision.decision == "stop":
+                return [*emits, done, Emit(ev.SessionFailed(reason=f"after {call.name}: {decision.reason}",
+                                                            error_kind="hook_failed"))]
+            note = " ".join(x for x in (decision.reason if decision.decision != "allow" else "", decision.context) if x)
+            if note:
+                notes.append(f"[PostToolUse hook {hook.label}: {note}]")
+        if notes and ok:
+            done = Emit(p.model_copy(update={"result": p.result + "\n" + "\n".join(notes)}), key=done.key)
+        elif notes:
+            done = Emit(p.model_copy(update={"message": p.message + "\n" + "\n".join(notes)}), key=done.key)
+        return [*emits, done]
 
     def _redo_started(self, rec: PendingCall, commit: str, state: SessionState, now_ms: int) -> list[Emit]:
         """The call's checkpoint is in the log (written right before the tool runs) and it has
@@ -96,7 +159,7 @@ class ToolProcessor:
                                  f"recorded; it is not idempotent, so it was not run again. Check its effects "
                                  f"(workspace checkpoint {commit[:12]} holds the files from before it) and "
                                  f"call it again only if needed.", time.monotonic())]
-        return [self._run(call, state, now_ms, time.monotonic())]
+        return self._run(call, state, now_ms, time.monotonic())
 
     def _gate(self, rec: PendingCall, state: SessionState, started: float) -> list[Emit] | None:
         """Guardrails (patterns, then the reviewer model), then permission rules: block,
@@ -114,6 +177,9 @@ class ToolProcessor:
                     verdict = review(self.reviewer, call, state.goal)
                     blocked = [] if verdict.allowed else self._blocked(reviewer_blocked(guard, verdict), call.name)
                     return [Emit(verdict, key=call.call_id), *blocked]
+        why = scope_check(state.policy.scope, call.name, call.arguments, Path(state.workdir or "."))
+        if why is not None:
+            return [self._failed(call.call_id, call.name, "scope_denied", why, started)]
         permissions = state.policy.permissions
         if permissions:
             decision = decide(permissions, call.name, call.arguments)
@@ -145,7 +211,7 @@ class ToolProcessor:
             except ToolError as exc:
                 return [self._failed(call.call_id, call.name, exc.kind, str(exc), started)]
             return [self._checkpoint(call, state, started)]
-        return [self._run(call, state, now_ms, started)]
+        return self._run(call, state, now_ms, started)
 
     def _allowed(self, state: SessionState) -> ToolRegistry:
         # Only the tools this session was started with are callable.
@@ -162,16 +228,23 @@ class ToolProcessor:
         return Emit(ev.WorkspaceCheckpointed(
             call_id=call.call_id, commit=snap.commit, workdir=str(workspace.workdir),
             files_changed=snap.files_changed,
-        ), key=call.call_id, then=lambda now_ms: [self._run(call, state, now_ms, time.monotonic())])
+        ), key=call.call_id, then=lambda now_ms: self._run(call, state, now_ms, time.monotonic()))
 
-    def _run(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> Emit:
+    def _run(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> list[Emit]:
+        """The call run, and its PostToolUse hooks on the outcome (a retry runs none yet)."""
+        done = self._run_once(call, state, now_ms, started)
+        if isinstance(done.payload, ev.ToolCompleted | ev.ToolFailed):
+            return self._post_hooks(done, call, state)
+        return [done]
+
+    def _run_once(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> Emit:
         name, call_id = call.name, call.call_id
         allowed = self._allowed(state)
         tool = allowed.tools.get(name)
         timeout = (tool.timeout_s if tool and tool.timeout_s else None) or float(
             state.policy.timeouts.tool_timeout_s)
         try:
-            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id)
+            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id, policy=state.policy)
             args = reveal(call.arguments, placeholders_from_outside(state.messages)) \
                 if state.policy.secrets.reveal_to_tools and mentions_placeholder(call.arguments) \
                 else call.arguments  # the log keeps [REDACTED:NAME]; the conversation is scanned only if needed

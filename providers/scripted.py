@@ -5,6 +5,7 @@ drive any sequence of tool calls and answers without a model server.
 """
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -109,15 +110,82 @@ def reads_script(path: str = "reply.txt") -> Script:
     return script
 
 
+def shell_script(command: str = "echo hello") -> Script:
+    """Calls shell(command) once, then answers with the tool's result (or its error) exactly."""
+
+    def script(messages: list[Message]) -> ModelReply:
+        results = [m.content for m in messages if m.role == "tool"]
+        if not results:
+            call = ToolCall(call_id="s0", name="shell", arguments={"command": command})
+            return ModelReply(text="", tool_calls=[call], input_tokens=10, output_tokens=5, mode="native")
+        return ModelReply(text=results[-1] or "(empty)", input_tokens=10, output_tokens=5)
+
+    return script
+
+
+FIX_VERSIONS = ("def add(a, b):\n    return a - b\n", "def add(a, b):\n    return a * b  # try\n",
+                "def add(a, b):\n    return a + b  # fixed\n")  # sizes differ: a stale .pyc is never used
+
+
+def goalfix_script(delay: str = "0") -> Script:
+    """Goal mode's test model: fixes `calc.py` over several iterations. Each turn that starts
+    from the goal or from a failed verification logs the attempt with `shell` (a
+    non-idempotent call) and writes the next version of calc.py (two wrong ones, then the
+    right one); after the tool results it says it is done. It waits `delay` seconds per reply."""
+    wait = float(delay)
+
+    def script(messages: list[Message]) -> ModelReply:
+        if wait:
+            cancel.sleep(wait)
+        failures = sum(1 for m in messages if m.role == "user" and m.content.startswith("The goal is not reached"))
+        if messages[-1].role == "tool":
+            return ModelReply(text=f"attempt {failures + 1} is written", input_tokens=20, output_tokens=5)
+        version = FIX_VERSIONS[min(failures, len(FIX_VERSIONS) - 1)]
+        calls = [ToolCall(call_id=f"log{failures}", name="shell",
+                          arguments={"command": f"echo attempt-{failures + 1} >> attempts.log"}),
+                 ToolCall(call_id=f"fix{failures}", name="write_file", arguments={"path": "calc.py", "content": version})]
+        return ModelReply(text="", tool_calls=calls, input_tokens=20, output_tokens=10, mode="native")
+
+
+def calls_script(spec: str) -> Script:
+    """`TOOL:JSON_ARGUMENTS`: calls TOOL once with those arguments, then answers with what the
+    tool returned (or the failure the model was told), exactly."""
+    name, _, arguments = spec.partition(":")
+    args = json.loads(arguments or "{}")
+    if not name or not isinstance(args, dict):
+        raise ValueError(spec)
+
+    def script(messages: list[Message]) -> ModelReply:
+        results = [m for m in messages if m.role == "tool"]
+        if not results:
+            return ModelReply(text="", tool_calls=[ToolCall(call_id="c0", name=name, arguments=args)],
+                              input_tokens=10, output_tokens=5, mode="native")
+        return ModelReply(text=results[-1].content or "(empty)", input_tokens=10, output_tokens=5)
+
+    return script
+
+
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
-                                             "down": down_script, "slow": slow_script, "reads": reads_script}
+                                             "down": down_script, "slow": slow_script, "reads": reads_script,
+                                             "shell": shell_script, "goalfix": goalfix_script,
+                                             "calls": calls_script}
+SCRIPT_TOOLS: dict[str, tuple[str, ...]] = {"adder": ("add",), "slow": ("add",), "reads": ("read_file",),
+                                            "shell": ("shell",), "goalfix": ("shell", "write_file")}  # tools called
+
+
+def missing_tools(spec: str, tools: Sequence[str]) -> list[str]:
+    """The tools the script `spec` calls that `tools` lacks (a session without them cannot run it)."""
+    name = spec.removeprefix("scripted:").partition(":")[0]
+    return [t for t in SCRIPT_TOOLS.get(name, ()) if t not in tools]
 
 
 def scripted_from_spec(spec: str) -> ScriptedProvider:
     """`adder` or `adder:5` (or `scripted:adder:5`, as sessions record it) → the adder script;
     `reviewer` / `reviewer:0` → a tool-call reviewer that allows / blocks every call;
     `down` → a model that always fails (retryable); `slow:SECONDS` → the adder, slowly;
-    `reads:FILE` → reads FILE and answers with its text."""
+    `reads:FILE` → reads FILE and answers with its text; `shell:COMMAND` → runs COMMAND with
+    the shell tool and answers with its result; `calls:TOOL:JSON` → calls TOOL with the JSON
+    arguments and answers with its result."""
     spec = spec.removeprefix("scripted:")
     name, _, arg = spec.partition(":")
     if name not in SCRIPTS:

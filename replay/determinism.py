@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.codec import CodecError, decode
-from loopstream.core.fsm import next_state
+from loopstream.core.fsm import ANNOTATIONS, next_state
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.processor import Emit
 from loopstream.core.sqlite_log import SQLiteLog
@@ -29,9 +29,10 @@ from loopstream.replay.chain import ChainReport, verify_raw
 from loopstream.runtime.inline import Runtime
 from loopstream.runtime.writer import SessionWriter
 
-# Events that come from outside the loop (people, goal producers, forks): copied, not re-made.
+# Events that come from outside the loop (people, goal producers, forks, annotations such as an
+# eval's grades and feedback): copied, not re-made.
 INPUT_TYPES = frozenset({"SessionStarted", "GoalReceived", "UserMessage", "SessionForked", "SessionCancelled",
-                         "ApprovalDecided"})
+                         "ApprovalDecided"}) | ANNOTATIONS
 REPLYING = ("model", "compaction", "tools")  # the actors whose work is answered from the log
 
 

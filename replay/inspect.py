@@ -12,6 +12,7 @@ session started from a Kafka goal records the model its orchestrator was given, 
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pathlib import Path
 from loopstream.core import events as ev
 from loopstream.core.codec import decode_prefix
 from loopstream.core.describe import status_of
+from loopstream.core.fsm import ANNOTATIONS
 from loopstream.core.log import Log, SessionInfo, SessionNotFound
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.replay.chain import ChainReport, check_complete, verify_raw
@@ -47,8 +49,17 @@ def session_rows(log: Log, limit: int | None = None) -> list[SessionRow]:
         infos = infos[-limit:] if limit > 0 else []
     path = _lease_root(log)
     workers = path is not None and lease.workers_attached(path)
-    return [SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(i, path, workers), i.next_seq,
+    return [SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(_ended(log, i), path, workers), i.next_seq,
                        _goal(log, i.session_id), _model(log, i.session_id, i.next_seq)) for i in infos]
+
+
+def _ended(log: Log, info: SessionInfo) -> SessionInfo:
+    """`info` with the type of the event that ended the session when an annotation (an eval's
+    grade, feedback: core.fsm.ANNOTATIONS, legal only after the end) came last."""
+    if info.last_type not in ANNOTATIONS:
+        return info
+    last = next((e.type for e in reversed(log.read(info.session_id)) if e.type not in ANNOTATIONS), info.last_type)
+    return dataclasses.replace(info, last_type=last)
 
 
 def live_status(info: SessionInfo, log_path: Path | None, workers: bool = False) -> str:

@@ -17,6 +17,7 @@ from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
+from loopstream.processors.verifier import Verifier
 from loopstream.providers.base import Provider
 from loopstream.providers.errors import ProviderConfigError
 from loopstream.providers.factory import open_provider
@@ -136,7 +137,7 @@ def processors_for(
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs.append(ToolProcessor(registry, reviewer=provider))
+        procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs

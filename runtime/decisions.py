@@ -107,6 +107,33 @@ def cancel(log: Log, session_id: str, *, by: str | None = None, reason: str = "c
     return written.state
 
 
+def pause(log: Log, session_id: str, *, by: str | None = None, reason: str = "") -> SessionState:
+    """Pause a session: at once between steps, else at the next step (GoalPaused). A paused
+    session waits, across restarts, until `resume_paused`."""
+    state = load(log, session_id)
+    if state.terminal:
+        raise DecisionError(f"session {session_id} already ended ({state.status})")
+    if state.status == "paused" or state.pause_pending:
+        raise DecisionError(f"session {session_id} is already paused{' (pending)' if state.pause_pending else ''}")
+    by = by or person()
+    written = _record(log, session_id, ev.GoalPaused(by=by, reason=reason), by)
+    if written.outcome == "dropped":
+        raise DecisionError(f"session {session_id} cannot be paused in state {written.state.status}")
+    return written.state
+
+
+def resume_paused(log: Log, session_id: str, *, by: str | None = None, reason: str = "") -> SessionState:
+    """Resume a paused session (or withdraw a pause still pending): GoalResumed."""
+    state = load(log, session_id)
+    if state.status != "paused" and not state.pause_pending:
+        raise DecisionError(f"session {session_id} is not paused ({state.status})")
+    by = by or person()
+    written = _record(log, session_id, ev.GoalResumed(by=by, reason=reason), by)
+    if written.outcome == "dropped":
+        raise DecisionError(f"session {session_id} could not be resumed in state {written.state.status}")
+    return written.state
+
+
 def _record(log: Log, session_id: str, payload: ev.Payload, actor: str, key: str = "") -> Written:
     """The one place decisions reach the session writer."""
     return SessionWriter(log).record(session_id, [payload], actor=actor, key=key)

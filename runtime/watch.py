@@ -14,12 +14,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from loopstream.core.cancel import Cancel, scope
-from loopstream.core.fsm import TERMINAL, TRANSITIONS
+from loopstream.core.fsm import ANNOTATIONS, TERMINAL, TRANSITIONS
 from loopstream.core.log import Log
 
 logger = logging.getLogger("loopstream.watch")
 
-ENDS_SESSION = frozenset(trigger for trigger, _, dest, _ in TRANSITIONS if dest in TERMINAL)
+ENDS_SESSION = frozenset(trigger for trigger, _, dest, _ in TRANSITIONS if dest in TERMINAL and trigger not in ANNOTATIONS)
 
 
 @dataclass(eq=False)

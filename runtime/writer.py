@@ -7,6 +7,7 @@ before anything is stored, and appends with one conflict policy (`_write`).
 """
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.construct import factory
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
-from loopstream.core.policy import SessionPolicy, from_legacy, parse_policy
+from loopstream.core.policy import CODE_TOOLS, SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize_all
@@ -43,6 +44,8 @@ class SessionConfig:
     """Deprecated: the old flat config keys (`{"max_tokens": …}`), merged into `policy`."""
     sampling: Sampling = field(default_factory=Sampling)
     """How the model samples (core/sampling.py): recorded in SessionStarted, sent on every call."""
+    definition: str = ""
+    """The agent definition as JSON (agents/definition.py), recorded in SessionStarted (v3)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
@@ -162,7 +165,8 @@ class SessionWriter:
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
             tools=list(config.tools), max_steps=config.max_steps, workdir=config.workdir,
-            config_json=config.policy.to_config_json(), **record_fields(config.sampling),
+            config_json=config.policy.to_config_json(code_tools=bool(CODE_TOOLS & set(config.tools))), **record_fields(config.sampling),
+            agent_json=config.definition or json.dumps({"name": config.agent, "source": "flags"}, sort_keys=True),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)

@@ -114,6 +114,18 @@ def check_log(log: Log, session_id: str, state: SessionState | None = None) -> l
     return events
 
 
+def _pid_of(cmdline: str) -> int | None:
+    """The host pid of a live process whose command line contains `cmdline` (NUL-separated)."""
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if cmdline.encode() in (d / "cmdline").read_bytes() and _alive(int(d.name)):
+                    return int(d.name)
+            except OSError:
+                pass
+    return None
+
+
 def _alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie, killed but not yet reaped, counts as gone)."""
     try:
@@ -509,9 +521,11 @@ class DriverConformance:
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
     def test_a_cancel_recorded_while_a_shell_command_runs_kills_it(self, harness: Harness, tmp_path: Path) -> None:
-        """`shell` runs `sleep 60` (its pid in a file); the cancel kills its process group."""
+        """`shell` runs `sleep 60.N` (found by its unique argument: inside the sandbox's PID
+        namespace `$$` is not the host's pid); the cancel kills it."""
         pid_file = tmp_path / "pid"
-        command = f"echo $$ > {pid_file}; exec sleep 60"
+        marker = f"60.{time.time_ns() % 10**9}"
+        command = f"echo started > {pid_file}; exec sleep {marker}"
         drive = harness(Agent(ScriptedProvider([reply(ToolCall(call_id="1", name="shell",
                                                                 arguments={"command": command})),
                                                  reply(text="never")]), tools=[shell]))
@@ -519,7 +533,8 @@ class DriverConformance:
         settled: list[SessionState] = []
         running = threading.Thread(target=lambda: settled.append(drive.run_until_settled(sid, 60)), daemon=True)
         running.start()
-        pid = int(wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30))
+        pid = wait_for(lambda: _pid_of(f"sleep\0{marker}"), 30)
+        assert pid, "the shell command did not start"
         drive.record(sid, [ev.SessionCancelled(reason="stop it")], actor="person:ada")
         assert wait_for(lambda: not _alive(pid), 20), f"the shell command (pid {pid}) still runs"
         running.join(30)

@@ -38,7 +38,7 @@ def test_a_fork_with_unreadable_overrides_still_has_a_summary() -> None:
 def test_status_of_a_session_list_comes_from_the_table() -> None:
     assert {t: status_of(t) for t in ev.PAYLOAD_TYPES if status_of(t) != "running"} == {
         "SessionFinished": "done", "SessionFailed": "failed", "SessionCancelled": "cancelled",
-        "ApprovalRequested": "awaiting approval",
+        "ApprovalRequested": "awaiting approval", "GoalPaused": "paused",
     }
 
 

@@ -66,7 +66,7 @@ def test_ci_runs_the_readme_test_command() -> None:
 
 def readme_policy(tmp_path: Path) -> Path:
     readme = (ROOT / "README.md").read_text()
-    block = re.search(r"```toml\n(.*?)```", readme, re.S).group(1)
+    block = next(b for b in re.findall(r"```toml\n(.*?)```", readme, re.S) if "[agents." not in b)  # not the project file
     path = tmp_path / "policy.toml"
     path.write_text("\n".join(line[2:] if line.startswith("  ") else line for line in block.splitlines()))
     return path

@@ -11,6 +11,7 @@ from loopstream.core import events as ev
 from loopstream.core import fsm
 from loopstream.core.conversation import ToolCall
 from loopstream.core.fsm import (
+    ANNOTATIONS,
     CONDITIONS,
     LEGAL,
     MACHINE,
@@ -40,6 +41,7 @@ def _state(status: Status, holds: dict[str, bool]) -> SessionState:
         s.pending_calls = {"c0": PendingCall(ADD, 0, approval="rule 1: ask add")}
     if not holds["reply_without_calls"]:
         s.last_reply_parsed = {"c0": ("{}", ADD)}
+    s.goal_passed = holds.get("goal_passed", False)
     assert {name: cond(s) for name, cond in CONDITIONS.items()} == holds
     return s
 
@@ -125,7 +127,7 @@ def test_owed_by_says_who_acts_in_each_state() -> None:
         "new": None, "idle": None, "done": None, "failed": None, "cancelled": None,
         "planning": "orchestrator", "acting": "orchestrator", "backing_off": "orchestrator",
         "awaiting_model": "model", "compacting": "compaction", "awaiting_tools": "tools",
-        "awaiting_approval": "person",
+        "awaiting_approval": "person", "verifying": "verifier", "paused": None,
     }
     assert fsm.also_owed_by("awaiting_approval") == "tools"  # the calls not waiting on a person
     assert {s for s in Status if fsm.also_owed_by(s)} == {"awaiting_approval"}
@@ -177,10 +179,20 @@ def test_illegal_event_is_rejected_with_a_clear_error_and_state_untouched() -> N
 
 
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
-def test_nothing_follows_a_terminal_state(terminal: str) -> None:
+def test_nothing_but_an_annotation_follows_a_terminal_state(terminal: str) -> None:
     for t in ev.PAYLOAD_TYPES:
+        if t in ANNOTATIONS:  # an eval's grade, a person's feedback: the session stays as it ended
+            assert next_state(SessionState(status=terminal), t) == terminal
+            continue
         with pytest.raises(IllegalTransition):
             next_state(SessionState(status=terminal), t)
+
+
+@pytest.mark.parametrize("status", sorted(set(Status) - TERMINAL))
+def test_an_annotation_is_refused_before_the_session_ended(status: str) -> None:
+    for t in ANNOTATIONS:
+        with pytest.raises(IllegalTransition):
+            next_state(SessionState(status=status), t)
 
 
 def test_every_state_is_reachable_every_event_type_has_a_row_and_the_diagram_says_who_acts() -> None:

@@ -19,8 +19,10 @@ ALLOWED: dict[str, set[str]] = {
     "runtime": {"core", "processors", "providers", "tools"},
     "replay": {"core", "processors", "tools", "runtime"},
     "kafka": {"core", "runtime", "schemas"},  # schemas: the goal contract's .avsc files
-    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas"},
-    "api": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas"},
+    "observe": {"core", "providers", "tools", "processors", "runtime", "replay"},
+    "agents": {"core", "providers", "tools", "processors", "runtime"},
+    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
+    "api": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
 }
 LAYERS = sorted(ALLOWED)
 

@@ -7,7 +7,8 @@ O_NOFOLLOW, the file itself with O_NOFOLLOW | O_NONBLOCK, and the opened descrip
 path is checked again. So a path swapped for a symbolic link between the check and the use
 (a race) is refused, not followed; a FIFO, a device or a socket is refused, not opened for
 real (which could block forever). Directory walks (`walk_files`, `entries`) never follow a
-link. `shell` is not confined by any of this: it is a shell, not a sandbox.
+link. `shell` is not confined by any of this (this module is not a sandbox): it runs under
+bubblewrap instead (tools/sandbox.py).
 """
 from __future__ import annotations
 

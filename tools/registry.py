@@ -13,6 +13,7 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ValidationError, create_model
 
+from loopstream.core.policy import SessionPolicy
 from loopstream.providers.base import ToolSpec
 
 
@@ -30,6 +31,7 @@ class ToolContext:
 
     workdir: Path
     session_id: str = ""
+    policy: SessionPolicy = field(default_factory=SessionPolicy)  # the session's: sandbox and scope
 
 
 @dataclass

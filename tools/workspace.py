@@ -8,8 +8,9 @@ workspace (loopstream.tools.checkpoint) and records `WorkspaceCheckpointed` befo
 Paths are confined to the working directory (tools/confine.py: symlinks resolved, nothing
 outside, no link followed at the moment of writing), and `.git/` and `.loopstream/` (which
 checkpoints cannot restore) are refused. `shell` runs `bash -c COMMAND` with the working
-directory as cwd and a scrubbed environment; it is a shell, not a sandbox: a command can
-still read, write and send anything the user running it can, symlinks and all.
+directory as cwd and a scrubbed environment, inside the sandbox the session's `[sandbox]`
+policy asks for (tools/sandbox.py: bubblewrap, workspace-write by default); with mode `none`
+it is a plain shell that can read, write and send anything the user running it can.
 """
 from __future__ import annotations
 
@@ -22,8 +23,10 @@ from pathlib import Path
 
 from loopstream.core import cancel
 from loopstream.core.secrets import is_secret_name
+from loopstream.tools import sandbox
 from loopstream.tools.confine import file_size, locate, read_bytes, replace_file
 from loopstream.tools.registry import ToolContext, ToolError, ToolRegistry, tool
+from loopstream.tools.scope import shell_read_paths
 
 PROTECTED = (".git", ".loopstream")
 MAX_OUTPUT_CHARS = 12_000  # shell output kept: the first and the last half of it
@@ -137,22 +140,47 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 @tool(read_only=False, idempotent=False)
 def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
-    """Run a shell command (bash -c) in the working directory; returns the exit code and the
-    combined stdout+stderr (long output keeps its start and end). It is killed after
-    timeout_s seconds (at most 600); background processes are stopped when it returns."""
+    """Run a shell command (bash -c) in the working directory, in a sandbox (no network unless
+    allowed; only the working directory is writable); returns the exit code and the combined
+    stdout+stderr (long output keeps its start and end). It is killed after timeout_s seconds
+    (at most 600); background processes are stopped when it returns."""
     if not command.strip():
         raise ToolError("command must not be empty", "invalid_arguments")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise ToolError(f"timeout_s must be between 0 and {MAX_TIMEOUT_S:g}", "invalid_arguments")
-    cwd = ctx.workdir.resolve()  # confine-exempt: shell is not confined (not a sandbox)
+    cwd = ctx.workdir.resolve()  # confine-exempt: the sandbox confines shell (tools/sandbox.py)
     if not cwd.is_dir():
         raise ToolError(f"working directory {cwd} does not exist", "not_found")
     env = shell_env(cwd)
     bash = shutil.which("bash", path=env["PATH"]) or "/bin/sh"
-    proc = subprocess.Popen(
-        [bash, "-c", command], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+    policy = ctx.policy.sandbox
+    argv, limits = [bash, "-c", command], None
+    if policy.mode != "none":
+        try:
+            argv = sandbox.command(argv, cwd, policy, read_paths=shell_read_paths(ctx.policy.scope, cwd))
+        except sandbox.SandboxUnavailable as exc:
+            raise ToolError(f"shell did not run: {exc}", "sandbox_unavailable") from None
+        limits = sandbox.Limits.make(policy)
+    preexec = None
+    if limits is not None:
+        argv, preexec = limits.wrap(argv)
+    try:
+        proc = subprocess.Popen(
+            argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=preexec,
+        )
+    except BaseException:
+        if limits:
+            limits.close()
+        raise
+    try:
+        return _wait(proc, timeout_s, limits)
+    finally:
+        if limits:
+            limits.close()
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float, limits: sandbox.Limits | None) -> str:
     out = _Capture(proc.stdout)
     unregister = cancel.current().on_cancel(lambda: _kill_group(proc))  # the driver stops the work: kill it
     try:
@@ -170,6 +198,8 @@ def shell(command: str, ctx: ToolContext, timeout_s: float = 60) -> str:
     _kill_group(proc)  # whatever it left running in the background
     out.thread.join(2)
     status = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+    if limits is not None and code in (137, -9):
+        status += " (a sandbox limit may have stopped it: memory, CPU time, processes)"
     return f"{status}\n{out.text() or '(no output)'}"
 
 

@@ -1,0 +1,74 @@
+"""Plugins through a real entry point: the package in tests/fixtures/plugin_pkg is installed
+with pip (into a private target folder, put on PYTHONPATH) and found through the
+`loopstream.plugins` group; a broken one is reported and skipped."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loopstream.core.sqlite_log import SQLiteLog
+from tests.test_project_file import cli
+
+FIXTURE = Path(__file__).parent / "fixtures" / "plugin_pkg"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The test plugin installed by pip into a folder of its own."""
+    target = tmp_path_factory.mktemp("site")
+    build = tmp_path_factory.mktemp("build")
+    src = build / "plugin_pkg"
+    subprocess.run(["cp", "-r", str(FIXTURE), str(src)], check=True)  # pip builds in place: keep the tree clean
+    done = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", "--target", str(target), str(src)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert list(target.glob("loopstream_testplugin-*.dist-info/entry_points.txt"))
+    return target
+
+
+def test_plugins_lists_what_each_adds_and_the_broken_one(site: Path, tmp_path: Path) -> None:
+    r = cli("plugins", cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "demo" in out and "loopstream_testplugin:plugin" in out and "loopstream-testplugin" in out
+    assert "1 tools: shout" in out and "1 agents: plugged" in out and "1 processors: demo-counter" in out
+    assert "1 providers: demo" in out and "1 hooks: PreToolUse" in out
+    assert "broken" in out and "BROKEN, skipped: RuntimeError: this plugin is broken on purpose" in out
+
+
+def test_a_plugin_agent_tool_skill_and_hook_run(site: Path, tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(site)}
+    listed = cli("agents", cwd=tmp_path, env=env)
+    assert listed.returncode == 0 and "plugged" in listed.stdout and "from the demo plugin" in listed.stdout
+    assert "plugin broken" in listed.stderr and "skipped" in listed.stderr  # reported, not fatal
+    r = cli("run", "--agent", "plugged", "--model", 'calls:shout:{"text": "hello"}', "--db", "x.db", "g",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "HELLO!"
+    log = SQLiteLog(tmp_path / "x.db")
+    sid = log.sessions()[0].session_id
+    started = log.read(sid, 0, 0)[0].payload
+    assert started.tools == ["shout", "load_skill"] and "shouting: When and how to shout." in started.system_prompt
+    assert json.loads(started.agent_json)["source"] == "plugin demo"
+    assert json.loads(started.config_json)["hooks"][0]["python"] == "loopstream_testplugin:no_secrets"
+    # The plugin's hook (a Python callable) denies, recorded as an event.
+    r = cli("run", "--agent", "plugged", "--model", 'calls:shout:{"text": "my secret"}', "--db", "x.db", "g",
+            cwd=tmp_path, env=env)
+    assert r.returncode == 0 and "the demo plugin keeps secrets" in r.stdout
+    sid = [s.session_id for s in log.sessions() if s.session_id != sid][0]
+    assert "HookDecided" in [e.type for e in log.read(sid)]
+
+
+def test_a_project_agent_overrides_a_plugin_agent(site: Path, tmp_path: Path) -> None:
+    (tmp_path / "loopstream.toml").write_text('[agents.plugged]\ndescription = "mine now"\n')
+    r = cli("agents", cwd=tmp_path, env={"PYTHONPATH": str(site)})
+    assert "mine now" in r.stdout and "from the demo plugin" not in r.stdout
+
+
+def test_without_plugins(tmp_path: Path) -> None:
+    r = cli("plugins", cwd=tmp_path)
+    assert r.returncode == 0
