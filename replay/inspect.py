@@ -5,6 +5,10 @@ A session is `interrupted` when it has not ended, does not wait for a person, an
 process drives it: no `run`/`resume` holds its lease and no worker serves the log
 (runtime/lease.py). Only a SQLite log has leases; a Kafka log's sessions are driven by its
 workers and keep the status their last event gives them.
+
+The model a row and `show` report is the one that answered (ModelResponded `model`): a
+session started from a Kafka goal records the model its orchestrator was given, by default
+`provider=any model=default` (whichever model worker takes its steps), in SessionStarted.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class SessionRow:
     status: str  # done | failed | cancelled | awaiting approval | running | interrupted
     events: int
     goal: str  # "" when the session has none; a note when its first events cannot be read
+    model: str = ""  # the model of the last reply; before one, the model SessionStarted names
 
 
 def session_rows(log: Log, limit: int | None = None) -> list[SessionRow]:
@@ -45,7 +50,7 @@ def session_rows(log: Log, limit: int | None = None) -> list[SessionRow]:
     path = _lease_root(log)
     workers = path is not None and lease.workers_attached(path)
     return [SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(_ended(log, i), path, workers), i.next_seq,
-                       _goal(log, i.session_id)) for i in infos]
+                       _goal(log, i.session_id), _model(log, i.session_id, i.next_seq)) for i in infos]
 
 
 def _ended(log: Log, info: SessionInfo) -> SessionInfo:
@@ -76,6 +81,27 @@ def _goal(log: Log, session_id: str) -> str:
         if isinstance(e.payload, ev.GoalReceived):
             return e.payload.text
     return f"(unreadable: {error})" if error is not None else ""
+
+
+def _model(log: Log, session_id: str, next_seq: int, chunk: int = 32) -> str:
+    """The model of the session's last reply, read backwards from its end (most sessions end
+    a few events after one); the model SessionStarted names when none answered yet."""
+    end = next_seq - 1
+    while end >= 0:
+        start = max(0, end - chunk + 1)
+        events, _ = decode_prefix(log.read_raw(session_id, start, end))
+        for e in reversed(events):
+            if isinstance(e.payload, ev.ModelResponded):
+                return e.payload.model
+            if isinstance(e.payload, ev.SessionStarted):
+                return e.payload.model
+        end = start - 1
+    return ""
+
+
+def answered_by(events: Sequence[ev.Event]) -> list[str]:
+    """The models that answered (ModelResponded `model`), in the order of their first reply."""
+    return list(dict.fromkeys(e.payload.model for e in events if isinstance(e.payload, ev.ModelResponded)))
 
 
 @dataclass(frozen=True)

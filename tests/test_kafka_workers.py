@@ -9,8 +9,10 @@ one member at a time.
 from __future__ import annotations
 
 import ast
+import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +34,8 @@ from loopstream.kafka.contract import Goal, decode_update, encode_goal, session_
 from loopstream.kafka.log import KafkaLog
 from loopstream.kafka.roles import WorkerOptions, open_role
 from loopstream.processors.model import ModelProcessor
+from loopstream.providers.errors import ProviderConfigError
+from loopstream.providers.factory import make_provider
 from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.assembly import build_runtime, rate_limits
 from tests.test_worker import check_session
@@ -358,3 +362,60 @@ def test_the_model_role_and_run_build_the_same_processors(tmp_path: Path) -> Non
     (limiter,) = model.limits.values()
     assert list(model.limits) == ["scripted"]
     assert (limiter.requests.capacity, limiter.tokens.capacity) == (60, 5000)
+
+
+def readme_worker_args(role: str) -> list[str]:
+    """The arguments of the README's `loopstream worker --role ROLE …` command."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (line,) = [ln for ln in readme.splitlines() if ln.startswith(f"loopstream worker --role {role} ")]
+    return shlex.split(line.split("#")[0].strip().rstrip("&"))[2:]
+
+
+def test_the_readme_model_worker_needs_no_api_key(kafka_broker: str, tmp_path: Path) -> None:
+    """The README's model worker, with no key in the environment, chooses the keyless local
+    model as `run` does (one code path: providers/factory.py); where the [local] extra is
+    missing it exits with one line saying how to install it, not asking for a key."""
+    args = readme_worker_args("model")
+    assert "--model" not in args and "--provider" not in args, args
+    try:
+        chosen, _server = make_provider(env={})  # not entered: the local server is not started
+    except ProviderConfigError as exc:
+        assert importlib.util.find_spec("xllamacpp") is None and "keyless local model" in str(exc)
+    else:
+        assert chosen.name == "local"
+    if importlib.util.find_spec("xllamacpp") is not None:
+        return  # serving on the real local model: tests/test_e2e_local.py (marker `local`)
+    args[args.index("--bus") + 1] = bus_url(kafka_broker, "rm" + uuid.uuid4().hex[:6])
+    r = cli("worker", *args, cwd=tmp_path, timeout=60)
+    assert r.returncode != 0 and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert "keyless local model" in r.stderr and "needs OPENAI_API_KEY" not in r.stderr, r.stderr
+
+
+def test_show_and_sessions_report_the_model_that_answered(kafka_broker: str, tmp_path: Path) -> None:
+    """An orchestrator given no model starts sessions before any model worker is known: its
+    SessionStarted says `provider=any model=default` (whichever model worker takes the steps);
+    `show` and `sessions` report the model that answered, from the ModelResponded events."""
+    prefix = "ma" + uuid.uuid4().hex[:6]
+    bus = bus_url(kafka_broker, prefix)
+    workers = Workers(bus, tmp_path)
+    key = "ma-" + uuid.uuid4().hex[:8]
+    try:
+        workers.start("orchestrator", model=None)
+        workers.start("model", model="adder:2")
+        workers.start("tool", model=None)
+        r = cli("submit", "--bus", bus, "--wait", "--timeout", "90", "--idempotency-key", key, "count to two",
+                cwd=tmp_path, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "The result is 2.", (r.stdout, r.stderr, workers.logs())
+    finally:
+        codes = workers.stop_all()
+    assert all(c == 0 for c in codes.values()), (codes, workers.logs())
+    sid = session_id_for(key)
+    shown = cli("show", sid, "--bus", bus, "--width", "400", cwd=tmp_path)
+    assert shown.returncode == 0, shown.stderr
+    assert "provider=any model=default" in shown.stdout  # what the orchestrator knew, as recorded
+    assert shown.stdout.splitlines()[1] == "answered by scripted:adder:2", shown.stdout
+    listing = cli("sessions", "--bus", bus, cwd=tmp_path)
+    rows = [line.split() for line in listing.stdout.splitlines() if sid in line]
+    assert len(rows) == 1, listing.stdout
+    row = rows[0]
+    assert row[:6] == [sid, *row[1:3], "done", row[4], "scripted:adder:2"], listing.stdout

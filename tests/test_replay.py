@@ -26,7 +26,7 @@ from loopstream.providers.base import (
     ToolCall,
     ToolSpec,
 )
-from loopstream.providers.scripted import ScriptedProvider, adder_script
+from loopstream.providers.scripted import ScriptedProvider, adder_script, scripted_from_spec
 from loopstream.replay import (
     ForkError,
     ForkNeedsAcknowledgement,
@@ -41,6 +41,7 @@ from loopstream.replay import (
     replay_raw,
     verify,
 )
+from loopstream.replay.inspect import answered_by, session_rows
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.runtime.writer import build_events
@@ -666,3 +667,18 @@ def test_a_fork_message_is_redacted_like_any_payload(log, monkeypatch) -> None:
     result = fork(log, parent, 5, message="use key sk-very-secret-value please", reason="sk-very-secret-value")
     raw = b"".join(log.read_raw(result.child_session_id))
     assert b"sk-very-secret-value" not in raw and b"[REDACTED:DEMO_API_KEY]" in raw
+
+
+def test_session_rows_name_the_model_of_the_last_reply(tmp_path: Path) -> None:
+    """`sessions`' model column: the last ModelResponded's model, found by reading a long
+    session backwards in chunks; a session no model answered yet shows SessionStarted's."""
+    with SQLiteLog(tmp_path / "rows.db") as log:
+        runtime = build_runtime(log, scripted_from_spec("adder:20"))
+        config = SessionConfig(provider="any", model="default", tools=["add"], max_steps=30)
+        answered = runtime.start_session("count to twenty", config)
+        assert runtime.run_session(answered).status == "done"
+        waiting = runtime.start_session("not started", config)
+        rows = {r.session_id: r for r in session_rows(log)}
+        assert rows[answered].events > 64 and rows[answered].model == "scripted:adder:20"
+        assert rows[waiting].model == "default"
+        assert answered_by(log.read(answered)) == ["scripted:adder:20"]
