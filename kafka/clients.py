@@ -115,9 +115,19 @@ def admin(bootstrap: str) -> Any:
     return AdminClient(config("admin", bootstrap))
 
 
+def metadata(admin_client: Any, topic: str | None = None, timeout: float = 30.0) -> Any:
+    """The cluster's metadata (of `topic` only, if given); a broker that cannot be reached is a
+    LogError saying so in one line, not librdkafka's exception."""
+    try:
+        return admin_client.list_topics(topic, timeout=timeout) if topic else admin_client.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        raise LogError(f"cannot reach the Kafka broker ({exc.args[0].str()}): is one running at the --bus "
+                       "address?") from None
+
+
 def ensure_topic(admin_client: Any, topic: str, partitions: int = 3, timeout: float = 30.0) -> int:
     """Create `topic` unless it exists; wait until metadata shows it; its partition count."""
-    md = admin_client.list_topics(timeout=timeout)
+    md = metadata(admin_client, timeout=timeout)
     if topic not in md.topics or md.topics[topic].error is not None:
         fut = admin_client.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=1)])
         try:
@@ -127,7 +137,7 @@ def ensure_topic(admin_client: Any, topic: str, partitions: int = 3, timeout: fl
                 raise LogError(f"cannot create topic {topic}: {exc}") from exc
     deadline = time.monotonic() + timeout
     while True:
-        t = admin_client.list_topics(topic, timeout=timeout).topics.get(topic)
+        t = metadata(admin_client, topic, timeout).topics.get(topic)
         if t is not None and t.error is None and t.partitions:
             return len(t.partitions)
         if time.monotonic() > deadline:

@@ -8,6 +8,7 @@ import os
 import pty
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -399,3 +400,16 @@ def test_a_tool_that_exits_fails_as_a_tool_and_the_loop_goes_on(tmp_path: Path, 
         assert state.status == "done" and state.answer == "still here"
         (failed,) = [e.payload for e in log.read(sid) if e.type == "ToolFailed"]
     assert failed.error_kind == "tool_exit" and type(exit_with).__name__ in failed.message
+
+
+def test_a_worker_with_no_broker_at_its_bus_address_is_a_one_line_error(tmp_path: Path) -> None:
+    """Nothing listens on the port: the worker says so in one line (no traceback) and exits."""
+    with socket.socket() as s:  # a free loopback port, closed again: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = cli("worker", "--bus", f"kafka://127.0.0.1:{port}", "--role", "all", "--provider", "scripted",
+            cwd=tmp_path, timeout=180)
+    ours = [line for line in r.stderr.splitlines() if not line.startswith("%")]  # librdkafka's own log lines
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert ours == ["error: cannot reach the Kafka broker (Failed to get metadata: Local: Broker transport failure): "
+                    "is one running at the --bus address?"]
