@@ -29,13 +29,12 @@ class Unsupported(ValueError):
     """A schema construct this compiler does not handle; use fastavro for it."""
 
 
-class _Emitter:
-    def __init__(self, factories: dict[str, Callable[[dict], Any]],
-                 embedded: dict[str, tuple[tuple[str, ...], Mapping[Any, Reader]]]) -> None:
+class _Code:
+    """Straight-line Python being generated: its lines, the constants it names, fresh names."""
+
+    def __init__(self, consts: dict[str, Any] | None = None) -> None:
         self.lines: list[str] = []
-        self.consts: dict[str, Any] = {}
-        self.factories = factories
-        self.embedded = embedded  # for the top-level record's fields only
+        self.consts: dict[str, Any] = dict(consts or {})
         self._open: set[str] = set()  # names of the records being emitted (to refuse recursion)
         self._n = 0
 
@@ -50,6 +49,14 @@ class _Emitter:
 
     def emit(self, indent: int, line: str) -> None:
         self.lines.append("    " * indent + line)
+
+
+class _Emitter(_Code):
+    def __init__(self, factories: dict[str, Callable[[dict], Any]],
+                 embedded: dict[str, tuple[tuple[str, ...], Mapping[Any, Reader]]]) -> None:
+        super().__init__()
+        self.factories = factories
+        self.embedded = embedded  # for the top-level record's fields only
 
     def long(self, indent: int, target: str) -> None:
         """target = the next zigzag varint."""
@@ -232,24 +239,9 @@ def write_string(out: bytearray, s: str) -> None:
     out += data
 
 
-class _WriterEmitter:
+class _WriterEmitter(_Code):
     def __init__(self) -> None:
-        self.lines: list[str] = []
-        self.consts: dict[str, Any] = {"write_long": write_long, "write_string": write_string}
-        self._open: set[str] = set()
-        self._n = 0
-
-    def var(self, stem: str = "v") -> str:
-        self._n += 1
-        return f"{stem}{self._n}"
-
-    def const(self, value: Any) -> str:
-        name = self.var("c")
-        self.consts[name] = value
-        return name
-
-    def emit(self, indent: int, line: str) -> None:
-        self.lines.append("    " * indent + line)
+        super().__init__({"write_long": write_long, "write_string": write_string})
 
     def value(self, schema: Any, indent: int, source: str, named: dict[str, Any]) -> None:
         """Emit code that writes the value of the expression `source` as `schema`."""
