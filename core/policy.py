@@ -506,7 +506,7 @@ def recorded_policy(config_json: str) -> SessionPolicy:
         raw = json.loads(config_json or "{}")
         if not isinstance(raw, dict):
             raise ValueError(f"expected a JSON object, got {type(raw).__name__}")
-        config = _recorded_loops(_recorded_estimator(_known_only(SessionPolicy, from_legacy(raw))))
+        config = _recorded_off_when_absent(_recorded_estimator(_known_only(SessionPolicy, from_legacy(raw))))
         return SessionPolicy.model_validate(config, strict=False)
     except (ValueError, TypeError, RecursionError) as exc:
         why = str(_one_line(exc, "recorded policy")) if isinstance(exc, ValidationError) else f"recorded policy: {exc}"
@@ -527,7 +527,7 @@ def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
 WHOLE_WHEN_ON = ("loops", "shaping")
 
 
-def _recorded_loops(config: dict[str, Any]) -> dict[str, Any]:
+def _recorded_off_when_absent(config: dict[str, Any]) -> dict[str, Any]:
     """Sections of `WHOLE_WHEN_ON` a recorded policy lacks are off."""
     if isinstance(config, dict):
         for name in WHOLE_WHEN_ON:
