@@ -95,6 +95,7 @@ class SessionState:
     loop_nudges: int = 0
     long_results: int = 0  # tool results of LONG_RESULT_CHARS or more: shaping looks at the context only if any
     unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
+    answer_nudges: int = 0  # final answers refused by the answer checks (policy `answers`)
     tool_calls: int = 0
     tool_errors: int = 0
     input_tokens: int = 0
@@ -146,6 +147,10 @@ class SessionState:
 # GuardrailTripped rules of the orchestrator's own check on a final answer (not a policy's
 # guardrails): the reply was empty, or cut at the output cap. The model is told and answers again.
 UNFINISHED_ANSWER_RULES = frozenset({"empty_answer", "truncated_answer"})
+# ... and of its answer checks (policy `answers`, processors/answers.py): the model is told why.
+ANSWER_CHECK_RULES = frozenset({"echoed_error", "named_tool"})
+# How a failed tool call's result reads in the conversation: "ERROR (kind): message".
+ERROR_RESULT_PREFIX = "ERROR ("
 
 
 # A tool result this long is worth shaping (processors/shaping.py): sent once if repeated,
@@ -247,7 +252,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.ToolFailed():
             state.pending_calls.pop(p.call_id, None)
             state.tool_errors += 1
-            state.messages.append(_message("tool", f"ERROR ({p.error_kind}): {p.message}", event.seq,
+            state.messages.append(_message("tool", f"{ERROR_RESULT_PREFIX}{p.error_kind}): {p.message}", event.seq,
                                            tool_call_id=p.call_id, name=p.name))
         case ev.CompactionRequested():
             state.open_compaction_id = p.request_id
@@ -261,6 +266,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.unfinished_answers += 1  # the orchestrator's check, not a configured guardrail
             if p.action == "tell_model":
                 state.messages.append(_message("user", p.message, event.seq))
+        case ev.GuardrailTripped() if p.rule in ANSWER_CHECK_RULES:
+            state.answer_nudges += 1  # the orchestrator's answer checks, not a configured guardrail
+            state.messages.append(_message("user", p.message, event.seq))
         case ev.GuardrailTripped():
             state.guardrail_trips += 1
             note = f"BLOCKED by guardrail ({p.rule}): {p.message}"
