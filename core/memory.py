@@ -54,6 +54,7 @@ _SCHEMA = (
     "tokenize = 'unicode61 remove_diacritics 2')",
     "CREATE TABLE IF NOT EXISTS {s}memory_position (id INTEGER PRIMARY KEY CHECK (id = 1), gpos INTEGER NOT NULL)",
 )
+UNRECORDED_TAIL = 5_000  # events without a memory event scanned again rather than a write to skip them
 _COLUMNS = "memory_id, namespace, kind, text, source, session_id, seq, gpos, time_ms, forgotten, forgotten_by"
 
 
@@ -168,6 +169,7 @@ class MemoryStore:
             else:
                 self._conn = _connect(str(self.path), self.busy_timeout_ms)
                 self._conn.execute("PRAGMA journal_mode = WAL")
+                self._conn.execute("PRAGMA synchronous = NORMAL")  # a projection: rebuilt from the log if ever lost
                 for sql in _SCHEMA:
                     self._conn.execute(sql.format(s=""))
         return self._conn
@@ -204,8 +206,9 @@ class MemoryStore:
         with self._lock:
             if self.readonly:
                 return self._catch_up_readonly()
-            if self._position() == self._head():
-                return 0  # nothing new: no write lock taken
+            position, head = self._position() or 0, self._head()
+            if position == head or (head - position < UNRECORDED_TAIL and not self._tail(position, head, 1)):
+                return 0  # no memory event since: no write lock taken (a short tail is scanned again next time)
             with self._transaction():
                 return self._project(self._position() or 0)
 
@@ -244,13 +247,16 @@ class MemoryStore:
             self.conn.execute("ROLLBACK")
             raise
 
+    def _tail(self, after: int, head: int, limit: int = -1) -> list[tuple]:
+        return self.conn.execute(
+            f"SELECT gpos, session_id, seq, time_ms, data FROM events WHERE gpos > ? AND gpos <= ? "
+            f"AND type IN ({', '.join('?' * len(MEMORY_TYPES))}) ORDER BY gpos LIMIT ?",
+            (after, head, *MEMORY_TYPES, limit)).fetchall()
+
     def _project(self, after: int) -> int:
         head = self._head()
-        rows = self.conn.execute(
-            f"SELECT gpos, session_id, seq, time_ms, data FROM events WHERE gpos > ? AND gpos <= ? "
-            f"AND type IN ({', '.join('?' * len(MEMORY_TYPES))}) ORDER BY gpos", (after, head, *MEMORY_TYPES)).fetchall()
         applied = 0
-        for gpos, session_id, seq, time_ms, data in rows:
+        for gpos, session_id, seq, time_ms, data in self._tail(after, head):
             try:
                 event = decode(data)
             except CodecError:

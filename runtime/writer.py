@@ -141,6 +141,7 @@ class SessionWriter:
         self.clock = clock
         self.transition = transition
         self.attempts = attempts
+        self._memory: MemoryStore | None = None  # the log's memory store, opened by the first start that recalls
 
     # -- reading --------------------------------------------------------------------
     def load(self, session_id: str) -> SessionState:
@@ -191,11 +192,9 @@ class SessionWriter:
 
     def _recall(self, goal: str, policy: SessionPolicy) -> list[ev.Payload]:
         """What the agent is given from memory at its start (none with a log that has no store)."""
-        store = MemoryStore.for_log(self.log)
-        if store is None:
-            return []
-        with store:
-            return [recall_at_start(store, goal, policy.memory)]
+        if self._memory is None:
+            self._memory = MemoryStore.for_log(self.log)  # kept: opening one costs more than a recall
+        return [] if self._memory is None else [recall_at_start(self._memory, goal, policy.memory)]
 
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> Written:
         """Append what a person or another system decided (approve, deny, cancel, a message)
