@@ -2,7 +2,7 @@
 
 Each command lives in a module by what it does (run.py: run/resume; inspect.py:
 sessions/show; decide.py: approve/deny/cancel; replay.py: replay/fork/diff/export/rollback;
-workers.py: worker/submit). A command parses its options, calls a function that returns a
+workers.py: worker/submit; memory.py: memory list/search/forget/learn). A command parses its options, calls a function that returns a
 result, and prints it through output.py. Exit codes: 0 fine, 1 the session or the log
 says no (failed run, changed log, a difference), 2 a mistake the user can fix (one line),
 130 interrupted (Ctrl-C; the message says how to continue).
@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from loopstream.cli import compose, decide, goal, inspect, mcp_server, observe, output, replay, run, workers
+from loopstream.cli import compose, decide, goal, inspect, mcp_server, memory, observe, output, replay, run, workers
 from loopstream.cli.common import UserError
 from loopstream.core.codec import CodecError
 from loopstream.core.fsm import IllegalTransition
@@ -63,6 +63,7 @@ for command in (run.run, run.resume, replay.rollback, decide.approve, decide.den
                 compose.agents, compose.plugins):
     app.command()(command)
 app.add_typer(goal.goal_app, name="goal")
+app.add_typer(memory.memory_app, name="memory")
 app.command("eval")(observe.eval_suite)
 app.command("mcp-server")(mcp_server.mcp_server)
 

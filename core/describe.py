@@ -117,6 +117,10 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
                                  + (f": {p.comment!r}" if p.comment else "")),
     ev.WorkspaceCheckpointed: lambda p: (f"call {p.call_id}: workdir {p.workdir} at {p.commit[:12]} "
                                          f"({p.files_changed} files changed)"),
+    ev.MemoryRecalled: lambda p: (f"{len(p.memory_ids)} memories of {p.namespace} "
+                                  f"(~{p.tokens}/{p.budget_tokens} tokens)"),
+    ev.MemoryRemembered: lambda p: f"{p.kind} {p.memory_id} in {p.namespace}: {p.text!r}",
+    ev.MemoryForgotten: lambda p: f"{p.memory_id} in {p.namespace} by {p.by}" + (f": {p.reason}" if p.reason else ""),
 }
 
 

@@ -379,6 +379,40 @@ class FeedbackGiven(Payload):
     comment: str = ""
 
 
+class MemoryRecalled(Payload):
+    """Memory (`[memory]`): what the agent knew at its start, recorded before its goal: the
+    namespace, the query (the goal), the memories found within the token budget (ids) and the
+    exact text the model is given, so replay and fork see what the agent knew."""
+    WRITTEN_BY = "cli / goal intake (at start)"
+    namespace: str
+    query: str
+    memory_ids: list[str]
+    text: str
+    tokens: int
+    budget_tokens: int
+
+
+class MemoryRemembered(Payload):
+    """Memory: a note kept across sessions (the `remember` tool, or a lesson from feedback): its
+    id (derived: a copy or a redo keeps it), namespace, kind (fact or lesson), text, source."""
+    WRITTEN_BY = "tools (`remember`) / a person (`loopstream memory learn`)"
+    memory_id: str
+    namespace: str
+    text: str
+    kind: str = "fact"
+    source: str = ""
+
+
+class MemoryForgotten(Payload):
+    """Memory: a memory forgotten (`loopstream memory forget`), recorded in the session that
+    remembered it: its id, namespace, by whom, why."""
+    WRITTEN_BY = "a person (`loopstream memory forget`)"
+    memory_id: str
+    namespace: str
+    by: str
+    reason: str = ""
+
+
 # Every event type, by name, in the order declared above.
 PAYLOAD_TYPES: dict[str, type[Payload]] = {cls.TYPE: cls for cls in Payload.__subclasses__()}
 

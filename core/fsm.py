@@ -150,9 +150,15 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     # Annotations of an ended session (loopstream.observe): an eval's grade, a person's
     # feedback. They change no state and nothing is owed after them.
     *[(t, s, s, None) for t in ("EvalGraded", "FeedbackGiven") for s in (S.DONE, S.FAILED, S.CANCELLED)],
+    # Memory (core/memory.py): what was recalled is recorded at the start, before the goal; the
+    # `remember` tool's memory comes with its result; a lesson or a forget annotates an ended session.
+    ("MemoryRecalled",      S.IDLE,                S.IDLE,                None),
+    *[("MemoryRemembered", s, s, None) for s in (S.AWAITING_TOOLS, S.AWAITING_APPROVAL)],
+    *[(t, s, s, None) for t in ("MemoryRemembered", "MemoryForgotten") for s in (S.DONE, S.FAILED, S.CANCELLED)],
 ]
-# The annotation types: legal only once a session ended, they leave its state as it was.
-ANNOTATIONS = frozenset({"EvalGraded", "FeedbackGiven"})
+# The annotation types: legal once a session ended, they leave its state as it was (a
+# MemoryRemembered is also the `remember` tool's, with its result, while tools run).
+ANNOTATIONS = frozenset({"EvalGraded", "FeedbackGiven", "MemoryRemembered", "MemoryForgotten"})
 
 # Conditions read the folded state *after* the event's payload was applied to it.
 CONDITIONS: dict[str, Callable[[Any], bool]] = {

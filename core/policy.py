@@ -299,6 +299,38 @@ class Answers(_Section):
     ("use the add tool"), is refused: the model is told to call it (named_tool)."""
     nudges: int = Field(1, ge=0)
     """Answers refused in all before the model's answer is accepted as it is."""
+def _namespace(value: str) -> str:
+    if not value.strip() or len(value) > 200 or any(ord(c) < 32 for c in value):
+        raise ValueError("a namespace is 1 to 200 printable characters")
+    unknown = set(re.findall(r"\{([^{}]*)\}", value)) - {"user", "agent", "project"}
+    if unknown:
+        raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}} (known: {{user}}, {{agent}}, {{project}})")
+    return value
+
+
+class Memory(_Section):
+    """Memory across sessions (core/memory.py, docs/memory.md): the `remember` and `recall` tools,
+    and what is recalled at the start, recorded as a MemoryRecalled event before the goal."""
+
+    enabled: bool = False
+    """Use memory at all. Sessions recorded without this section ran without it."""
+    namespace: Annotated[str, AfterValidator(_namespace)] = "{user}/{agent}/{project}"
+    """Whose memories: `{user}` (LOOPSTREAM_USER, else the login name), `{agent}` (the agent's
+    name), `{project}` (the project folder's name) are filled in at the start and recorded."""
+    budget_tokens: int = Field(400, ge=0, le=8000)
+    """Estimated tokens of the memories given to the agent at its start; 0: none."""
+    max_recalled: int = Field(8, ge=0, le=100)
+    """Memories given at the start, at most: lessons first, then those that match the goal best."""
+    lessons: bool = True
+    """Give the namespace's lessons (from feedback: `loopstream memory learn`) at every start."""
+    tools: bool = True
+    """Offer the model the `remember` and `recall` tools."""
+    max_chars: int = Field(1000, ge=1, le=4000)
+    """Longest memory the `remember` tool keeps (a longer one is refused, not cut)."""
+    max_writes: int = Field(20, ge=0)
+    """Memories one session may keep."""
+    max_items: int = Field(1000, ge=1)
+    """Memories one namespace may hold; `remember` is refused beyond it."""
 
 
 class SessionPolicy(_Section):
@@ -318,6 +350,7 @@ class SessionPolicy(_Section):
     loops: Loops = Loops()
     shaping: Shaping = Shaping()
     answers: Answers = Answers()
+    memory: Memory = Memory()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []
@@ -542,7 +575,7 @@ def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
 
 # Sections recorded whole while on; a recorded policy without one was written before it existed
 # (or with it off) and replays with it off.
-WHOLE_WHEN_ON = ("loops", "shaping", "answers")
+WHOLE_WHEN_ON = ("loops", "shaping", "answers", "memory")
 
 
 def _recorded_off_when_absent(config: dict[str, Any]) -> dict[str, Any]:

@@ -229,6 +229,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
             if p.system_prompt:
                 state.messages.append(_message("system", p.system_prompt, event.seq))
+        case ev.MemoryRecalled() if p.text:  # what the agent knows from earlier sessions, before its goal
+            state.messages.append(_message("system", p.text, event.seq))
         case ev.GoalReceived():
             state.goal = state.goal or p.text
             state.messages.append(_message("user", p.text, event.seq))

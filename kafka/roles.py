@@ -14,6 +14,7 @@ from typing import Any
 
 from loopstream.core import events as ev
 from loopstream.core.log import LogError
+from loopstream.core.memory import MemoryStore
 from loopstream.kafka.bus import open_log
 from loopstream.kafka.clients import ContractProducer
 from loopstream.kafka.contract import ContractError, parse_kafka_url
@@ -78,7 +79,8 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
                                                          goals=publisher.goals)
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
-                                           publisher=publisher, allow_writes=opts.allow_writes), group,
+                                           publisher=publisher, allow_writes=opts.allow_writes,
+                                           memory=MemoryStore.for_log(log)), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
 

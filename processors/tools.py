@@ -26,6 +26,7 @@ from pathlib import Path
 
 from loopstream.core import cancel
 from loopstream.core import events as ev
+from loopstream.core.memory import MemoryStore
 from loopstream.core.processor import Emit
 from loopstream.core.secrets import mentions_placeholder, placeholders_from_outside, reveal
 from loopstream.core.state import PendingCall, SessionState
@@ -35,7 +36,7 @@ from loopstream.processors.retry import retry_delay_ms
 from loopstream.providers.base import Provider, ToolCall
 from loopstream.tools.checkpoint import CheckpointError, Workspace
 from loopstream.tools.permissions import decide
-from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolRegistry
+from loopstream.tools.registry import Tool, ToolContext, ToolError, ToolOutcome, ToolRegistry
 from loopstream.tools.scope import check as scope_check
 
 MAX_RESULT_CHARS = 16_000
@@ -62,8 +63,10 @@ class ToolProcessor:
     triggers = frozenset({"ToolRequested", "ToolCallReviewed", "WorkspaceCheckpointed", "ApprovalDecided",
                           "RetryScheduled", "HookDecided"})
 
-    def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None) -> None:
+    def __init__(self, registry: ToolRegistry, *, checkpoints: bool = True, reviewer: Provider | None = None,
+                 memory: MemoryStore | None = None) -> None:
         self.registry = registry
+        self.memory = memory  # the log's memory store, for the memory tools (tools/memory.py)
         self.checkpoints = checkpoints  # snapshot the workspace before each side-effect tool
         self.reviewer = reviewer  # the model that reviews tool calls when a guardrail asks for it
 
@@ -232,36 +235,42 @@ class ToolProcessor:
 
     def _run(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> list[Emit]:
         """The call run, and its PostToolUse hooks on the outcome (a retry runs none yet)."""
-        done = self._run_once(call, state, now_ms, started)
+        *before, done = self._run_once(call, state, now_ms, started)
         if isinstance(done.payload, ev.ToolCompleted | ev.ToolFailed):
-            return self._post_hooks(done, call, state)
-        return [done]
+            return [*before, *self._post_hooks(done, call, state)]
+        return [*before, done]
 
-    def _run_once(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> Emit:
+    def _run_once(self, call: ToolCall, state: SessionState, now_ms: int, started: float) -> list[Emit]:
+        """The call's outcome, last; before it the events its result carries (ToolOutcome)."""
         name, call_id = call.name, call.call_id
         allowed = self._allowed(state)
         tool = allowed.tools.get(name)
         timeout = (tool.timeout_s if tool and tool.timeout_s else None) or float(
             state.policy.timeouts.tool_timeout_s)
         try:
-            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id, policy=state.policy)
+            ctx = ToolContext(workdir=Path(state.workdir or "."), session_id=state.session_id, policy=state.policy,
+                              memory=self.memory)
             args = reveal(call.arguments, placeholders_from_outside(state.messages)) \
                 if state.policy.secrets.reveal_to_tools and mentions_placeholder(call.arguments) \
                 else call.arguments  # the log keeps [REDACTED:NAME]; the conversation is scanned only if needed
             result = _with_timeout(lambda: allowed.call(name, args, ctx), timeout)
         except TimeoutError:
-            return self._retry_or_fail(call, "timeout", f"{name} did not finish within {timeout:g}s "
-                                       "(it may still be running)", state, tool, now_ms, started)
+            return [self._retry_or_fail(call, "timeout", f"{name} did not finish within {timeout:g}s "
+                                        "(it may still be running)", state, tool, now_ms, started)]
         except ToolError as exc:
-            return self._retry_or_fail(call, exc.kind, str(exc), state, tool, now_ms, started)
+            return [self._retry_or_fail(call, exc.kind, str(exc), state, tool, now_ms, started)]
         except ConnectionError as exc:  # a service the tool uses is unreachable: worth another try
-            return self._retry_or_fail(call, "transient", f"{type(exc).__name__}: {exc}", state, tool, now_ms,
-                                       started)
+            return [self._retry_or_fail(call, "transient", f"{type(exc).__name__}: {exc}", state, tool, now_ms,
+                                        started)]
         except Exception as exc:  # a bug in a user's tool must reach the model, not kill the loop
-            return self._failed(call_id, name, "tool_exception", f"{type(exc).__name__}: {exc}", started)
+            return [self._failed(call_id, name, "tool_exception", f"{type(exc).__name__}: {exc}", started)]
+        before = []
+        if isinstance(result, ToolOutcome):
+            before = [Emit(p, key=f"{call_id}.{i}") for i, p in enumerate(result.events)]
+            result = result.text
         if len(result) > MAX_RESULT_CHARS:
             result = result[:MAX_RESULT_CHARS] + f"\n…(truncated {len(result) - MAX_RESULT_CHARS} chars)"
-        return Emit(ev.ToolCompleted(call_id=call_id, name=name, result=result, latency_ms=_ms(started)))
+        return [*before, Emit(ev.ToolCompleted(call_id=call_id, name=name, result=result, latency_ms=_ms(started)))]
 
     def _retry_or_fail(self, call: ToolCall, kind: str, message: str, state: SessionState, tool: Tool | None,
                        now_ms: int, started: float) -> Emit:

@@ -32,7 +32,7 @@ from loopstream.runtime.writer import SessionWriter
 # Events that come from outside the loop (people, goal producers, forks, annotations such as an
 # eval's grades and feedback): copied, not re-made.
 INPUT_TYPES = frozenset({"SessionStarted", "GoalReceived", "UserMessage", "SessionForked", "SessionCancelled",
-                         "ApprovalDecided"}) | ANNOTATIONS
+                         "ApprovalDecided", "MemoryRecalled"}) | ANNOTATIONS
 REPLYING = ("model", "compaction", "tools")  # the actors whose work is answered from the log
 
 

@@ -76,7 +76,7 @@ def _lease_root(log: Log) -> Path | None:
 
 
 def _goal(log: Log, session_id: str) -> str:
-    events, error = decode_prefix(log.read_raw(session_id, 0, 1))
+    events, error = decode_prefix(log.read_raw(session_id, 0, 2))  # seq 1: a MemoryRecalled may come first
     for e in events:
         if isinstance(e.payload, ev.GoalReceived):
             return e.payload.text

@@ -23,7 +23,7 @@ from loopstream.core import events as ev
 from loopstream.core.log import Log, SessionNotFound
 from loopstream.core.policy import SessionPolicy, recorded_policy
 from loopstream.replay.fork import ForkError, fork
-from loopstream.tools.builtin import default_registry
+from loopstream.tools.builtin import every_tool
 from loopstream.tools.checkpoint import Restore, Workspace
 
 
@@ -198,7 +198,7 @@ def _fork(log: Log, session_id: str, to_seq: int, result: RollbackResult, reason
     try:
         # The side effects after to_seq were undone by the restore: acknowledged.
         forked = fork(log, session_id, to_seq, reason=why, acknowledge_side_effects=True,
-                      registry=default_registry(allow_writes=True))
+                      registry=every_tool())
     except ForkError as exc:
         result.fork_error = str(exc)
         return

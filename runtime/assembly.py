@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from loopstream.core.log import Log
+from loopstream.core.memory import MemoryStore
 from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
@@ -24,6 +25,7 @@ from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
+from loopstream.tools import memory as memory_tools
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
 
@@ -52,7 +54,8 @@ def build_runtime(
 ) -> Runtime:
     """The in-process agent: a Runtime with the processors of the role `all`."""
     return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
-                                       limits=limits, summarize_with_model=summarize_with_model),
+                                       limits=limits, summarize_with_model=summarize_with_model,
+                                       memory=MemoryStore.for_log(log)),
                    on_event=on_event)
 
 
@@ -121,15 +124,20 @@ def processors_for(
     summarize_with_model: bool = True,
     publisher: Processor | None = None,
     allow_writes: bool = False,
+    memory: MemoryStore | None = None,
 ) -> list[Processor]:
     """The processors of one role, for `build_runtime` (role `all`) and the worker roles
     (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
     order; `limits`: a rate limiter per provider name) and the tool role's reviewer of tool
     calls; `registry` defaults to the built-in tools (`allow_writes`: with the side-effect
-    ones); `publisher` joins the orchestrator."""
+    ones) and the memory tools, which a session has when its `[memory]` is on (`memory`: the
+    log's store, `MemoryStore.for_log`); `publisher` joins the orchestrator."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     registry = registry or default_registry(allow_writes=allow_writes)
+    missing = [t for t in memory_tools.TOOLS if t.name not in registry.tools]
+    if missing:  # a copy: the caller's registry is left as it was
+        registry = ToolRegistry(dict(registry.tools)).add(*missing)
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
@@ -137,7 +145,7 @@ def processors_for(
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
+        procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs

@@ -17,11 +17,13 @@ from loopstream.core.codec import REGISTRY, seal
 from loopstream.core.construct import factory
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
+from loopstream.core.memory import MemoryStore, recall_at_start, resolved_policy
 from loopstream.core.policy import CODE_TOOLS, SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize_all
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
+from loopstream.tools.memory import NAMES as MEMORY_TOOLS
 
 EventCallback = Callable[[ev.Event], None]
 Clock = Callable[[], int]
@@ -139,6 +141,7 @@ class SessionWriter:
         self.clock = clock
         self.transition = transition
         self.attempts = attempts
+        self._memory: MemoryStore | None = None  # the log's memory store, opened by the first start that recalls
 
     # -- reading --------------------------------------------------------------------
     def load(self, session_id: str) -> SessionState:
@@ -158,26 +161,40 @@ class SessionWriter:
               correlation_id: str | None = None, idempotency_key: str | None = None, actor: str = "cli",
               reply_topic: str | None = None) -> str:
         """Start a session (SessionStarted + GoalReceived); its id. An idempotency key derives
-        the session id and the event ids, so a repeated key starts nothing new."""
+        the session id and the event ids, so a repeated key starts nothing new. With `[memory]`
+        on, the namespace is filled in, the memory tools are added, and what the agent recalls
+        is recorded between the two (MemoryRecalled: core/memory.py)."""
         if session_id is None and idempotency_key is not None:
             session_id = ev.derived_id("session", idempotency_key)[:16]
         sid = session_id or ev.new_session_id()
+        policy, tools, before = config.policy, list(config.tools), []
+        if policy.memory.enabled:
+            policy = resolved_policy(policy, config.agent, config.workdir)
+            tools += [n for n in MEMORY_TOOLS if policy.memory.tools and n not in tools]
+            before = self._recall(goal, policy)
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
-            tools=list(config.tools), max_steps=config.max_steps, workdir=config.workdir,
-            config_json=config.policy.to_config_json(code_tools=bool(CODE_TOOLS & set(config.tools))), **record_fields(config.sampling),
+            tools=tools, max_steps=config.max_steps, workdir=config.workdir,
+            config_json=policy.to_config_json(code_tools=bool(CODE_TOOLS & set(tools))), **record_fields(config.sampling),
             agent_json=config.definition or json.dumps({"name": config.agent, "source": "flags"}, sort_keys=True),
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)
 
         def build(state: SessionState) -> list[ev.Event]:
-            batch = build_events(state, None, [Emit(started), Emit(goal_ev)], actor, self.secrets, self.clock())
+            emits = [Emit(started), *(Emit(p) for p in before), Emit(goal_ev)]
+            batch = build_events(state, None, emits, actor, self.secrets, self.clock())
             return chain(state, [e.model_copy(update={"event_id": ev.derived_id(root, str(e.seq))}) for e in batch])
 
         blank = SessionState(session_id=sid, correlation_id=correlation_id or sid)
         self._write(blank, build, owed=lambda _: False)  # a session already there is not started again
         return sid
+
+    def _recall(self, goal: str, policy: SessionPolicy) -> list[ev.Payload]:
+        """What the agent is given from memory at its start (none with a log that has no store)."""
+        if self._memory is None:
+            self._memory = MemoryStore.for_log(self.log)  # kept: opening one costs more than a recall
+        return [] if self._memory is None else [recall_at_start(self._memory, goal, policy.memory)]
 
     def record(self, session_id: str, payloads: Sequence[ev.Payload], actor: str, key: str = "") -> Written:
         """Append what a person or another system decided (approve, deny, cancel, a message)

@@ -1,7 +1,7 @@
 """The built-in tools as one registry."""
 from __future__ import annotations
 
-from loopstream.tools import arithmetic, files, workspace
+from loopstream.tools import arithmetic, files, memory, workspace
 from loopstream.tools.registry import ToolRegistry
 
 
@@ -12,3 +12,9 @@ def default_registry(*, allow_writes: bool = False) -> ToolRegistry:
     if allow_writes:
         registry.add(*workspace.TOOLS)
     return registry
+
+
+def every_tool() -> ToolRegistry:
+    """Every built-in tool, the side-effect and memory ones included: what a recorded session may
+    name (fork and rollback ask it which calls were read-only)."""
+    return default_registry(allow_writes=True).add(*memory.TOOLS)

@@ -13,6 +13,8 @@ from typing import Any, get_type_hints
 
 from pydantic import BaseModel, ValidationError, create_model
 
+from loopstream.core.events import Payload
+from loopstream.core.memory import MemoryStore
 from loopstream.core.policy import SessionPolicy
 from loopstream.providers.base import ToolSpec
 
@@ -32,6 +34,16 @@ class ToolContext:
     workdir: Path
     session_id: str = ""
     policy: SessionPolicy = field(default_factory=SessionPolicy)  # the session's: sandbox and scope
+    memory: MemoryStore | None = None  # the log's memory store (tools/memory.py), where the log has one
+
+
+@dataclass(frozen=True)
+class ToolOutcome:
+    """A tool's result with events to record before it, in the same batch as its ToolCompleted
+    (the memory `remember` keeps): they are in the log exactly when the result is."""
+
+    text: str
+    events: tuple[Payload, ...] = ()
 
 
 @dataclass
@@ -62,13 +74,13 @@ class Tool:
             )
             raise ToolError(f"invalid arguments for {self.name}: {problems}", "invalid_arguments") from None
 
-    def invoke(self, arguments: dict[str, Any], ctx: ToolContext) -> str:
+    def invoke(self, arguments: dict[str, Any], ctx: ToolContext) -> str | ToolOutcome:
         args = self.validate(arguments)
         kwargs = {k: getattr(args, k) for k in self.args_model.model_fields}
         if self.wants_context:
             kwargs["ctx"] = ctx
         result = self.fn(**kwargs)
-        return result if isinstance(result, str) else json.dumps(result, default=str)
+        return result if isinstance(result, str | ToolOutcome) else json.dumps(result, default=str)
 
 
 def tool(
@@ -124,7 +136,7 @@ class ToolRegistry:
     def names(self) -> list[str]:
         return list(self.tools)
 
-    def call(self, name: str, arguments: dict[str, Any], ctx: ToolContext) -> str:
+    def call(self, name: str, arguments: dict[str, Any], ctx: ToolContext) -> str | ToolOutcome:
         t = self.tools.get(name)
         if t is None:
             raise ToolError(
