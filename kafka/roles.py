@@ -20,6 +20,7 @@ from loopstream.kafka.contract import ContractError, parse_kafka_url
 from loopstream.kafka.intake import GoalIntake
 from loopstream.kafka.relay import TransactionalResultsRelay
 from loopstream.kafka.results import ResultsPublisher
+from loopstream.kafka.settings import KafkaSettings
 from loopstream.runtime.assembly import ROLES, default_agents, open_model, processors_for, rate_limits
 from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.worker import Worker, install_signal_handlers
@@ -41,6 +42,7 @@ class WorkerOptions:
     group_prefix: str | None = None
     concurrency: int = 8
     agents_file: Path | None = None
+    kafka: KafkaSettings | None = None  # client properties and topic configs (default: the environment's)
     on_event: Callable[[ev.Event], None] | None = None
     on_local_start: Callable[[], None] | None = None
 
@@ -52,14 +54,14 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
     if opts.role not in ROLES:
         raise ContractError(f"unknown role {opts.role!r}: one of {', '.join(ROLES)}")
     bus = opts.bus or os.environ.get("LOOPSTREAM_BUS") or None
-    kbus = parse_kafka_url(bus) if bus and bus.startswith("kafka://") else None
+    kbus = parse_kafka_url(bus, opts.kafka) if bus and bus.startswith("kafka://") else None
     with ExitStack() as stack:
-        log = open_log(bus, opts.db)
+        log = open_log(bus, opts.db, kafka=kbus.settings if kbus else None)
         stack.callback(log.close)
         provider, fallbacks, limits = _open_models(stack, opts)
         publisher = intake = None
         if kbus is not None and opts.role in ("orchestrator", "all"):
-            producer = ContractProducer(kbus.bootstrap)
+            producer = ContractProducer(kbus.bootstrap, settings=kbus.settings)
             stack.callback(producer.close)
             transactional = kbus.results == "transactional"
             # results=transactional: results go through the relay (kafka/relay.py), the
