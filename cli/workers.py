@@ -22,6 +22,7 @@ from loopstream.kafka import settings as ksettings
 from loopstream.kafka import submit as submit_mod
 from loopstream.kafka.bus import sqlite_path
 from loopstream.kafka.contract import ContractError, Goal
+from loopstream.kafka.ops import OpsError
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import AgentsFileError, default_agents
 
@@ -43,6 +44,8 @@ def worker(
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Let the tool role run write_file, edit_file and shell (checkpointed before each).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print each appended event.")] = False,
     kafka_config: KafkaConfigOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, show_default=False, help="Serve /healthz, /readyz and Prometheus /metrics on this port (docs/kafka.md#operations).")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics port binds (0.0.0.0 in a container).")] = "127.0.0.1",
     instance_id: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_INSTANCE_ID", show_default=False, help="Kafka static membership: this worker's group.instance.id, stable across its restarts and unique per role (e.g. model-1); a restart within session.timeout.ms keeps its partitions.")] = None,
 ) -> None:
     """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
@@ -55,17 +58,19 @@ def worker(
 
     def ready(w, intake) -> None:
         output.dim(f"worker {w.group}: {', '.join(p.name for p in w.processors)}"
-                   f"{' + goal intake ' + intake.group if intake else ''}")
+                   f"{' + goal intake ' + intake.group if intake else ''}"
+                   f"{f' + http://{metrics_host}:{metrics_port}/metrics' if metrics_port is not None else ''}")
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
                                action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
                                group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
-                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id))
+                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id),
+                               metrics_port=metrics_port, metrics_host=metrics_host)
     try:
         with serving(sqlite_path(bus, db)):
             w = roles.run_role(opts, on_ready=ready)
-    except (ContractError, AgentsFileError) as exc:
+    except (ContractError, AgentsFileError, OpsError) as exc:
         raise UserError(str(exc)) from None
     output.dim(f"worker {w.group} stopped: {w.stats.snapshot()}")
 

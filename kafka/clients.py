@@ -150,12 +150,13 @@ def member(bootstrap: str, group: str, isolation: str, overrides: Mapping[str, A
 
 
 def reader(bootstrap: str, name: str, isolation: str, overrides: Mapping[str, Any] | None = None,
-           settings: KafkaSettings | None = None) -> Any:
+           settings: KafkaSettings | None = None, *, group: str | None = None) -> Any:
     """A consumer of partitions assigned by hand; `name` starts its group id (never joined, so
-    no static membership: `group.instance.id` is for group members only)."""
+    no static membership: `group.instance.id` is for group members only). With `group`, its
+    group id is that group's, to read the group's committed offsets (it never commits)."""
     settings = settings or default_settings()
     props = {k: v for k, v in settings.properties("consumer").items() if k != "group.instance.id"}
-    own = {"group.id": f"{name}-{uuid.uuid4().hex[:12]}", "isolation.level": isolation}
+    own = {"group.id": group or f"{name}-{uuid.uuid4().hex[:12]}", "isolation.level": isolation}
     return _build(Consumer, "consumer", config("reader", bootstrap, props, own, overrides), settings.source)
 
 
@@ -175,6 +176,22 @@ def check(settings: KafkaSettings) -> None:
                              (AdminClient, "admin", {})):
         client = _build(cls, kind, {**settings.properties(kind), **extra, "logger": quiet}, settings.source)
         close(client)
+
+
+def lag(consumer: Any, topic: str, timeout: float = 10.0) -> dict[int, int]:
+    """Per partition of `topic`: records after the committed offset of `consumer`'s group
+    (`consumer` from `reader(..., group=G)`; a partition without a commit owes all it holds)."""
+    try:
+        parts = consumer.list_topics(topic, timeout=timeout).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=timeout)
+        out = {}
+        for tp in committed:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, tp.partition), timeout=timeout,
+                                                       cached=False)
+            out[tp.partition] = max(0, high - (tp.offset if tp.offset >= 0 else low))
+        return out
+    except (KafkaException, KeyError) as exc:
+        raise LogError(f"cannot read the lag on {topic}: {exc}") from None
 
 
 def metadata(admin_client: Any, topic: str | None = None, timeout: float = 30.0) -> Any:

@@ -126,3 +126,25 @@ def test_ensure_topic_is_defined_once() -> None:
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef)
             and n.name in ("ensure_topic", "_ensure_topic")]
     assert set(defs) == {"kafka/clients.py"}, defs
+
+
+@pytest.mark.kafka
+def test_lag_counts_the_records_a_group_has_not_committed(kafka_broker: str) -> None:
+    """The lag the metrics report (kafka/ops.py): per partition, the high watermark minus the
+    group's committed offset (everything, for a group without a commit)."""
+    topic, group = "t." + uuid.uuid4().hex[:12], "g-" + uuid.uuid4().hex[:8]
+    clients.ensure_topic(clients.admin(kafka_broker), topic, 2)
+    p = clients.producer(kafka_broker, timeout=10)
+    for i in range(5):  # one record per batch: Tansu's high watermark counts a batch of 5 as 1
+        p.produce(topic, b"v", partition=0)
+        assert p.flush(10) == 0
+    clients.close(p)
+    lagging = clients.reader(kafka_broker, "lag", clients.EVENTS, group=group)
+    committer = clients.reader(kafka_broker, "lag", clients.EVENTS, group=group)
+    try:
+        assert clients.lag(lagging, topic) == {0: 5, 1: 0}
+        committer.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)
+        assert clients.lag(lagging, topic) == {0: 3, 1: 0}
+    finally:
+        lagging.close()
+        committer.close()

@@ -177,3 +177,52 @@ def test_a_refused_setting_stops_every_client_kind(kafka_broker: str) -> None:
                 "admin": lambda: clients.admin(kafka_broker, s)}
         for other in others:
             clients.close(made[other]())
+
+
+# -- durable topics ---------------------------------------------------------------------------
+@pytest.mark.kafka
+def test_topics_are_created_with_explicit_configs_and_checked(kafka_broker: str, tmp_path: Path) -> None:
+    from loopstream.core.log import LogError
+    from loopstream.kafka import clients
+    from loopstream.kafka.log import KafkaLog
+
+    s = ks.load(write(tmp_path, "[kafka.topics]\npartitions = 2\nmin_insync_replicas = 1\n"
+                                "goals_retention_ms = 3600000\n"), environ={})
+    prefix = "d" + uuid.uuid4().hex[:8]
+    with KafkaLog(kafka_broker, topic=f"{prefix}.events", settings=s, timeout=10) as log:
+        assert log.partitions == 2
+        events = clients.topic_configs(log.admin, f"{prefix}.events")
+    assert {k: events.get(k) for k in ("retention.ms", "retention.bytes", "cleanup.policy", "min.insync.replicas")} \
+        == {"retention.ms": "-1", "retention.bytes": "-1", "cleanup.policy": "delete", "min.insync.replicas": "1"}
+    producer = clients.ContractProducer(kafka_broker, timeout=10, settings=s)
+    try:
+        producer.ensure_topic(f"{prefix}.goals", "goals")
+        producer.ensure_topic(f"{prefix}.results")
+        admin = clients.admin(kafka_broker, s)
+        assert clients.topic_configs(admin, f"{prefix}.goals")["retention.ms"] == "3600000"
+        assert clients.topic_configs(admin, f"{prefix}.results")["retention.ms"] == str(7 * ks.DAY_MS)
+    finally:
+        producer.close()
+    # An existing topic: its own count is used unless a count is configured, then it must match.
+    with KafkaLog(kafka_broker, topic=f"{prefix}.events", settings=ks.KafkaSettings(), timeout=10) as log:
+        assert log.partitions == 2
+    three = ks.load(write(tmp_path, "[kafka.topics]\npartitions = 3\n"), environ={})
+    with pytest.raises(LogError, match=rf"topic {prefix}.events has 2 partitions but 3 are configured"):
+        KafkaLog(kafka_broker, topic=f"{prefix}.events", settings=three, timeout=10)
+
+
+@pytest.mark.kafka
+def test_an_existing_events_topic_that_deletes_events_is_reported(kafka_broker: str,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    from confluent_kafka.admin import NewTopic
+
+    from loopstream.kafka import clients
+    from loopstream.kafka.log import KafkaLog
+
+    topic = "old." + uuid.uuid4().hex[:8]
+    admin = clients.admin(kafka_broker)
+    admin.create_topics([NewTopic(topic, 3, 1, config={"retention.ms": "604800000"})])[topic].result(10)
+    caplog.set_level(logging.ERROR, logger="loopstream.kafka")
+    with KafkaLog(kafka_broker, topic=topic, settings=ks.KafkaSettings(), timeout=10):
+        pass
+    assert f"topic {topic} will DELETE session events (retention.ms=604800000)" in caplog.text
