@@ -226,3 +226,57 @@ def test_an_existing_events_topic_that_deletes_events_is_reported(kafka_broker: 
     with KafkaLog(kafka_broker, topic=topic, settings=ks.KafkaSettings(), timeout=10):
         pass
     assert f"topic {topic} will DELETE session events (retention.ms=604800000)" in caplog.text
+
+
+# -- scaling options --------------------------------------------------------------------------
+@pytest.mark.kafka
+def test_subscriptions_share_and_hand_back_partitions_with_cooperative_sticky(kafka_broker: str) -> None:
+    """partition.assignment.strategy=cooperative-sticky from the settings: two members of a
+    group split the partitions, every accepted event is delivered to one of them and
+    committed; when one leaves, the other gets its partitions and what comes next."""
+    from loopstream.kafka.log import KafkaLog
+    from tests.log_conformance import event, sid
+
+    s = ks.load(environ={"LOOPSTREAM_KAFKA_CONSUMER_PARTITION_ASSIGNMENT_STRATEGY": "cooperative-sticky",
+                         "LOOPSTREAM_KAFKA_CONSUMER_SESSION_TIMEOUT_MS": "2000",
+                         "LOOPSTREAM_KAFKA_CONSUMER_HEARTBEAT_INTERVAL_MS": "500"})
+    topic, group = "coop." + uuid.uuid4().hex[:8], "g-" + uuid.uuid4().hex[:8]
+    with KafkaLog(kafka_broker, topic=topic, settings=s, timeout=10) as a, \
+            KafkaLog(kafka_broker, topic=topic, settings=s, timeout=10) as b:
+        first = [sid() for _ in range(9)]
+        for session in first:
+            a.append(session, [event(session, 0)], 0)
+        one, two = a.subscribe(group), b.subscribe(group)
+        got: dict[str, list[str]] = {"a": [], "b": []}
+        deadline = time.monotonic() + 30
+        while len(got["a"]) + len(got["b"]) < len(first) and time.monotonic() < deadline:
+            for name, sub in (("a", one), ("b", two)):
+                for d in sub.poll(max_events=100, timeout=0.2):
+                    got[name].append(d.event.session_id)
+                    sub.commit(d)
+        assert sorted(got["a"] + got["b"]) == sorted(first)
+        assert got["a"] and got["b"]  # both members had partitions
+        two.close()
+        later = [sid() for _ in range(6)]
+        for session in later:
+            b.append(session, [event(session, 0)], 0)
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while len(seen) < len(later) and time.monotonic() < deadline:
+            seen += [d.event.session_id for d in one.poll(max_events=100, timeout=0.2)]
+        assert sorted(seen) == sorted(later)
+
+
+def test_static_membership_reaches_group_members_only(tmp_path: Path) -> None:
+    """`loopstream worker --instance-id` (LOOPSTREAM_INSTANCE_ID): group.instance.id for the
+    consumers that join a group, not for readers assigned by hand."""
+    pytest.importorskip("confluent_kafka")
+    from loopstream.cli.workers import kafka_settings
+    from loopstream.kafka import clients
+
+    s = kafka_settings("kafka://127.0.0.1:1", None, "model-1")
+    assert s.properties("consumer")["group.instance.id"] == "model-1"
+    assert "group.instance.id" not in s.properties("producer")
+    member = clients.config("member", "b:1", s.properties("consumer"))
+    assert member["group.instance.id"] == "model-1"
+    assert kafka_settings("sqlite:///x.db", None, "model-1") is None
