@@ -88,6 +88,9 @@ def config(kind: str, bootstrap: str, *layers: Mapping[str, Any] | None) -> dict
 
 
 logger = logging.getLogger("loopstream.kafka")
+_QUIET = logging.getLogger("loopstream.kafka.check")  # librdkafka's notices while checking settings
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
 ERROR_REPEAT_S = 60.0  # a client logs the same error at most once a minute
 # The last authentication error any client of this process met (reported by `metadata`).
 _auth_error: list[str] = []
@@ -169,12 +172,9 @@ def check(settings: KafkaSettings) -> None:
     """Build (and drop) one client of each kind from `settings` without connecting anywhere:
     a property librdkafka does not know, or a value it refuses, is a KafkaConfigError now,
     not in a worker's thread later."""
-    quiet = logging.getLogger("loopstream.kafka.check")
-    quiet.addHandler(logging.NullHandler())
-    quiet.propagate = False
     for cls, kind, extra in ((Producer, "producer", {}), (Consumer, "consumer", {"group.id": "check"}),
                              (AdminClient, "admin", {})):
-        client = _build(cls, kind, {**settings.properties(kind), **extra, "logger": quiet}, settings.source)
+        client = _build(cls, kind, {**settings.properties(kind), **extra, "logger": _QUIET}, settings.source)
         close(client)
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from loopstream.core import events as ev
 from loopstream.core.log import LogError
 from loopstream.kafka import clients
-from loopstream.kafka.clients import CONTRACT, EVENTS
+from loopstream.kafka.clients import EVENTS
 
 try:  # the [kafka] extra
     from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -79,13 +79,14 @@ class WorkerOps:
 
     # -- health ----------------------------------------------------------------------------
     def live(self) -> tuple[bool, str]:
-        """Alive: the poll loop turns (it answered within `stale_after` s) and no helper died."""
+        """Alive: the poll loop turns (within `stale_after` s; a loop waiting for room in its
+        buffer turns too) and no helper died."""
         dead = [h.label for h in self.helpers if getattr(h, "error", None) is not None]
         if dead:
             return False, f"stopped: {', '.join(dead)}"
-        last = self.worker.last_poll
+        last = self.worker.last_turn
         if last is not None and time.monotonic() - last > self.stale_after:
-            return False, f"no poll for {time.monotonic() - last:.0f}s"
+            return False, f"the poll loop has not turned for {time.monotonic() - last:.0f}s"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
@@ -110,9 +111,8 @@ class WorkerOps:
         with self._lag_lock:
             for group, topic in self.lag_groups.items():
                 reader = self._readers.get(group)
-                if reader is None:
-                    isolation = EVENTS if topic.endswith(".events") else CONTRACT
-                    reader = self._readers[group] = clients.reader(self.bootstrap, "loopstream-lag", isolation,
+                if reader is None:  # lag counts records up to the high watermark, whatever the isolation
+                    reader = self._readers[group] = clients.reader(self.bootstrap, "loopstream-lag", EVENTS,
                                                                    settings=self.settings, group=group)
                 try:
                     for p, n in clients.lag(reader, topic, timeout=5.0).items():

@@ -133,6 +133,7 @@ class Worker:
         self.on_handled = on_handled
         self.active: Counter = Counter()
         self.last_poll: float | None = None  # time.monotonic() of the last poll that answered
+        self.last_turn: float | None = None  # of the last turn of the poll loop (it may wait, not poll)
         self.poll_error: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # scheduling state below
@@ -166,6 +167,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"ls-{self.group}")
         try:
             while not self._stop.is_set():
+                self.last_turn = time.monotonic()
                 self._commit_ready(sub)
                 wait = self._fire_timers()
                 if until is not None and until():
