@@ -119,6 +119,10 @@ class KafkaSettings:
     topics: TopicSettings = TopicSettings()
     source: str = "defaults"
 
+    def __repr__(self) -> str:  # never print a secret
+        tables = {k: {p: "***" if secret_looking(p) else v for p, v in getattr(self, k).items()} for k in CLIENT_KINDS}
+        return f"KafkaSettings({tables}, {self.topics}, source={self.source!r})"
+
     def properties(self, kind: str) -> dict[str, Any]:
         """What a client of `kind` (producer | consumer | admin) gets: `client`, then its own."""
         return {**self.client, **getattr(self, kind)}

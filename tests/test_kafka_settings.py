@@ -53,6 +53,7 @@ min_insync_replicas = 2
     assert s.topics.configs("events") == {"cleanup.policy": "delete", "retention.ms": "-1",
                                           "retention.bytes": "-1", "min.insync.replicas": "2"}
     assert s.topics.configs("goals")["retention.ms"] == str(7 * ks.DAY_MS)
+    assert "s3cr3t" not in repr(s) and "sasl.password" in repr(s)
     env2 = {"LOOPSTREAM_KAFKA_SASL_PASSWORD_FILE": str(secret)}
     assert ks.load(environ=env2).properties("admin") == {"sasl.password": "s3cr3t"}
     assert ks.load(environ={}) == ks.KafkaSettings()
