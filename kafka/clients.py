@@ -118,8 +118,8 @@ def _build(cls: Any, kind: str, conf: dict[str, Any], source: str) -> Any:
             _auth_error[:] = [err.str()]
         now = time.monotonic()
         if now - said.get(err.str(), -ERROR_REPEAT_S) >= ERROR_REPEAT_S:  # librdkafka repeats them
-            said[err.str()] = now
-            logger.warning("kafka %s %s: %s", kind, conf.get("client.id", ""), err.str())
+            said[err.str()] = now  # debug: librdkafka prints its errors on stderr itself
+            logger.debug("kafka %s %s: %s", kind, conf.get("client.id", ""), err.str())
 
     try:
         return cls({**conf, "error_cb": on_error})

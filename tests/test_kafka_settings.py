@@ -141,7 +141,7 @@ def test_every_client_kind_authenticates_with_the_settings(kafka_broker_auth: st
     from loopstream.kafka.clients import EVENTS, TopicPartition
     from loopstream.kafka.log import KafkaLog
 
-    caplog.set_level(logging.WARNING, logger="loopstream.kafka")
+    caplog.set_level(logging.DEBUG, logger="loopstream.kafka")
     s = _sasl(tmp_path, "ls-probe")
     with pytest.raises(LogError, match=r"refused our credentials .*SCRAM.*unknown-user"):
         KafkaLog(kafka_broker_auth, topic="t", settings=s, timeout=3)
