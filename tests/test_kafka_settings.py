@@ -244,10 +244,19 @@ def test_subscriptions_share_and_hand_back_partitions_with_cooperative_sticky(ka
     topic, group = "coop." + uuid.uuid4().hex[:8], "g-" + uuid.uuid4().hex[:8]
     with KafkaLog(kafka_broker, topic=topic, settings=s, timeout=10) as a, \
             KafkaLog(kafka_broker, topic=topic, settings=s, timeout=10) as b:
-        first = [sid() for _ in range(9)]
+        one, two = a.subscribe(group), b.subscribe(group)
+        deadline = time.monotonic() + 30
+        while not (one._consumer.assignment() and two._consumer.assignment()):  # both members joined
+            assert time.monotonic() < deadline
+            one.poll(timeout=0.1)
+            two.poll(timeout=0.1)
+        first: list[str] = []
+        while len(first) < 9:  # three sessions in each partition, so each member owns some
+            session = sid()
+            if sum(a.partition(x) == a.partition(session) for x in first) < 3:
+                first.append(session)
         for session in first:
             a.append(session, [event(session, 0)], 0)
-        one, two = a.subscribe(group), b.subscribe(group)
         got: dict[str, list[str]] = {"a": [], "b": []}
         deadline = time.monotonic() + 30
         while len(got["a"]) + len(got["b"]) < len(first) and time.monotonic() < deadline:
