@@ -21,12 +21,14 @@ from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import LogError, SessionNotFound
 from loopstream.core.sqlite_log import LogNotFound
 from loopstream.kafka.bus import BusError
+from loopstream.kafka.settings import KafkaConfigError
 from loopstream.providers.errors import ProviderConfigError
 from loopstream.runtime.decisions import DecisionError
 from loopstream.runtime.lease import LeaseHeld
 
 # Mistakes the user can fix (exit 2) and refusals of the log or the session (exit 1).
-USER_ERRORS = (UserError, BusError, LogNotFound, SessionNotFound, ProviderConfigError, DecisionError, LeaseHeld)
+USER_ERRORS = (UserError, BusError, LogNotFound, SessionNotFound, ProviderConfigError, DecisionError, LeaseHeld,
+               KafkaConfigError)
 LOG_ERRORS = (run.LogDamaged, LogError, CodecError, IllegalTransition)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +17,12 @@ from loopstream.cli.common import BusOpt, DbOpt, UserError, read_goal, writer
 from loopstream.cli.output import Styled
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
-from loopstream.kafka import roles
+from loopstream.kafka import clients, roles
+from loopstream.kafka import settings as ksettings
 from loopstream.kafka import submit as submit_mod
 from loopstream.kafka.bus import sqlite_path
 from loopstream.kafka.contract import ContractError, Goal
+from loopstream.kafka.ops import OpsError
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import AgentsFileError, default_agents
 
@@ -40,6 +43,10 @@ def worker(
     agents: Annotated[Optional[Path], typer.Option(show_default=False, help="JSON file {name: {SessionConfig fields}}: agent configs goals may name.")] = None,
     allow_writes: Annotated[bool, typer.Option("--allow-writes", help="Let the tool role run write_file, edit_file and shell (checkpointed before each).")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Do not print each appended event.")] = False,
+    kafka_config: KafkaConfigOpt = None,
+    metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, show_default=False, help="Serve /healthz, /readyz and Prometheus /metrics on this port (docs/kafka.md#operations).")] = None,
+    metrics_host: Annotated[str, typer.Option(help="Address the metrics port binds (0.0.0.0 in a container).")] = "127.0.0.1",
+    instance_id: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_INSTANCE_ID", show_default=False, help="Kafka static membership: this worker's group.instance.id, stable across its restarts and unique per role (e.g. model-1); a restart within session.timeout.ms keeps its partitions.")] = None,
 ) -> None:
     """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
     docs/architecture.md#kafka). The orchestrator role also takes goals and publishes results."""
@@ -51,19 +58,42 @@ def worker(
 
     def ready(w, intake) -> None:
         output.dim(f"worker {w.group}: {', '.join(p.name for p in w.processors)}"
-                   f"{' + goal intake ' + intake.group if intake else ''}")
+                   f"{' + goal intake ' + intake.group if intake else ''}"
+                   f"{f' + http://{metrics_host}:{metrics_port}/metrics' if metrics_port is not None else ''}")
 
     opts = roles.WorkerOptions(role=role, bus=bus, db=db, provider=provider, model=model, base_url=base_url,
                                action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
                                group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
-                               allow_writes=allow_writes)
+                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id),
+                               metrics_port=metrics_port, metrics_host=metrics_host)
     try:
         with serving(sqlite_path(bus, db)):
             w = roles.run_role(opts, on_ready=ready)
-    except (ContractError, AgentsFileError) as exc:
+    except (ContractError, AgentsFileError, OpsError) as exc:
         raise UserError(str(exc)) from None
     output.dim(f"worker {w.group} stopped: {w.stats.snapshot()}")
+
+
+KafkaConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--kafka-config", envvar=ksettings.CONFIG_ENV, show_default=False,
+    help="TOML file with [kafka.client|producer|consumer|admin] librdkafka properties and [kafka.topics] "
+         "(docs/kafka.md#settings); LOOPSTREAM_KAFKA_<PROPERTY> variables apply over it.")]
+
+
+def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None = None) -> ksettings.KafkaSettings | None:
+    """The Kafka settings of a command on a kafka:// bus, checked now (a one-line UserError)."""
+    bus = bus or os.environ.get("LOOPSTREAM_BUS") or ""
+    if not bus.startswith("kafka://"):
+        return None
+    try:
+        found = ksettings.load(path)
+        if instance_id:
+            found = found.with_consumer(**{"group.instance.id": instance_id})
+        clients.check(found)
+    except ksettings.KafkaConfigError as exc:
+        raise UserError(str(exc)) from None
+    return found
 
 
 @contextmanager
@@ -87,11 +117,13 @@ class Submitted:
 
 def submit_anywhere(bus: str | None, db: Path | None, record: Goal, *, wait: bool, timeout: float,
                     provider: str | None, model: str | None,
-                    on_progress: Callable[[object], None] | None = None) -> Submitted:
+                    on_progress: Callable[[object], None] | None = None,
+                    kafka: ksettings.KafkaSettings | None = None) -> Submitted:
     """Hand `record` to the workers: a Goal record (Kafka) or a new session in the SQLite log."""
     try:
         if bus and bus.startswith("kafka://"):
-            done = submit_mod.submit_goal(bus, record, wait=wait, timeout=timeout, on_progress=on_progress)
+            done = submit_mod.submit_goal(bus, record, wait=wait, timeout=timeout, on_progress=on_progress,
+                                          settings=kafka)
             result = done.result
             if result is None:
                 return Submitted(done.session_id, wait)
@@ -123,6 +155,7 @@ def submit(
     progress: Annotated[bool, typer.Option("--progress", help="Ask for per-step progress updates (printed with --wait).")] = False,
     model: Annotated[Optional[str], typer.Option(show_default=False, help="SQLite bus only: model recorded in the session.")] = None,
     provider: Annotated[Optional[str], typer.Option(show_default=False, help="SQLite bus only: provider recorded in the session.")] = None,
+    kafka_config: KafkaConfigOpt = None,
 ) -> None:
     """Hand GOAL to the workers: a Goal record on the goals topic (Kafka), or a new session in
     the log (SQLite). Prints the session id, or with --wait the answer."""
@@ -133,7 +166,7 @@ def submit(
         output.note("  ", Styled(f"{u.seq:>3} {u.event_type:<16}", "dim"), f" {u.detail or ''}")
 
     done = submit_anywhere(bus, db, record, wait=wait, timeout=timeout, provider=provider, model=model,
-                           on_progress=on_progress)
+                           on_progress=on_progress, kafka=kafka_settings(bus, kafka_config))
     if not done.waited:
         output.answer(done.session_id)
         return

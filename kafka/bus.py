@@ -8,6 +8,7 @@ from pathlib import Path
 from loopstream.core.log import Log
 from loopstream.core.sqlite_log import LogNotFound, LogUnavailable, SQLiteLog
 from loopstream.kafka.contract import ContractError, parse_kafka_url
+from loopstream.kafka.settings import KafkaConfigError, KafkaSettings
 
 try:  # the [kafka] extra
     from loopstream.kafka.log import KafkaLog
@@ -34,10 +35,11 @@ def sqlite_path(bus: str | None = None, db: str | Path | None = None) -> Path | 
 
 
 def open_log(bus: str | None = None, db: str | Path | None = None, *, readonly: bool = False,
-             durability: str | None = None) -> Log:
+             durability: str | None = None, kafka: KafkaSettings | None = None) -> Log:
     """The log a command uses. `readonly` (commands that only read): a SQLite log is opened
     read-only and must exist (`LogNotFound` otherwise); nothing is created. `durability`:
-    a SQLite log's (core/sqlite_log.py DURABILITY; a Kafka log's is the broker's)."""
+    a SQLite log's (core/sqlite_log.py DURABILITY; a Kafka log's is the broker's). `kafka`:
+    a Kafka log's client and topic settings (default: the environment's, kafka/settings.py)."""
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or None
     path = sqlite_path(bus, db)
     if path is not None:
@@ -53,11 +55,11 @@ def open_log(bus: str | None = None, db: str | Path | None = None, *, readonly: 
         if KafkaLog is None:
             raise BusError("the Kafka log needs the [kafka] extra: pip install 'loopstream[kafka]'")
         try:  # kafka://HOST:PORT[?prefix=NAME&librdkafka.setting=V]: see kafka/contract.py
-            url = parse_kafka_url(bus)
-        except ContractError as exc:
+            url = parse_kafka_url(bus, kafka)
+            projection = Path(db) if db else default_db().with_name(url.projection_name)
+            return KafkaLog(url.bootstrap, topic=url.events_topic, projection_path=projection,
+                            consumer_config=url.consumer_config or None, settings=url.settings)
+        except (ContractError, KafkaConfigError) as exc:
             raise BusError(str(exc)) from None
-        projection = Path(db) if db else default_db().with_name(url.projection_name)
-        return KafkaLog(url.bootstrap, topic=url.events_topic, projection_path=projection,
-                        consumer_config=url.consumer_config or None)
     raise BusError(f"unknown bus {bus!r}: use sqlite:///PATH or kafka://HOST:PORT")
 

@@ -14,6 +14,8 @@ from urllib.parse import parse_qsl
 import fastavro
 
 from loopstream.core import events as ev
+from loopstream.kafka import settings as ksettings
+from loopstream.kafka.settings import KafkaSettings
 from loopstream.schemas import SCHEMA_DIR
 
 CONTRACT_DIR = SCHEMA_DIR / "contract"
@@ -123,6 +125,7 @@ class KafkaBus:
     prefix: str = DEFAULT_PREFIX
     consumer_config: dict[str, str] = field(default_factory=dict)
     results: str = "direct"  # direct | transactional: how the orchestrator role publishes results
+    settings: KafkaSettings = field(default_factory=KafkaSettings)  # client properties, topic configs
 
     @property
     def events_topic(self) -> str:
@@ -145,8 +148,10 @@ class KafkaBus:
         return f"{group_prefix or self.prefix}.{role}"
 
 
-def parse_kafka_url(bus: str) -> KafkaBus:
-    """`kafka://HOST:PORT[,HOST:PORT][?prefix=NAME&results=MODE&key.with.dots=VALUE]` → KafkaBus."""
+def parse_kafka_url(bus: str, settings: KafkaSettings | None = None) -> KafkaBus:
+    """`kafka://HOST:PORT[,HOST:PORT][?prefix=NAME&results=MODE&key.with.dots=VALUE]` → KafkaBus,
+    with `settings` (default: kafka/settings.py `load()`, the environment's). Credentials in
+    the URL are refused: a command line shows in `ps`."""
     if not bus.startswith("kafka://"):
         raise ContractError(f"not a kafka bus: {bus!r}")
     rest = bus[len("kafka://"):]
@@ -154,6 +159,9 @@ def parse_kafka_url(bus: str) -> KafkaBus:
     hosts = hosts.strip("/")
     if not hosts:
         raise ContractError("a kafka bus needs a broker address: kafka://HOST:PORT")
+    if "@" in hosts:
+        raise ContractError("no credentials in the kafka:// URL (a command line shows in `ps`): put sasl.username "
+                            "and sasl.password in the --kafka-config file or LOOPSTREAM_KAFKA_SASL_* variables")
     prefix, consumer, results = DEFAULT_PREFIX, {}, "direct"
     for key, value in parse_qsl(query, keep_blank_values=True, strict_parsing=False):
         if key == "prefix":
@@ -164,8 +172,11 @@ def parse_kafka_url(bus: str) -> KafkaBus:
             if value not in RESULTS_MODES:
                 raise ContractError(f"invalid results mode {value!r}: one of {', '.join(RESULTS_MODES)}")
             results = value
+        elif "." in key and ksettings.secret_looking(key):
+            raise ContractError(f"no {key} in the kafka:// URL (a command line shows in `ps`): put it in the "
+                                "--kafka-config file or a LOOPSTREAM_KAFKA_* variable (docs/kafka.md#settings)")
         elif "." in key:
             consumer[key] = value
         else:
             raise ContractError(f"unknown kafka bus option {key!r} (use prefix=, results=, or a librdkafka setting)")
-    return KafkaBus(hosts, prefix, consumer, results)
+    return KafkaBus(hosts, prefix, consumer, results, settings if settings is not None else ksettings.load())

@@ -42,8 +42,9 @@ class GoalIntake(BackgroundLoop):
         self.started = 0
 
     def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
-        self.publisher.producer.ensure_topic(self.kbus.goals_topic)
-        consumer = clients.member(self.kbus.bootstrap, self.group, CONTRACT, self.kbus.consumer_config)
+        self.publisher.producer.ensure_topic(self.kbus.goals_topic, "goals")
+        consumer = clients.member(self.kbus.bootstrap, self.group, CONTRACT, self.kbus.consumer_config,
+                                  settings=self.kbus.settings)
         consumer.subscribe([self.kbus.goals_topic])
         try:
             while not self._stop.is_set():

@@ -27,6 +27,7 @@ from loopstream.kafka.projection import (  # noqa: F401  (DROPPED: for callers)
     Projection,
     Record,
 )
+from loopstream.kafka.settings import KafkaSettings
 
 
 # -- partitioning ----------------------------------------------------------------
@@ -62,8 +63,10 @@ def partition_for(session_id: str, partitions: int) -> int:
 class KafkaLog:
     """The `Log` interface over one Kafka topic plus a local SQLite projection.
 
-    `producer_config` / `consumer_config` / `tail_config` are merged into the librdkafka
-    settings of the producer, of subscription consumers, and of the projection's tail
+    `settings` (default: the environment's, kafka/settings.py) give every client's properties
+    and the topic's configs; `partitions` (default: the settings') is checked against an
+    existing topic when given. `producer_config` / `consumer_config` / `tail_config` are merged
+    over them into the producer, the subscription consumers, and the projection's tail
     consumer. `timeout` bounds every blocking step (flush, catch-up, topic creation).
     """
 
@@ -72,8 +75,9 @@ class KafkaLog:
         bootstrap: str,
         topic: str = "loopstream.events",
         projection_path: str | Path | None = None,
-        partitions: int = 3,
+        partitions: int | None = None,
         *,
+        settings: KafkaSettings | None = None,
         producer_config: dict[str, Any] | None = None,
         consumer_config: dict[str, Any] | None = None,
         tail_config: dict[str, Any] | None = None,
@@ -81,17 +85,20 @@ class KafkaLog:
         abandon_ms: int = 120_000,
     ) -> None:
         self.bootstrap, self.topic, self.timeout = bootstrap, topic, timeout
+        self.settings = settings or clients.default_settings()
+        ks = self.settings
         self.writer_id = uuid.uuid4().hex
         self._consumer_config = dict(consumer_config or {})
         self._lock = threading.RLock()
         self._subs: list[KafkaSubscription] = []
         self._closed = False
-        self.partitions = clients.ensure_topic(clients.admin(bootstrap), topic, partitions, timeout)
-        self._producer = clients.producer(bootstrap, timeout=timeout, overrides=producer_config)
-        self._tail = clients.reader(bootstrap, "loopstream-projection", EVENTS, tail_config)
+        self.admin = clients.admin(bootstrap, ks)
+        self.partitions = clients.ensure_topic(self.admin, topic, ks.topics.spec("events", partitions), timeout)
+        self._producer = clients.producer(bootstrap, timeout=timeout, overrides=producer_config, settings=ks)
+        self._tail = clients.reader(bootstrap, "loopstream-projection", EVENTS, tail_config, settings=ks)
         # An idle consumer for watermark queries: on the tail consumer they would queue
         # behind its in-flight fetch.
-        self._meta = clients.reader(bootstrap, "loopstream-watermarks", EVENTS)
+        self._meta = clients.reader(bootstrap, "loopstream-watermarks", EVENTS, settings=ks)
         try:
             self.projection = Projection(projection_path, topic, abandon_ms=abandon_ms)
         except BaseException:
@@ -267,7 +274,7 @@ class KafkaSubscription:
 
     def __init__(self, log: KafkaLog, group: str) -> None:
         self.log, self.group = log, group
-        self._consumer = clients.member(log.bootstrap, group, EVENTS, log._consumer_config)
+        self._consumer = clients.member(log.bootstrap, group, EVENTS, log._consumer_config, settings=log.settings)
         self._consumer.subscribe([log.topic])
         self._committed: dict[int, int] = {}
         self._closed = False

@@ -15,6 +15,7 @@ from loopstream.kafka.background import BackgroundLoop
 from loopstream.kafka.clients import KafkaException, ensure_topic
 from loopstream.kafka.contract import KafkaBus, SessionUpdate, encode_update
 from loopstream.kafka.results import GoalLookup, goal_result, update_headers
+from loopstream.kafka.settings import KafkaSettings
 
 logger = logging.getLogger("loopstream.relay")
 
@@ -34,17 +35,19 @@ class TransactionalResultsRelay(BackgroundLoop):
         timeout: float = 30.0,
         poll_max: int = 200,
         poll_timeout: float = 0.2,
-        partitions: int = 3,
         retry_delay: float = 1.0,
         producer_config: dict[str, Any] | None = None,
         goals: GoalLookup | None = None,
+        settings: KafkaSettings | None = None,
     ) -> None:
         super().__init__(f"ls-{group}")
         self.bootstrap = bootstrap.bootstrap if isinstance(bootstrap, KafkaBus) else bootstrap
         self.log, self.group = log, group
         self.transactional_id = transactional_id or f"{group}.relay"
         self.timeout, self.poll_max, self.poll_timeout = timeout, poll_max, poll_timeout
-        self.partitions, self.retry_delay = partitions, retry_delay
+        self.retry_delay = retry_delay
+        self.settings = settings or (bootstrap.settings if isinstance(bootstrap, KafkaBus) else
+                                     getattr(log, "settings", None)) or clients.default_settings()
         self.producer_config = dict(producer_config or {})
         self.goals = goals or GoalLookup(log)
         self.stats: Counter = Counter()
@@ -58,9 +61,9 @@ class TransactionalResultsRelay(BackgroundLoop):
     # -- the loop --------------------------------------------------------------------
     def run(self, until: Callable[[], bool] | None = None) -> None:
         """Poll and relay, one transaction per polled batch, until `stop()` (or `until()`)."""
-        self._admin = clients.admin(self.bootstrap)
+        self._admin = clients.admin(self.bootstrap, self.settings)
         producer = clients.producer(self.bootstrap, timeout=self.timeout, transactional_id=self.transactional_id,
-                                    overrides=self.producer_config)
+                                    overrides=self.producer_config, settings=self.settings)
         sub = None
         try:
             try:  # fences an older relay with this id and aborts what it left open
@@ -90,7 +93,7 @@ class TransactionalResultsRelay(BackgroundLoop):
             updates = [found for d in deliveries if (found := goal_result(self.goals, d.event)) is not None]
             for topic in {t for t, _ in updates}:
                 if topic not in self._topics:
-                    ensure_topic(self._admin, topic, self.partitions, self.timeout)
+                    ensure_topic(self._admin, topic, self.settings.topics.spec("results"), self.timeout)
                     self._topics.add(topic)
         except LogError as exc:  # nothing begun yet: deliver the batch again later
             logger.warning("results relay %s: %s; retrying", self.group, exc)

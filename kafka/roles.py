@@ -19,8 +19,10 @@ from loopstream.kafka.bus import open_log
 from loopstream.kafka.clients import ContractProducer
 from loopstream.kafka.contract import ContractError, parse_kafka_url
 from loopstream.kafka.intake import GoalIntake
+from loopstream.kafka.ops import WorkerOps
 from loopstream.kafka.relay import TransactionalResultsRelay
 from loopstream.kafka.results import ResultsPublisher
+from loopstream.kafka.settings import KafkaSettings
 from loopstream.runtime.assembly import ROLES, default_agents, open_model, processors_for, rate_limits
 from loopstream.runtime.inline import SessionConfig
 from loopstream.runtime.worker import Worker, install_signal_handlers
@@ -42,6 +44,9 @@ class WorkerOptions:
     group_prefix: str | None = None
     concurrency: int = 8
     agents_file: Path | None = None
+    kafka: KafkaSettings | None = None  # client properties and topic configs (default: the environment's)
+    metrics_port: int | None = None  # serve /healthz, /readyz, /metrics (kafka/ops.py) on this port
+    metrics_host: str = "127.0.0.1"
     on_event: Callable[[ev.Event], None] | None = None
     on_local_start: Callable[[], None] | None = None
 
@@ -53,14 +58,14 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
     if opts.role not in ROLES:
         raise ContractError(f"unknown role {opts.role!r}: one of {', '.join(ROLES)}")
     bus = opts.bus or os.environ.get("LOOPSTREAM_BUS") or None
-    kbus = parse_kafka_url(bus) if bus and bus.startswith("kafka://") else None
+    kbus = parse_kafka_url(bus, opts.kafka) if bus and bus.startswith("kafka://") else None
     with ExitStack() as stack:
-        log = open_log(bus, opts.db)
+        log = open_log(bus, opts.db, kafka=kbus.settings if kbus else None)
         stack.callback(log.close)
         provider, fallbacks, limits = _open_models(stack, opts)
         publisher = intake = None
         if kbus is not None and opts.role in ("orchestrator", "all"):
-            producer = ContractProducer(kbus.bootstrap)
+            producer = ContractProducer(kbus.bootstrap, settings=kbus.settings)
             stack.callback(producer.close)
             transactional = kbus.results == "transactional"
             # results=transactional: results go through the relay (kafka/relay.py), the
@@ -122,6 +127,7 @@ def run_role(opts: WorkerOptions, install_signals: bool = True,
             install_signal_handlers(worker, *(h.stop for h in helpers))
             if early:  # the real handler stops the worker and its helpers; they close cleanly
                 signal.raise_signal(early[0])
+        ops = _ops(opts, worker, intake, relay)
         for h in helpers:
             h.start()
         if on_ready is not None:
@@ -139,6 +145,25 @@ def run_role(opts: WorkerOptions, install_signals: bool = True,
                 intake.join(10)
             if relay is not None:
                 relay.join(relay.timeout + 5)  # it finishes the running transaction
+            if ops is not None:
+                ops.close()
         return worker
+
+
+def _ops(opts: WorkerOptions, worker: Any, intake: GoalIntake | None, relay: Any) -> WorkerOps | None:
+    """The operations surface of the role, serving, if `metrics_port` is set."""
+    if opts.metrics_port is None:
+        return None
+    log = worker.log
+    groups = {worker.group: log.topic} if hasattr(log, "topic") else {}
+    if intake is not None:
+        groups[intake.group] = intake.kbus.goals_topic
+    if relay is not None:
+        groups[relay.group] = log.topic
+    ops = WorkerOps(worker, opts.role, lag_groups=groups, bootstrap=getattr(log, "bootstrap", None),
+                    settings=getattr(log, "settings", None), helpers=[h for h in (intake, relay) if h is not None])
+    ops.attach(worker.writer, *([intake.writer] if intake is not None else []))
+    ops.serve(opts.metrics_port, opts.metrics_host)
+    return ops
 
 

@@ -22,6 +22,7 @@ from loopstream.kafka.contract import (
     parse_kafka_url,
     session_id_for,
 )
+from loopstream.kafka.settings import KafkaSettings
 from loopstream.runtime.writer import SessionConfig, SessionWriter
 
 
@@ -34,23 +35,25 @@ class Submitted:
 
 
 def submit_goal(bus: str, goal: Goal, *, wait: bool = False, timeout: float = 300.0,
-                on_progress: Callable[[SessionUpdate], None] | None = None) -> Submitted:
+                on_progress: Callable[[SessionUpdate], None] | None = None,
+                settings: KafkaSettings | None = None) -> Submitted:
     """Produce `goal` to the goals topic; with `wait`, consume its reply topic until the
-    session's result arrives (LogError after `timeout` seconds)."""
-    kbus = parse_kafka_url(bus)
+    session's result arrives (LogError after `timeout` seconds). `settings`: the clients'
+    (default: the environment's, kafka/settings.py)."""
+    kbus = parse_kafka_url(bus, settings)
     goal = dataclasses.replace(goal, idempotency_key=goal.idempotency_key or uuid.uuid4().hex,
                                submitted_ms=goal.submitted_ms or ev.now_ms())
     goal.correlation_id = goal.correlation_id or goal.idempotency_key
     goal.reply_topic = goal.reply_topic or kbus.results_topic
     sid = session_id_for(goal.idempotency_key)
     out = Submitted(sid, goal.correlation_id, goal.idempotency_key)
-    producer = ContractProducer(kbus.bootstrap)
+    producer = ContractProducer(kbus.bootstrap, settings=kbus.settings)
     consumer = None
     try:
-        producer.ensure_topic(kbus.goals_topic)
+        producer.ensure_topic(kbus.goals_topic, "goals")
         if wait:
             producer.ensure_topic(goal.reply_topic)
-            consumer = clients.reader(kbus.bootstrap, "loopstream-submit", CONTRACT)
+            consumer = clients.reader(kbus.bootstrap, "loopstream-submit", CONTRACT, settings=kbus.settings)
             parts = consumer.list_topics(goal.reply_topic, timeout=30).topics[goal.reply_topic].partitions
             try:  # start at the end: only updates produced after this goal can answer it
                 ends = [TopicPartition(goal.reply_topic, p, consumer.get_watermark_offsets(
@@ -58,7 +61,7 @@ def submit_goal(bus: str, goal: Goal, *, wait: bool = False, timeout: float = 30
             except KafkaException as exc:
                 raise LogError(f"cannot read the end of {goal.reply_topic}: {exc}") from exc
             consumer.assign(ends)
-        producer.send(kbus.goals_topic, goal.idempotency_key, encode_goal(goal))
+        producer.send(kbus.goals_topic, goal.idempotency_key, encode_goal(goal), kind="goals")
         if consumer is None:
             return out
         seen: set[tuple[str, int]] = set()

@@ -112,6 +112,7 @@ class Worker:
         retry_delays: Sequence[float] = (0.2, 0.5, 1, 2, 5, 10, 30),
         max_attempts: int = 10,
         clock: Clock = ev.now_ms,
+        on_handled: Callable[[str, float, str], None] | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError("concurrency must be at least 1")
@@ -127,6 +128,13 @@ class Worker:
         self.retry_delays = tuple(retry_delays)
         self.max_attempts = max_attempts
         self.stats = WorkerStats()
+        # For the operations surface (kafka/ops.py): `on_handled(actor, seconds, outcome)` after
+        # each handler that acted; handlers running now per actor; the last poll's time and error.
+        self.on_handled = on_handled
+        self.active: Counter = Counter()
+        self.last_poll: float | None = None  # time.monotonic() of the last poll that answered
+        self.last_turn: float | None = None  # of the last turn of the poll loop (it may wait, not poll)
+        self.poll_error: str | None = None
         self._stop = threading.Event()
         self._lock = threading.Lock()  # scheduling state below
         self._parts: dict[Any, _Partition] = {}
@@ -159,6 +167,7 @@ class Worker:
         self._pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"ls-{self.group}")
         try:
             while not self._stop.is_set():
+                self.last_turn = time.monotonic()
                 self._commit_ready(sub)
                 wait = self._fire_timers()
                 if until is not None and until():
@@ -170,8 +179,10 @@ class Worker:
                     deliveries = sub.poll(max_events=self.poll_max, timeout=min(self.poll_timeout, wait))
                 except LogError as exc:
                     logger.warning("%s: poll failed: %s", self.group, exc)
+                    self.poll_error = str(exc)
                     self._stop.wait(1.0)
                     continue
+                self.last_poll, self.poll_error = time.monotonic(), None
                 for d in deliveries:
                     self._accept(d)
         finally:
@@ -294,8 +305,18 @@ class Worker:
                 self.stats.add("clock_waits")
                 return ("wake", time.monotonic() + (item.not_before_ms - now) / 1000 + 0.005)
             self.stats.add(f"handled.{item.actor}")
-            for written in self.dispatch.act(self.writer, state, item, event, now):
-                state = self._count(written)
+            started, outcome = time.monotonic(), "error"
+            with self.stats.lock:
+                self.active[item.actor] += 1
+            try:
+                for written in self.dispatch.act(self.writer, state, item, event, now):
+                    state = self._count(written)
+                outcome = "ok"
+            finally:
+                with self.stats.lock:
+                    self.active[item.actor] -= 1
+                if self.on_handled is not None:
+                    self.on_handled(item.actor, time.monotonic() - started, outcome)
         for observer in self.dispatch.observers:
             if event.type in observer.triggers:
                 observer.handle(event, state)

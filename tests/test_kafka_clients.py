@@ -11,10 +11,11 @@ import pytest
 
 pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
-from confluent_kafka import KafkaException, TopicPartition
+from confluent_kafka import TopicPartition
 
 from loopstream.kafka import clients
 from loopstream.kafka.log import KafkaLog
+from loopstream.kafka.settings import KafkaConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ("api", "cli", "core", "kafka", "processors", "providers", "replay", "runtime", "tools")
@@ -33,16 +34,22 @@ def test_only_the_factory_imports_confluent_kafka() -> None:
 
 
 def test_each_client_class_is_built_in_one_factory_function_from_config() -> None:
-    """Inside clients.py a client class is called only by its factory function, and always
-    with `config(...)`: no construction can skip the settings."""
+    """Inside clients.py a client class is constructed only by `_build`, and handed to it only by
+    its factory function, always with `config(...)` (or by `check`, which validates settings):
+    no construction can skip the settings."""
     tree = ast.parse((ROOT / "kafka" / "clients.py").read_text())
-    calls = []
+    calls, direct = [], []
     for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
         for node in ast.walk(fn):
-            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in CLASSES:
-                arg = node.args[0] if node.args else None
+            if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name):
+                continue
+            if node.func.id in CLASSES:
+                direct.append(fn.name)
+            if node.func.id == "_build" and isinstance(node.args[0], ast.Name) and node.args[0].id in CLASSES:
+                arg = node.args[2]
                 via_config = isinstance(arg, ast.Call) and getattr(arg.func, "id", "") == "config"
-                calls.append((fn.name, node.func.id, via_config))
+                calls.append((fn.name, node.args[0].id, via_config))
+    assert direct == []  # `_build` calls `cls(...)`, never a class by name
     assert sorted(calls) == [("admin", "AdminClient", True), ("member", "Consumer", True),
                              ("producer", "Producer", True), ("reader", "Consumer", True)]
 
@@ -80,9 +87,9 @@ def test_the_bus_settings_reach_the_subscription_consumer_and_not_the_others(kaf
     is built, so it reaches it; the producer and the projection's readers do not get it."""
     bad = {"session.timeout.ms": "not-a-number"}
     with KafkaLog(kafka_broker, topic="t." + uuid.uuid4().hex[:12], consumer_config=bad) as log:
-        with pytest.raises(KafkaException, match="session.timeout.ms"):
+        with pytest.raises(KafkaConfigError, match="session.timeout.ms"):
             log.subscribe("g-" + uuid.uuid4().hex[:8])
-    with pytest.raises(KafkaException, match="message.timeout.ms"):
+    with pytest.raises(KafkaConfigError, match="message.timeout.ms"):
         KafkaLog(kafka_broker, topic="t." + uuid.uuid4().hex[:12], producer_config={"message.timeout.ms": "x"})
 
 
@@ -119,3 +126,25 @@ def test_ensure_topic_is_defined_once() -> None:
             for n in ast.walk(ast.parse(p.read_text())) if isinstance(n, ast.FunctionDef)
             and n.name in ("ensure_topic", "_ensure_topic")]
     assert set(defs) == {"kafka/clients.py"}, defs
+
+
+@pytest.mark.kafka
+def test_lag_counts_the_records_a_group_has_not_committed(kafka_broker: str) -> None:
+    """The lag the metrics report (kafka/ops.py): per partition, the high watermark minus the
+    group's committed offset (everything, for a group without a commit)."""
+    topic, group = "t." + uuid.uuid4().hex[:12], "g-" + uuid.uuid4().hex[:8]
+    clients.ensure_topic(clients.admin(kafka_broker), topic, 2)
+    p = clients.producer(kafka_broker, timeout=10)
+    for i in range(5):  # one record per batch: Tansu's high watermark counts a batch of 5 as 1
+        p.produce(topic, b"v", partition=0)
+        assert p.flush(10) == 0
+    clients.close(p)
+    lagging = clients.reader(kafka_broker, "lag", clients.EVENTS, group=group)
+    committer = clients.reader(kafka_broker, "lag", clients.EVENTS, group=group)
+    try:
+        assert clients.lag(lagging, topic) == {0: 5, 1: 0}
+        committer.commit(offsets=[TopicPartition(topic, 0, 2)], asynchronous=False)
+        assert clients.lag(lagging, topic) == {0: 3, 1: 0}
+    finally:
+        lagging.close()
+        committer.close()

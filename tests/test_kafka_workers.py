@@ -14,9 +14,12 @@ import json
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -113,6 +116,32 @@ class Workers:
         return codes
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except urllib.error.URLError as exc:  # not listening yet
+        return 0, str(exc)
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """{labels: value} of the metric `name` in a Prometheus text exposition."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            labels, _, value = line[len(name):].rpartition(" ")
+            out[labels] = float(value)
+    return out
+
+
 def stuck(broker: str, prefix: str, sids: set[str], results: list) -> str:
     """Where the sessions without a result stand (for a failure message)."""
     done = {u.session_id for u in results if u.kind == "result"}
@@ -130,7 +159,8 @@ def all_worker(kafka_broker: str, tmp_path_factory: pytest.TempPathFactory) -> I
     cwd = tmp_path_factory.mktemp("all")
     bus = bus_url(kafka_broker, "wa" + uuid.uuid4().hex[:6])
     workers = Workers(bus, cwd)
-    workers.start("all")
+    workers.metrics_port = free_port()
+    workers.start("all", "--metrics-port", str(workers.metrics_port))
     try:
         yield bus, cwd, workers
     finally:
@@ -153,6 +183,36 @@ def test_worker_all_submit_wait_and_show(all_worker) -> None:
     assert "goal-intake" in shown.stdout and "orchestrator" in shown.stdout
     listing = cli("sessions", "--bus", bus, cwd=cwd)
     assert sid in listing.stdout and "done" in listing.stdout
+
+
+def test_the_worker_serves_health_and_metrics(all_worker) -> None:
+    """Scrape the real endpoint of a real worker: health, readiness, handler latency by actor,
+    events appended by type, lag per group and partition, sessions by state."""
+    bus, cwd, workers = all_worker
+    port, prefix = workers.metrics_port, bus.split("prefix=")[1].split("&")[0]
+    deadline = time.monotonic() + 30
+    while scrape(port, "/readyz")[0] != 200:
+        assert time.monotonic() < deadline, workers.logs()
+        time.sleep(0.1)
+    assert scrape(port, "/healthz") == (200, "ok\n")
+    r = cli("submit", "--bus", bus, "--wait", "--timeout", "60", "count to two", cwd=cwd)
+    assert r.returncode == 0, r.stderr + workers.logs()
+    status, text = scrape(port, "/metrics")
+    assert status == 200
+    handled = samples(text, "loopstream_handler_seconds_count")
+    assert handled['{actor="model",outcome="ok",role="all"}'] >= 2
+    assert handled['{actor="tools",outcome="ok",role="all"}'] >= 1
+    appended = samples(text, "loopstream_events_appended_total")
+    assert appended['{role="all",type="SessionFinished"}'] >= 1 and appended['{role="all",type="GoalReceived"}'] >= 1
+    assert samples(text, "loopstream_sessions")['{state="done"}'] >= 1
+    assert samples(text, "loopstream_in_flight")['{actor="model",role="all"}'] == 0
+    lag = samples(text, "loopstream_consumer_lag")
+    groups = {k.split('group="')[1].split('"')[0] for k in lag}
+    assert groups == {f"{prefix}.all", f"{prefix}.intake"}, lag
+    assert {k.split('partition="')[1].split('"')[0] for k in lag} == {"0", "1", "2"}
+    assert all(v >= 0 for v in lag.values())
+    assert samples(text, "loopstream_ready") == {'{role="all"}': 1.0}
+    assert scrape(port, "/nope")[0] == 404
 
 
 def test_example_client_without_loopstream(all_worker, kafka_broker: str) -> None:
