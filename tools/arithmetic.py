@@ -46,8 +46,8 @@ def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression such as "(3 + 4) * 2 / 7"."""
     try:
         tree = ast.parse(expression, mode="eval")
-    except SyntaxError:
-        raise ToolError(f"not an arithmetic expression: {expression!r}", "invalid_arguments") from None
+    except (SyntaxError, ValueError):  # ValueError: a NUL byte; UnicodeEncodeError: a lone surrogate
+        raise ToolError(f"not an arithmetic expression: {expression[:200]!r}", "invalid_arguments") from None
     return _num(_eval(tree.body))
 
 
