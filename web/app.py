@@ -26,6 +26,7 @@ from loopstream.core.describe import status_of
 from loopstream.core.fsm import ANNOTATIONS
 from loopstream.core.log import SessionNotFound
 from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import fold
 from loopstream.observe.feedback import FeedbackError, give_feedback
 from loopstream.replay.diff import diff as diff_sessions
 from loopstream.replay.fork import ForkError, ForkNeedsAcknowledgement, fork
@@ -144,31 +145,35 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         lg = log()
         try:
             yield b"retry: 1000\n\n"
-            last_status, idle = None, 0.0
+            last_status, status_at, idle = None, -1, 0.0
             while not await request.is_disconnected():
-                raw = await run_in_threadpool(lg.read_raw, sid, next_seq)
-                decoded, error = decode_prefix(raw)
+                if last_status is not None and await run_in_threadpool(lg.next_seq, sid) == status_at == next_seq:
+                    await asyncio.sleep(POLL_S)
+                    idle += POLL_S
+                    if idle >= KEEPALIVE_S:
+                        idle = 0.0
+                        yield b": keepalive\n\n"
+                    continue
+                idle = 0.0
+                # the status first, then the events: what is sent always reaches the point the status is of
+                try:
+                    status, status_at = await run_in_threadpool(_status, lg, sid)
+                except Exception as exc:  # noqa: BLE001 - a damaged session: say so, once, and stop
+                    yield _sse("problem", views.dumps({"seq": next_seq, "error": f"{type(exc).__name__}: {exc}"}))
+                    return
+                decoded, error = decode_prefix(await run_in_threadpool(lg.read_raw, sid, next_seq))
                 for e in decoded:
                     yield _sse("event", views.dumps(views.event(e)), e.seq)
                     next_seq = e.seq + 1
-                if decoded or last_status is None:
-                    idle = 0.0
-                    last_type = next((e.type for e in reversed(decoded) if e.type not in ANNOTATIONS), None)
-                    status = await run_in_threadpool(_status, lg, sid) if last_status is None or last_type else None
-                    if status is not None and status != last_status:
-                        last_status = status
-                        yield _sse("status", views.dumps(status))
-                    if last_status and last_status["terminal"]:
-                        yield _sse("end", views.dumps({"status": last_status["status"]}))
-                        return
                 if error is not None:
                     yield _sse("problem", views.dumps({"seq": next_seq, "error": str(error)}))
                     return
-                await asyncio.sleep(POLL_S)
-                idle += POLL_S
-                if idle >= KEEPALIVE_S:
-                    idle = 0.0
-                    yield b": keepalive\n\n"
+                if status != last_status:
+                    last_status = status
+                    yield _sse("status", views.dumps(status))
+                if status["terminal"]:
+                    yield _sse("end", views.dumps({"status": status["status"]}))
+                    return
         finally:
             lg.close()
 
@@ -288,12 +293,13 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
     return app
 
 
-def _status(lg: SQLiteLog, sid: str) -> dict:
-    info = next((i for i in lg.sessions() if i.session_id == sid), None)
-    state = load(lg, sid)
+def _status(lg: SQLiteLog, sid: str) -> tuple[dict, int]:
+    """The session's status as the list shows it, and the seq after the last event it folds."""
+    events = lg.read(sid)
+    state = fold(events)
     out = views.state(state)
-    out["status"] = status_of(info.last_type) if info else str(state.status)
-    return out
+    out["status"] = status_of(next((e.type for e in reversed(events) if e.type not in ANNOTATIONS), ""))
+    return out, state.next_seq
 
 
 def _sse(kind: str, data: bytes, seq: int | None = None) -> bytes:

@@ -59,12 +59,13 @@ def events_of_types(log: Log, types: Iterable[str]) -> list[ev.Event]:
 
 
 def links(log: Log, linkers: Mapping[str, Linker] = LINKERS) -> dict[str, Link]:
-    """child session -> its link to its parent (the first one found)."""
+    """child session -> its link to its parent: the last one in log order (a fork of a fork
+    carries its parent's copied SessionForked before its own)."""
     out: dict[str, Link] = {}
     for e in events_of_types(log, linkers):
         link = linkers[e.type](e)
         if link is not None and link.child != link.parent:
-            out.setdefault(link.child, link)
+            out[link.child] = link
     return out
 
 
