@@ -19,8 +19,9 @@ ASK_ADD = SessionPolicy().updated({"permissions": {"rules": [{"tool": "add", "ac
 
 @contextmanager
 def serving(db: Path, *, model: str = "adder:2", policy: SessionPolicy | None = None, token: str | None = None,
-            host: str = "127.0.0.1") -> Iterator[Running]:
-    run = RunSettings(db=db, provider="scripted", model=model, tools=["add"], policy=policy or SessionPolicy())
+            host: str = "127.0.0.1", tools: tuple[str, ...] = ("add",), workdir: Path = Path(".")) -> Iterator[Running]:
+    run = RunSettings(db=db, provider="scripted", model=model, tools=list(tools), policy=policy or SessionPolicy(),
+                      workdir=workdir)
     running = in_thread(create_app(run, ServerSettings(host=host, token=token)), host)
     try:
         yield running
