@@ -122,6 +122,7 @@ def test_a_live_session_advances_and_is_approved_from_the_page(browser, server, 
     first = len(browser.find_elements(By.CSS_SELECTOR, "tr.event"))
     button = wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#waiting button.approve"), what="approve")[0]
     assert status_of(browser) == "awaiting approval"
+    assert "null" not in browser.find_element(By.ID, "view").text
     assert len(browser.find_elements(By.CSS_SELECTOR, "tr.event")) > first or first >= 5
     assert "add(" in browser.find_element(By.ID, "waiting").text
     shot(browser, "2-waiting-for-approval")

@@ -165,7 +165,7 @@ async function showSession(sid) {
   const cancelBtn = el("button", {id: "cancel", onclick: async () => {
     try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/cancel`, {}); } catch (e) { showError(e); } }},
     "Cancel");
-  view.append(
+  view.append(...[
     el("h2", {}, "session ", el("code", {}, sid), " ", status),
     el("p", {className: "goal", id: "session-goal"}, s.goal),
     s.parent ? el("p", {className: "dim"}, `${s.parent.kind} of `,
@@ -178,7 +178,7 @@ async function showSession(sid) {
     el("h3", {}, "sessions of this tree"), tree,
     el("h3", {}, "timeline"),
     el("table", {}, el("thead", {}, el("tr", {}, ...["seq", "time", "type", "actor", "payload", ""].map(h => el("th", {}, h)))),
-       body));
+       body)].filter(Boolean));
   if (s.state) setState(s.state, s.status);
   for (const e of s.events) body.append(...eventRow(e, sid));
   showTree(sid, tree);
