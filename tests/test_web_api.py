@@ -233,3 +233,20 @@ def test_ui_refuses_a_network_address_without_a_token(tmp_path):
                            str(tmp_path / "l.db")], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 2 and "not a loopback address" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_a_damaged_session_is_shown_up_to_its_bad_event(db):
+    with serving(db) as server, httpx.Client(base_url=server.url) as c:
+        sid = post(c, "/api/sessions", {"goal": "count"}).json()["session_id"]
+        sse(c, f"/api/sessions/{sid}/events")
+        log = SQLiteLog(db)
+        with log.transaction() as conn:
+            conn.execute("UPDATE events SET data = ? WHERE session_id = ? AND seq = 5", (b"\x00garbage", sid))
+        log.close()
+        read = c.get(f"/api/sessions/{sid}")
+        assert read.status_code == 200 and not read.json()["ok"] and "first bad seq 5" in read.json()["problem"]
+        assert [e["seq"] for e in read.json()["events"]] == [0, 1, 2, 3, 4]
+        messages = sse(c, f"/api/sessions/{sid}/events", until="problem")
+        assert [m["seq"] for kind, m in messages if kind == "event"] == [0, 1, 2, 3, 4]
+        assert messages[-1][0] == "problem" and messages[-1][1]["seq"] == 5
+        assert c.get("/api/sessions").json()["sessions"][0]["session_id"] == sid  # the list still lists it

@@ -145,35 +145,28 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         lg = log()
         try:
             yield b"retry: 1000\n\n"
-            last_status, status_at, idle = None, -1, 0.0
+            last_status, status_at, quiet = None, -1, 0.0
             while not await request.is_disconnected():
-                if last_status is not None and await run_in_threadpool(lg.next_seq, sid) == status_at == next_seq:
-                    await asyncio.sleep(POLL_S)
-                    idle += POLL_S
-                    if idle >= KEEPALIVE_S:
-                        idle = 0.0
-                        yield b": keepalive\n\n"
-                    continue
-                idle = 0.0
-                # the status first, then the events: what is sent always reaches the point the status is of
-                try:
-                    status, status_at = await run_in_threadpool(_status, lg, sid)
-                except Exception as exc:  # noqa: BLE001 - a damaged session: say so, once, and stop
-                    yield _sse("problem", views.dumps({"seq": next_seq, "error": f"{type(exc).__name__}: {exc}"}))
-                    return
-                decoded, error = decode_prefix(await run_in_threadpool(lg.read_raw, sid, next_seq))
-                for e in decoded:
-                    yield _sse("event", views.dumps(views.event(e)), e.seq)
-                    next_seq = e.seq + 1
-                if error is not None:
-                    yield _sse("problem", views.dumps({"seq": next_seq, "error": str(error)}))
-                    return
-                if status != last_status:
-                    last_status = status
-                    yield _sse("status", views.dumps(status))
-                if status["terminal"]:
-                    yield _sse("end", views.dumps({"status": status["status"]}))
-                    return
+                if await run_in_threadpool(lg.next_seq, sid) != status_at:
+                    quiet = 0.0
+                    # one read for the events and the status: the status never runs ahead of what was sent
+                    decoded, error, status, status_at = await run_in_threadpool(_snapshot, lg, sid)
+                    for e in decoded[next_seq:]:
+                        yield _sse("event", views.dumps(views.event(e)), e.seq)
+                    next_seq = max(next_seq, len(decoded))
+                    if error is not None:
+                        yield _sse("problem", views.dumps({"seq": len(decoded), "error": error}))
+                        return
+                    if status != last_status:
+                        last_status = status
+                        yield _sse("status", views.dumps(status))
+                    if status["terminal"]:
+                        yield _sse("end", views.dumps({"status": status["status"]}))
+                        return
+                elif (quiet := quiet + POLL_S) >= KEEPALIVE_S:
+                    quiet = 0.0
+                    yield b": keepalive\n\n"
+                await asyncio.sleep(POLL_S)
         finally:
             lg.close()
 
@@ -293,13 +286,17 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
     return app
 
 
-def _status(lg: SQLiteLog, sid: str) -> tuple[dict, int]:
-    """The session's status as the list shows it, and the seq after the last event it folds."""
-    events = lg.read(sid)
-    state = fold(events)
-    out = views.state(state)
+def _snapshot(lg: SQLiteLog, sid: str) -> tuple[list, str | None, dict, int]:
+    """The session's readable events, why the next one cannot be read (None), its status (as
+    the list shows it) after those events, and how many events were read."""
+    raw = lg.read_raw(sid)
+    events, error = decode_prefix(raw)
+    try:
+        out = views.state(fold(events))
+    except Exception as exc:  # noqa: BLE001 - a log the fold refuses: the stream says so and stops
+        return events, error or f"{type(exc).__name__}: {exc}", {}, len(raw)
     out["status"] = status_of(next((e.type for e in reversed(events) if e.type not in ANNOTATIONS), ""))
-    return out, state.next_seq
+    return events, None if error is None else str(error), out, len(raw)
 
 
 def _sse(kind: str, data: bytes, seq: int | None = None) -> bytes:
