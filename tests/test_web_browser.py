@@ -23,7 +23,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from tests.web_helpers import ASK_ADD, post, serving, sse  # noqa: E402
+from tests.web_helpers import ASK_ADD, post, serving, sse, wait_for  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -42,7 +42,11 @@ def browser():
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
                 "--window-size=1400,900", "--no-first-run", "--disable-extensions"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)  # no Selenium Manager
+    os.environ["SE_MANAGER_PATH"] = "/nonexistent/selenium-manager"  # were it asked for anything, it would fail
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    finally:
+        del os.environ["SE_MANAGER_PATH"]
     driver.set_page_load_timeout(20)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     yield driver
@@ -156,3 +160,18 @@ def test_a_fork_tree_and_the_diff_with_its_parent(browser, server, api, hostile_
     browser.find_element(By.CSS_SELECTOR, f'#tree a[href="#/s/{hostile_session}"]').click()
     wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#tree li.current[data-session="{hostile_session}"]'),
          what="tree-root")
+
+
+def test_the_page_sends_the_token_it_was_opened_with(browser, tmp_path):
+    token = "browser-token-0123456789abcdef"
+    with serving(tmp_path / "log.db", token=token) as server, \
+            httpx.Client(base_url=server.url, headers={"authorization": f"Bearer {token}"}) as api:
+        sid = post(api, "/api/sessions", {"goal": "count with a token"}).json()["session_id"]
+        wait_for(lambda: api.get(f"/api/sessions/{sid}").json()["status"] == "done")
+        browser.get(f"{server.url}/?token={token}#/s/{sid}")
+        wait(browser, lambda d: status_of(d) == "done", what="token")
+        wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, f'#sessions li[data-session="{sid}"]'), what="token-list")
+        assert token not in browser.current_url  # kept in the tab, not in the address bar or its history
+        browser.execute_script("sessionStorage.clear()")
+        browser.refresh()
+        wait(browser, lambda d: "token is required" in d.find_element(By.ID, "view").text, what="no-token")
