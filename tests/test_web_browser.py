@@ -116,6 +116,10 @@ def test_list_search_and_a_hostile_session_shown_as_text(browser, server, hostil
     search.send_keys("onerror")
     wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#sessions li")) == 1, what="search-one")
     shot(browser, "1-hostile-session")
+    browser.find_element(By.ID, "feedback-comment").send_keys(HOSTILE)
+    browser.find_element(By.CSS_SELECTOR, "#feedback button").click()
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, 'tr.event[data-type="FeedbackGiven"]'), what="feedback")
+    assert browser.execute_script("return window.__pwned") is None
 
 
 def test_a_live_session_advances_and_is_approved_from_the_page(browser, server, api):

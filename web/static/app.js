@@ -161,7 +161,17 @@ async function showSession(sid) {
     if (st.error) answer.appendChild(el("p", {}, el("strong", {}, "error: "), el("span", {}, st.error)));
     renderWaiting(waiting, sid, st);
     cancelBtn.hidden = !!st.terminal;
+    feedback.hidden = !st.terminal;
   };
+  const score = el("select", {id: "feedback-score"}, el("option", {value: ""}, "score…"),
+                   ...["1", "0.5", "0"].map(v => el("option", {value: v}, v)));
+  const comment = el("input", {id: "feedback-comment", placeholder: "a comment on this session", maxLength: 10000});
+  const feedback = el("form", {id: "feedback", hidden: true, onsubmit: async (ev) => {
+    ev.preventDefault();
+    const body = {comment: comment.value};
+    if (score.value !== "") body.score = Number(score.value);
+    try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/feedback`, body); showSession(sid); }
+    catch (e) { showError(e); } }}, "feedback: ", score, " ", comment, " ", el("button", {type: "submit"}, "Send"));
   const cancelBtn = el("button", {id: "cancel", onclick: async () => {
     try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/cancel`, {}); } catch (e) { showError(e); } }},
     "Cancel");
@@ -174,7 +184,7 @@ async function showSession(sid) {
                      "diff with parent")) : null,
     s.ok ? null : el("p", {className: "status status-failed"}, "fails verification: " + s.problem),
     s.driver_error ? el("p", {className: "status status-failed"}, "driver stopped: " + s.driver_error) : null,
-    el("div", {}, cancelBtn), answer, waiting,
+    el("div", {}, cancelBtn), answer, feedback, waiting,
     el("h3", {}, "sessions of this tree"), tree,
     el("h3", {}, "timeline"),
     el("table", {}, el("thead", {}, el("tr", {}, ...["seq", "time", "type", "actor", "payload", ""].map(h => el("th", {}, h)))),
