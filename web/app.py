@@ -34,7 +34,7 @@ from loopstream.replay.inspect import session_rows, show_session
 from loopstream.runtime.decisions import DecisionError, cancel, decide, load
 from loopstream.web import views
 from loopstream.web.guard import Guard, is_loopback
-from loopstream.web.links import events_of_types, links
+from loopstream.web.links import Links, events_of_types
 from loopstream.web.runner import Runner, RunSettings, StartError
 
 STATIC = Path(__file__).parent / "static"
@@ -75,6 +75,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
     db = run.db
     SQLiteLog(db).close()  # create the log, so a fresh server lists nothing rather than failing
     runner = Runner(run)
+    tree_links = Links()  # read incrementally: each call reads only the events appended since
 
     def log() -> SQLiteLog:
         return SQLiteLog(db)
@@ -91,7 +92,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         limit = _int(q.get("limit", "200"), "limit", 1)
         with log() as lg:
             rows = session_rows(lg)
-            found = links(lg)
+            found = tree_links.read(lg)
         picked = [r for r in reversed(rows)
                   if (not status or r.status == status)
                   and (not query or query in r.goal.lower() or query in r.session_id.lower()
@@ -108,7 +109,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
                 state = load(lg, sid)
             except Exception:  # noqa: BLE001 - a damaged session still shows what can be read
                 state = None
-            link = links(lg).get(sid)
+            link = tree_links.read(lg).get(sid)
         out = views.session(shown, rows[sid].status if sid in rows else "unknown", state, link)
         out["driver_error"] = runner.errors.get(sid)
         return JSON(out)
@@ -117,7 +118,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         with log() as lg:
             sid = known(lg, request.path_params["sid"])
             rows = session_rows(lg)
-            found = links(lg)
+            found = tree_links.read(lg)
         return JSON(views.tree(found, sid, {r.session_id: r.status for r in rows},
                                {r.session_id: r.goal for r in rows}))
 
@@ -129,7 +130,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
 
     def evals(request: Request) -> JSON:
         with log() as lg:
-            return JSON({"suites": views.grades(events_of_types(lg, ["EvalGraded"]))})
+            return JSON({"suites": views.grades(events_of_types(lg, ["EvalGraded"])[0])})
 
     # -- the stream --------------------------------------------------------------------
     async def stream(request: Request) -> StreamingResponse:

@@ -6,6 +6,7 @@ an event into a `Link` (child, parent, where in the parent, what kind); a fork's
 type here. The tree view knows nothing else about them."""
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -34,19 +35,21 @@ def _forked(e: ev.Event) -> Link | None:
 LINKERS: dict[str, Linker] = {"SessionForked": _forked}
 
 
-def events_of_types(log: Log, types: Iterable[str]) -> list[ev.Event]:
-    """Every event of `types` in the log (a SQLite log finds them by its type column; another
-    log is read session by session). Unreadable events are skipped."""
+def events_of_types(log: Log, types: Iterable[str], after_gpos: int = 0) -> tuple[list[ev.Event], int]:
+    """Every event of `types` in the log, and the log position read up to: a SQLite log finds
+    them by its type column, from `after_gpos` on (so a caller can read only what is new);
+    another log is read whole, session by session. Unreadable events are skipped."""
     wanted = sorted(set(types))
-    if not wanted:
-        return []
     if isinstance(log, SQLiteLog):
-        marks = ",".join("?" for _ in wanted)
+        marks = ",".join("?" for _ in wanted) or "NULL"
         with log.snapshot() as conn:
-            rows = conn.execute(f"SELECT data FROM events WHERE type IN ({marks}) ORDER BY gpos", wanted).fetchall()
+            (top,) = conn.execute("SELECT coalesce(max(gpos), 0) FROM events").fetchone()
+            rows = conn.execute(f"SELECT data FROM events WHERE gpos > ? AND gpos <= ? AND type IN ({marks}) "
+                                "ORDER BY gpos", [after_gpos, top, *wanted]).fetchall()
         raws = [r[0] for r in rows]
     else:
-        raws = [raw for info in log.sessions() for raw in log.read_raw(info.session_id)]
+        top = 0
+        raws = [raw for info in log.sessions() for raw in log.read_raw(info.session_id)] if wanted else []
     out = []
     for raw in raws:
         try:
@@ -55,18 +58,36 @@ def events_of_types(log: Log, types: Iterable[str]) -> list[ev.Event]:
             continue
         if e.type in wanted:
             out.append(e)
-    return out
+    return out, top
+
+
+class Links:
+    """child session -> its link to its parent: the last one in log order (a fork of a fork
+    carries its parent's copied SessionForked before its own). `read(log)` brings it up to
+    date, reading only the events appended since the last call (on SQLite)."""
+
+    def __init__(self, linkers: Mapping[str, Linker] = LINKERS) -> None:
+        self.linkers = dict(linkers)
+        self._found: dict[str, Link] = {}
+        self._read_to = 0
+        self._lock = threading.Lock()
+
+    def read(self, log: Log) -> dict[str, Link]:
+        with self._lock:
+            events, top = events_of_types(log, self.linkers, self._read_to)
+            if not isinstance(log, SQLiteLog):
+                self._found = {}
+            for e in events:
+                link = self.linkers[e.type](e)
+                if link is not None and link.child != link.parent:
+                    self._found[link.child] = link
+            self._read_to = max(self._read_to, top)
+            return dict(self._found)
 
 
 def links(log: Log, linkers: Mapping[str, Linker] = LINKERS) -> dict[str, Link]:
-    """child session -> its link to its parent: the last one in log order (a fork of a fork
-    carries its parent's copied SessionForked before its own)."""
-    out: dict[str, Link] = {}
-    for e in events_of_types(log, linkers):
-        link = linkers[e.type](e)
-        if link is not None and link.child != link.parent:
-            out[link.child] = link
-    return out
+    """Every child's link to its parent, read from the whole log."""
+    return Links(linkers).read(log)
 
 
 def family(found: Mapping[str, Link], session_id: str) -> tuple[str, dict[str, list[Link]]]:
