@@ -91,20 +91,21 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         query, status = q.get("q", "").strip().lower(), q.get("status", "").strip().lower()
         limit = _int(q.get("limit", "200"), "limit", 1)
         with log() as lg:
-            rows = session_rows(lg)
+            rows = session_rows(lg, None if query or status else limit)  # unfiltered: only the rows shown
+            total = len(lg.sessions())
             found = tree_links.read(lg)
         picked = [r for r in reversed(rows)
                   if (not status or r.status == status)
                   and (not query or query in r.goal.lower() or query in r.session_id.lower()
                        or query in r.model.lower())]
         return JSON({"sessions": [views.row(r, found.get(r.session_id)) for r in picked[:limit]],
-                     "total": len(rows), "matched": len(picked)})
+                     "total": total, "matched": len(picked) if query or status else total})
 
     def read_session(request: Request) -> JSON:
         with log() as lg:
             sid = known(lg, request.path_params["sid"])
             shown = show_session(lg, sid)
-            rows = {r.session_id: r for r in session_rows(lg)}
+            rows = {r.session_id: r for r in session_rows(lg, only={sid})}
             try:
                 state = load(lg, sid)
             except Exception:  # noqa: BLE001 - a damaged session still shows what can be read
@@ -117,8 +118,8 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
     def session_tree(request: Request) -> JSON:
         with log() as lg:
             sid = known(lg, request.path_params["sid"])
-            rows = session_rows(lg)
             found = tree_links.read(lg)
+            rows = session_rows(lg, only=views.members(found, sid))
         return JSON(views.tree(found, sid, {r.session_id: r.status for r in rows},
                                {r.session_id: r.goal for r in rows}))
 

@@ -66,6 +66,18 @@ def tree(found: dict[str, Link], session_id: str, statuses: dict[str, str], goal
     return node(root, None, 0, set())
 
 
+def members(found: dict[str, Link], session_id: str) -> set[str]:
+    """The sessions of the tree `session_id` belongs to."""
+    root, children = family(found, session_id)
+    out, todo = set(), [root]
+    while todo:
+        sid = todo.pop()
+        if sid not in out:
+            out.add(sid)
+            todo.extend(link.child for link in children.get(sid, []))
+    return out
+
+
 def diff(report: DiffReport) -> dict:
     out = dataclasses.asdict(report)
     out["identical"] = report.identical
