@@ -77,7 +77,11 @@ class Runner:
                                workdir=str(s.workdir.resolve()), policy=s.policy)
         log = SQLiteLog(s.db)
         runtime = build_runtime(log, provider, registry)
-        sid = runtime.start_session(goal, config, actor=ACTOR)
+        try:
+            sid = runtime.start_session(goal, config, actor=ACTOR)
+        except BaseException:
+            log.close()
+            raise
         self._spawn(sid, lambda: self._drive(runtime, sid, log))
         return sid
 
