@@ -136,6 +136,10 @@ def test_fork_tree_and_diff(db):
         assert c.get(f"/api/sessions/{child}").json()["parent"] == {"session_id": sid, "seq": 3, "kind": "fork"}
         diff = c.get("/api/diff", params={"a": sid, "b": child}).json()
         assert diff["identical"] and diff["relation"] == "b is a fork of a at seq 3" and "fork" in diff["text"]
+        assert status(c, grandchild) == "interrupted"  # forked without `run`: nothing drives it
+        assert post(c, f"/api/sessions/{grandchild}/resume", {}).json()["running"] is True
+        assert sse(c, f"/api/sessions/{grandchild}/events")[-1] == ("end", {"status": "done"})
+        assert post(c, f"/api/sessions/{grandchild}/resume", {}).status_code == 409
         bad = post(c, f"/api/sessions/{sid}/fork", {"at_seq": 999})
         assert bad.status_code == 409 and "cannot fork at 999" in bad.json()["error"]
         assert post(c, f"/api/sessions/{sid}/fork", {"at_seq": "3"}).status_code == 400

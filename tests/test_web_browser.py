@@ -155,6 +155,7 @@ def test_a_fork_tree_and_the_diff_with_its_parent(browser, server, api, hostile_
     assert root.get_attribute("data-session") == hostile_session
     current = browser.find_element(By.CSS_SELECTOR, "#tree li.current")
     assert current.get_attribute("data-session") == child and "fork at seq 1" in current.text
+    assert status_of(browser) == "interrupted"
     shot(browser, "4-fork-tree")
     browser.find_element(By.LINK_TEXT, "diff with parent").click()
     wait(browser, lambda d: "fork of a at seq 1" in d.find_element(By.ID, "diff-text").text, what="diff")

@@ -30,7 +30,8 @@ from loopstream.core.state import fold
 from loopstream.observe.feedback import FeedbackError, give_feedback
 from loopstream.replay.diff import diff as diff_sessions
 from loopstream.replay.fork import ForkError, ForkNeedsAcknowledgement, fork
-from loopstream.replay.inspect import session_rows, show_session
+from loopstream.replay.inspect import INTERRUPTED, session_rows, show_session
+from loopstream.runtime import lease
 from loopstream.runtime.decisions import DecisionError, cancel, decide, load
 from loopstream.web import views
 from loopstream.web.guard import Guard, is_loopback
@@ -236,6 +237,19 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
 
         return JSON(await run_in_threadpool(act), status_code=201)
 
+    async def resume(request: Request) -> JSON:
+        sid = request.path_params["sid"]
+
+        def act() -> dict:
+            with log() as lg:
+                known(lg, sid)
+                state = load(lg, sid)
+            if state.terminal:
+                raise ApiError(409, f"session {sid} already ended ({state.status}); fork it to continue")
+            return {"session_id": sid, "running": runner.ensure_driven(sid)}
+
+        return JSON(await run_in_threadpool(act))
+
     async def feedback(request: Request) -> JSON:
         sid, body = request.path_params["sid"], await _body(request)
         score = body.get("score")
@@ -270,6 +284,7 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
         Route("/api/sessions/{sid}/deny", deny, methods=["POST"]),
         Route("/api/sessions/{sid}/cancel", cancel_session, methods=["POST"]),
         Route("/api/sessions/{sid}/fork", fork_session, methods=["POST"]),
+        Route("/api/sessions/{sid}/resume", resume, methods=["POST"]),
         Route("/api/sessions/{sid}/feedback", feedback, methods=["POST"]),
         Route("/api/diff", diff),
         Route("/api/evals", evals),
@@ -297,7 +312,10 @@ def _snapshot(lg: SQLiteLog, sid: str) -> tuple[list, str | None, dict, int]:
         out = views.state(fold(events))
     except Exception as exc:  # noqa: BLE001 - a log the fold refuses: the stream says so and stops
         return events, error or f"{type(exc).__name__}: {exc}", {}, len(raw)
-    out["status"] = status_of(next((e.type for e in reversed(events) if e.type not in ANNOTATIONS), ""))
+    status = status_of(next((e.type for e in reversed(events) if e.type not in ANNOTATIONS), ""))
+    if status == "running" and lease.holder(lg.path, sid) is None and not lease.workers_attached(lg.path):
+        status = INTERRUPTED  # as the list shows it: nothing drives it
+    out["status"] = status
     return events, None if error is None else str(error), out, len(raw)
 
 

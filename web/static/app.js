@@ -161,6 +161,7 @@ async function showSession(sid) {
     if (st.error) answer.appendChild(el("p", {}, el("strong", {}, "error: "), el("span", {}, st.error)));
     renderWaiting(waiting, sid, st);
     cancelBtn.hidden = !!st.terminal;
+    resumeBtn.hidden = (label || st.status) !== "interrupted";
     feedback.hidden = !st.terminal;
   };
   const score = el("select", {id: "feedback-score"}, el("option", {value: ""}, "score…"),
@@ -172,6 +173,9 @@ async function showSession(sid) {
     if (score.value !== "") body.score = Number(score.value);
     try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/feedback`, body); showSession(sid); }
     catch (e) { showError(e); } }}, "feedback: ", score, " ", comment, " ", el("button", {type: "submit"}, "Send"));
+  const resumeBtn = el("button", {id: "resume", hidden: true, onclick: async () => {
+    try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/resume`, {}); showSession(sid); }
+    catch (e) { showError(e); } }}, "Resume");
   const cancelBtn = el("button", {id: "cancel", onclick: async () => {
     try { await api("POST", `/api/sessions/${encodeURIComponent(sid)}/cancel`, {}); } catch (e) { showError(e); } }},
     "Cancel");
@@ -184,7 +188,7 @@ async function showSession(sid) {
                      "diff with parent")) : null,
     s.ok ? null : el("p", {className: "status status-failed"}, "fails verification: " + s.problem),
     s.driver_error ? el("p", {className: "status status-failed"}, "driver stopped: " + s.driver_error) : null,
-    el("div", {}, cancelBtn), answer, feedback, waiting,
+    el("div", {}, cancelBtn, " ", resumeBtn), answer, feedback, waiting,
     el("h3", {}, "sessions of this tree"), tree,
     el("h3", {}, "timeline"),
     el("table", {}, el("thead", {}, el("tr", {}, ...["seq", "time", "type", "actor", "payload", ""].map(h => el("th", {}, h)))),
