@@ -5,8 +5,6 @@ bad input) always as one JSON error."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import httpx
@@ -15,10 +13,18 @@ import pytest
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 
+from loopstream.cli.common import UserError  # noqa: E402
+from loopstream.cli.ui import ui  # noqa: E402
 from loopstream.core import events as ev  # noqa: E402
 from loopstream.core.sqlite_log import SQLiteLog  # noqa: E402
+from loopstream.providers.scripted import ScriptedProvider, adder_script  # noqa: E402
+from loopstream.replay.fork import fork  # noqa: E402
+from loopstream.runtime.assembly import build_runtime  # noqa: E402
+from loopstream.runtime.inline import SessionConfig  # noqa: E402
 from loopstream.runtime.writer import SessionWriter  # noqa: E402
+from loopstream.tools.builtin import default_registry  # noqa: E402
 from loopstream.web.guard import BindError, check_bind  # noqa: E402
+from loopstream.web.links import LINKERS, Link, Links  # noqa: E402
 from tests.web_helpers import ASK_ADD, post, serving, sse, wait_for  # noqa: E402
 
 TOKEN = "t0ken-for-the-tests-0123456789"
@@ -232,11 +238,12 @@ def test_the_api_checks_the_token(db):
 
 
 def test_ui_refuses_a_network_address_without_a_token(tmp_path):
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
-    done = subprocess.run([sys.executable, "-m", "loopstream.cli", "ui", "--host", "0.0.0.0", "--db",
-                           str(tmp_path / "l.db")], capture_output=True, text=True, env=env, timeout=60)
-    assert done.returncode == 2 and "not a loopback address" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    # the command itself (a UserError is one line on stderr and exit code 2: cli/app.py)
+    with pytest.raises(UserError, match="not a loopback address"):
+        ui(host="0.0.0.0", db=tmp_path / "l.db")
+    with pytest.raises(UserError, match="at least 16"):
+        ui(host="0.0.0.0", token="short", db=tmp_path / "l.db")
+    assert not (tmp_path / "l.db").exists()  # refused before anything was opened
 
 
 def test_a_damaged_session_is_shown_up_to_its_bad_event(db):
@@ -254,3 +261,25 @@ def test_a_damaged_session_is_shown_up_to_its_bad_event(db):
         assert [m["seq"] for kind, m in messages if kind == "event"] == [0, 1, 2, 3, 4]
         assert messages[-1][0] == "problem" and messages[-1][1]["seq"] == 5
         assert c.get("/api/sessions").json()["sessions"][0]["session_id"] == sid  # the list still lists it
+
+
+def test_links_are_read_incrementally_and_take_other_kinds_of_child(db):
+    log = SQLiteLog(db)
+    runtime = build_runtime(log, ScriptedProvider(adder_script(1)), default_registry().select(["add"]))
+    root = runtime.start_session("root", SessionConfig(provider="scripted", model="adder:1", tools=["add"]))
+    runtime.run_session(root)
+    # a sub-agent's start, say, as another event type: here a UserMessage naming its parent
+    linkers = {**LINKERS, "UserMessage": lambda e: Link(e.session_id, e.payload.text.removeprefix("child of "),
+                                                        None, "subagent")
+               if e.payload.text.startswith("child of ") else None}
+    found = Links(linkers)
+    assert found.read(log) == {}
+    child = fork(log, root, 3).child_session_id
+    assert found.read(log) == {child: Link(child, root, 3, "fork")}
+    helper = runtime.start_session("helper", SessionConfig(provider="scripted", model="adder:1", tools=["add"]))
+    runtime.writer.record(helper, [ev.UserMessage(text=f"child of {child}")], actor="test")
+    grandchild = fork(log, child, 4).child_session_id  # carries the copied SessionForked of `child` first
+    now = found.read(log)
+    assert now[helper] == Link(helper, child, None, "subagent") and now[grandchild] == Link(grandchild, child, 4, "fork")
+    assert found.read(log) == now  # nothing new: nothing changes
+    log.close()
