@@ -202,7 +202,8 @@ class ContextOverBudget(Payload):
 
 class GuardrailTripped(Payload):
     """Stage, the rule, the message the model is told, action (tell_model or stop). The
-    orchestrator's own rules empty_answer and truncated_answer refuse an empty or cap-cut final answer."""
+    orchestrator's own rules empty_answer and truncated_answer refuse an empty or cap-cut final answer;
+    echoed_error and named_tool are its answer checks (processors/answers.py)."""
     WRITTEN_BY = "orchestrator (input, output) / tools (tool calls)"
     stage: str
     rule: str

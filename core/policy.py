@@ -285,6 +285,22 @@ class Shaping(_Section):
     """On the last step the step budget allows, the model is told to answer now."""
 
 
+class Answers(_Section):
+    """Checks on a final answer that a small model gets wrong (processors/answers.py): the
+    model is told why the answer is refused, `nudges` times in all; then its answer stands."""
+
+    enabled: bool = True
+    """Check final answers. Sessions recorded before these checks existed replay with them off."""
+    echoed_error: bool = True
+    """An answer that repeats the last tool call's error is refused: the model is told to fix
+    the call or answer the goal (echoed_error)."""
+    named_tool: bool = True
+    """An answer given before any tool call, when the goal names one of the session's tools
+    ("use the add tool"), is refused: the model is told to call it (named_tool)."""
+    nudges: int = Field(1, ge=0)
+    """Answers refused in all before the model's answer is accepted as it is."""
+
+
 class SessionPolicy(_Section):
     """Everything a session runs under besides its model, tools and prompt; recorded in
     SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
@@ -301,6 +317,7 @@ class SessionPolicy(_Section):
     goal: GoalMode = GoalMode()
     loops: Loops = Loops()
     shaping: Shaping = Shaping()
+    answers: Answers = Answers()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []
@@ -319,9 +336,10 @@ class SessionPolicy(_Section):
 
     def to_config_json(self, *, code_tools: bool = False) -> str:
         """The JSON recorded in SessionStarted: what differs from the defaults, with a context
-        budget the estimator it is measured with, and loop detection's and shaping's settings
-        whole (defaults may change; a replay decides as the session was decided). A session with
-        a code tool (`code_tools`: shell) always records its sandbox mode and network."""
+        budget the estimator it is measured with, and the settings of loop detection, shaping
+        and answer checks whole (defaults may change; a replay decides as the session was
+        decided). A session with a code tool (`code_tools`: shell) always records its sandbox
+        mode and network."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         if code_tools:
             data["sandbox"] = {**data.get("sandbox", {}), "mode": self.sandbox.mode, "network": self.sandbox.network}
@@ -524,7 +542,7 @@ def _recorded_estimator(config: dict[str, Any]) -> dict[str, Any]:
 
 # Sections recorded whole while on; a recorded policy without one was written before it existed
 # (or with it off) and replays with it off.
-WHOLE_WHEN_ON = ("loops", "shaping")
+WHOLE_WHEN_ON = ("loops", "shaping", "answers")
 
 
 def _recorded_off_when_absent(config: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
-from loopstream.core.conversation import Message, ToolCall
+from loopstream.core.conversation import Message, MessageList, ToolCall
 from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
 from loopstream.core.policy import SessionPolicy, recorded_policy
 from loopstream.core.sampling import Sampling, recorded, sampling_from
@@ -66,7 +66,7 @@ class SessionState:
     policy: SessionPolicy = field(default_factory=SessionPolicy)  # typed, read-only; recorded in SessionStarted
     sampling: Sampling = field(default_factory=Sampling)  # sent on every model call (SessionStarted v2)
     goal: str = ""
-    messages: list[Message] = field(default_factory=list)
+    messages: MessageList = field(default_factory=MessageList)  # a copy shares it (O(1))
     step: int = 0  # model requests made (a retry does not count as a new step)
     attempt: int = 0  # attempt number of the current step's model request
     consecutive_model_failures: int = 0  # on the current model; reset by a reply or a fallback
@@ -95,6 +95,7 @@ class SessionState:
     loop_nudges: int = 0
     long_results: int = 0  # tool results of LONG_RESULT_CHARS or more: shaping looks at the context only if any
     unfinished_answers: int = 0  # replies refused as final answers: empty, or cut at the output cap
+    answer_nudges: int = 0  # final answers refused by the answer checks (policy `answers`)
     tool_calls: int = 0
     tool_errors: int = 0
     input_tokens: int = 0
@@ -146,6 +147,10 @@ class SessionState:
 # GuardrailTripped rules of the orchestrator's own check on a final answer (not a policy's
 # guardrails): the reply was empty, or cut at the output cap. The model is told and answers again.
 UNFINISHED_ANSWER_RULES = frozenset({"empty_answer", "truncated_answer"})
+# ... and of its answer checks (policy `answers`, processors/answers.py): the model is told why.
+ANSWER_CHECK_RULES = frozenset({"echoed_error", "named_tool"})
+# How a failed tool call's result reads in the conversation: "ERROR (kind): message".
+ERROR_RESULT_PREFIX = "ERROR ("
 
 
 # A tool result this long is worth shaping (processors/shaping.py): sent once if repeated,
@@ -247,13 +252,13 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.ToolFailed():
             state.pending_calls.pop(p.call_id, None)
             state.tool_errors += 1
-            state.messages.append(_message("tool", f"ERROR ({p.error_kind}): {p.message}", event.seq,
+            state.messages.append(_message("tool", f"{ERROR_RESULT_PREFIX}{p.error_kind}): {p.message}", event.seq,
                                            tool_call_id=p.call_id, name=p.name))
         case ev.CompactionRequested():
             state.open_compaction_id = p.request_id
             state.open_compaction_seq = event.seq
         case ev.ContextCompacted():
-            state.messages = compacted(state.messages, p.from_seq, p.to_seq, p.summary)
+            state.messages = MessageList(compacted(state.messages, p.from_seq, p.to_seq, p.summary))
             state.compactions += 1
             state.last_compaction_seq = event.seq
             state.open_compaction_id = state.open_compaction_seq = None
@@ -261,6 +266,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.unfinished_answers += 1  # the orchestrator's check, not a configured guardrail
             if p.action == "tell_model":
                 state.messages.append(_message("user", p.message, event.seq))
+        case ev.GuardrailTripped() if p.rule in ANSWER_CHECK_RULES:
+            state.answer_nudges += 1  # the orchestrator's answer checks, not a configured guardrail
+            state.messages.append(_message("user", p.message, event.seq))
         case ev.GuardrailTripped():
             state.guardrail_trips += 1
             note = f"BLOCKED by guardrail ({p.rule}): {p.message}"
@@ -402,7 +410,8 @@ def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str)
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionState))
 # The fields `apply` mutates in place (the others it replaces): copied one level deep.
-_COPIED = {"messages": "list(s.messages)", "fallbacks_used": "list(s.fallbacks_used)",
+_COPIED = {"messages": "s.messages.copy()",  # O(1) for a MessageList (a plain list assigned by a caller: copied)
+           "fallbacks_used": "list(s.fallbacks_used)",
            "pending_calls": "{c: p.copy() for c, p in s.pending_calls.items()}"}
 
 
@@ -419,7 +428,7 @@ _clone = _clone_function()
 
 
 def clone(state: SessionState) -> SessionState:
-    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated;
+    """A copy `apply` can mutate without touching `state` (messages share one buffer, see MessageList;
     fields the fold replaces rather than mutates are shared too)."""
     return _clone(state)
 

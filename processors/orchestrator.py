@@ -9,7 +9,9 @@ when compaction cannot help, SessionFailed (the system prompt, goal and tool spe
 the budget) or ContextOverBudget before the request (nothing to compact now; it goes on);
 acting → one ToolRequested per tool call, or SessionFinished with the reply's text — unless
 that text is empty or was cut at the output cap: then GuardrailTripped (rule empty_answer or
-truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed.
+truncated_answer) tells the model, and after guardrails.max_output_retries of those, SessionFailed;
+or the answer checks (policy [answers], processors/answers.py: an answer echoing the last tool
+error, or given before calling the tool the goal names) refuse it, up to answers.nudges times.
 Goal mode (policy [goal] verify_command): a final answer is GoalVerificationRequested instead,
 SessionFinished only once the verifier's GoalVerified passed; after goal.max_iterations failed
 verifications, SessionFailed. A pause a person asked for while something was in flight takes
@@ -23,7 +25,7 @@ from loopstream.core import events as ev
 from loopstream.core.events import derived_id
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState
-from loopstream.processors import budgets, loops
+from loopstream.processors import answers, budgets, loops
 from loopstream.processors.compaction import compaction_range
 from loopstream.processors.context import context_tokens, grew_since_compaction, space, worth_compacting
 from loopstream.processors.guardrails import check_input, check_output
@@ -147,6 +149,8 @@ class Orchestrator:
             ]
         answer = state.last_reply_text.strip()
         if (refused := self._unfinished(state, answer)) is not None:
+            return refused
+        if (refused := answers.check(state, answer)) is not None:
             return refused
         guard = state.policy.guardrails
         if guard and (trip := check_output(guard, answer)):
