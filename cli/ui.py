@@ -20,6 +20,7 @@ def ui(
     model: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_MODEL", show_default=False, help="Model of goals started from the page.")] = None,
     tools: Annotated[Optional[str], typer.Option(show_default=False, help="Comma-separated tool names for goals started from the page (default: all read-only built-ins).")] = None,
     policy: Annotated[Optional[Path], typer.Option(show_default=False, help="TOML policy file for goals started from the page.")] = None,
+    allow_model: Annotated[Optional[list[str]], typer.Option(show_default=False, help="A model a request may choose for its goal (repeatable; default: none, every goal runs on --model).")] = None,
     max_steps: Annotated[int, typer.Option(min=1, help="Model steps before a started session fails.")] = 12,
     workdir: Annotated[Path, typer.Option(help="Directory the file tools of started sessions may read.")] = Path("."),
     db: DbOpt = None,
@@ -41,6 +42,7 @@ def ui(
     _, names = select_tools(tools, False)
     check_script_tools(provider, model, names)
     run = RunSettings(db=db or default_db(), provider=provider, model=model, tools=names, max_steps=max_steps,
+                      models=tuple(allow_model or ()),
                       workdir=workdir, policy=session_policy_for(max_tokens=None, max_seconds=None,
                                                                  context_budget=None, policy=policy))
     app = create_app(run, ServerSettings(host=host, token=token))

@@ -195,6 +195,7 @@ def test_errors_are_one_json_line(db):
             (post(c, "/api/sessions", {}), 400, "goal: required"),
             (post(c, "/api/sessions", {"goal": 5}), 400, "goal: a string"),
             (post(c, "/api/sessions", {"goal": "  "}), 400, "goal is empty"),
+            (post(c, "/api/sessions", {"goal": "x", "model": "reads:/etc/passwd"}), 400, "may not be chosen here"),
             (c.post("/api/sessions", data={"goal": "x"}), 415, "send JSON"),
             (c.get("/api/sessions", params={"limit": "x"}), 400, "limit"),
             (c.get("/api/diff", params={"a": "x"}), 404, "no session"),

@@ -58,7 +58,7 @@ def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("inspector")
     (work / "reply.txt").write_text(HOSTILE)
     with serving(work / "log.db", model="slow:0.3", policy=ASK_ADD, tools=("add", "read_file"),
-                 workdir=work) as running:
+                 workdir=work, models=(f"reads:{work / 'reply.txt'}",)) as running:
         running.reply = work / "reply.txt"
         yield running
 

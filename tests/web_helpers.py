@@ -19,9 +19,10 @@ ASK_ADD = SessionPolicy().updated({"permissions": {"rules": [{"tool": "add", "ac
 
 @contextmanager
 def serving(db: Path, *, model: str = "adder:2", policy: SessionPolicy | None = None, token: str | None = None,
-            host: str = "127.0.0.1", tools: tuple[str, ...] = ("add",), workdir: Path = Path(".")) -> Iterator[Running]:
+            host: str = "127.0.0.1", tools: tuple[str, ...] = ("add",), workdir: Path = Path("."),
+            models: tuple[str, ...] | None = ()) -> Iterator[Running]:
     run = RunSettings(db=db, provider="scripted", model=model, tools=list(tools), policy=policy or SessionPolicy(),
-                      workdir=workdir)
+                      workdir=workdir, models=models)
     running = in_thread(create_app(run, ServerSettings(host=host, token=token)), host)
     try:
         yield running

@@ -39,6 +39,7 @@ class RunSettings:
     workdir: Path = Path(".")
     policy: SessionPolicy = field(default_factory=SessionPolicy)
     system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    models: tuple[str, ...] | None = ()  # the models a request may choose instead of `model` (None: any)
 
 
 class Runner:
@@ -62,6 +63,9 @@ class Runner:
     def start(self, goal: str, model: str | None = None) -> str:
         """Start a session on `goal` with the configured provider (and `model`, if given); its id."""
         s = self.settings
+        if model is not None and model != s.model and s.models is not None and model not in s.models:
+            allowed = ", ".join(s.models) if s.models else "none (start the server with --allow-model NAME)"
+            raise StartError(f"model {model!r} may not be chosen here; allowed: {allowed}")
         try:
             provider = self._provider(s.provider, model or s.model)
         except Exception as exc:  # noqa: BLE001 - any provider's configuration error is one line for the client
