@@ -149,6 +149,9 @@ def test_fork_tree_and_diff(db):
         bad = post(c, f"/api/sessions/{sid}/fork", {"at_seq": 999})
         assert bad.status_code == 409 and "cannot fork at 999" in bad.json()["error"]
         assert post(c, f"/api/sessions/{sid}/fork", {"at_seq": "3"}).status_code == 400
+        for choice in ({"model": "reads:/etc/passwd"}, {"provider": "openai"}):
+            refused = post(c, f"/api/sessions/{sid}/fork", {"at_seq": 3, "run": True, **choice})
+            assert refused.status_code == 400 and "may not be chosen here" in refused.json()["error"]
 
 
 def test_feedback_and_eval_reports(db):

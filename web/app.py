@@ -225,6 +225,10 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
             raise ApiError(400, "at_seq: an integer (the parent's event to fork after) is required")
         options = {k: _str(body, k) or None for k in ("model", "provider", "system_prompt", "message")}
         reason, ack, run = _str(body, "reason"), _bool(body, "acknowledge_side_effects"), _bool(body, "run")
+        try:
+            runner.check_choice(options["provider"], options["model"])
+        except StartError as exc:
+            raise ApiError(400, str(exc)) from None
 
         def act() -> dict:
             with log() as lg:

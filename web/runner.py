@@ -63,9 +63,7 @@ class Runner:
     def start(self, goal: str, model: str | None = None) -> str:
         """Start a session on `goal` with the configured provider (and `model`, if given); its id."""
         s = self.settings
-        if model is not None and model != s.model and s.models is not None and model not in s.models:
-            allowed = ", ".join(s.models) if s.models else "none (start the server with --allow-model NAME)"
-            raise StartError(f"model {model!r} may not be chosen here; allowed: {allowed}")
+        self.check_choice(None, model)
         try:
             provider = self._provider(s.provider, model or s.model)
         except Exception as exc:  # noqa: BLE001 - any provider's configuration error is one line for the client
@@ -88,6 +86,15 @@ class Runner:
             raise
         self._spawn(sid, lambda: self._drive(runtime, sid, log))
         return sid
+
+    def check_choice(self, provider: str | None, model: str | None) -> None:
+        """A request may name only the server's provider and a model it allows (StartError otherwise)."""
+        s = self.settings
+        if provider is not None and provider != s.provider:
+            raise StartError(f"provider {provider!r} may not be chosen here; this server runs {s.provider or 'the default'}")
+        if model is not None and model != s.model and s.models is not None and model not in s.models:
+            allowed = ", ".join(s.models) if s.models else "none (start the server with --allow-model NAME)"
+            raise StartError(f"model {model!r} may not be chosen here; allowed: {allowed}")
 
     def ensure_driven(self, session_id: str) -> bool:
         """Drive `session_id` (with the model it records) unless it ended or something drives it."""
