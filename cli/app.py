@@ -14,7 +14,7 @@ from typing import Any
 import typer
 from typer.core import TyperGroup
 
-from loopstream.cli import compose, decide, goal, inspect, mcp_server, memory, observe, output, replay, run, workers
+from loopstream.cli import compose, decide, goal, inspect, mcp_server, memory, observe, output, replay, run, ui, workers
 from loopstream.cli.common import UserError
 from loopstream.core.codec import CodecError
 from loopstream.core.fsm import IllegalTransition
@@ -62,7 +62,7 @@ app = typer.Typer(
 for command in (run.run, run.resume, replay.rollback, decide.approve, decide.deny, decide.cancel,
                 replay.replay, replay.fork, replay.diff, replay.export, inspect.sessions, inspect.show,
                 workers.worker, workers.submit, observe.trace, observe.stats, observe.feedback,
-                compose.agents, compose.plugins):
+                compose.agents, compose.plugins, ui.ui):
     app.command()(command)
 app.add_typer(goal.goal_app, name="goal")
 app.add_typer(memory.memory_app, name="memory")

@@ -13,7 +13,7 @@ session started from a Kafka goal records the model its orchestrator was given, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,11 +40,13 @@ class SessionRow:
     model: str = ""  # the model of the last reply; before one, the model SessionStarted names
 
 
-def session_rows(log: Log, limit: int | None = None) -> list[SessionRow]:
-    """The newest `limit` sessions (all when None), oldest first. A session whose events
-    cannot be read still gets its row (its goal says why), so one bad session never hides
-    the others."""
+def session_rows(log: Log, limit: int | None = None, only: Collection[str] | None = None) -> list[SessionRow]:
+    """The newest `limit` sessions (all when None), oldest first; only those of `only` when
+    given. A session whose events cannot be read still gets its row (its goal says why), so
+    one bad session never hides the others."""
     infos = log.sessions()
+    if only is not None:
+        infos = [i for i in infos if i.session_id in only]
     if limit is not None:
         infos = infos[-limit:] if limit > 0 else []
     path = _lease_root(log)

@@ -21,7 +21,8 @@ ALLOWED: dict[str, set[str]] = {
     "kafka": {"core", "runtime", "schemas"},  # schemas: the goal contract's .avsc files
     "observe": {"core", "providers", "tools", "processors", "runtime", "replay"},
     "agents": {"core", "providers", "tools", "processors", "runtime"},
-    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
+    "web": {"core", "providers", "tools", "processors", "runtime", "replay", "observe", "agents"},
+    "cli": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents", "web"},
     "api": {"core", "providers", "tools", "processors", "runtime", "replay", "kafka", "schemas", "observe", "agents"},
 }
 LAYERS = sorted(ALLOWED)
