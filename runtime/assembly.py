@@ -14,6 +14,7 @@ from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
+from loopstream.processors.delegation import Delegation
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
@@ -23,7 +24,9 @@ from loopstream.providers.errors import ProviderConfigError
 from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.scripted import scripted_from_spec
+from loopstream.runtime.children import ChildRunner
 from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
+from loopstream.tools import delegate
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
 
@@ -49,11 +52,13 @@ def build_runtime(
     fallbacks: Sequence[Provider] = (),
     summarize_with_model: bool = True,
     limits: Mapping[str, RateLimiter] | None = None,
+    agents: Mapping[str, SessionConfig] | None = None,
 ) -> Runtime:
-    """The in-process agent: a Runtime with the processors of the role `all`."""
-    return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
-                                       limits=limits, summarize_with_model=summarize_with_model),
-                   on_event=on_event)
+    """The in-process agent: a Runtime with the processors of the role `all`, and a child
+    runner for sub-agents (`agents`: the named definitions a child may run as)."""
+    return Runtime(log, [*processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
+                                         limits=limits, summarize_with_model=summarize_with_model),
+                         ChildRunner(agents)], on_event=on_event)
 
 
 @contextmanager
@@ -129,7 +134,7 @@ def processors_for(
     ones); `publisher` joins the orchestrator."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    registry = registry or default_registry(allow_writes=allow_writes)
+    registry = with_delegation(registry or default_registry(allow_writes=allow_writes))
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
@@ -137,10 +142,16 @@ def processors_for(
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
+        procs += [Delegation(), ToolProcessor(registry, reviewer=provider), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs
+
+
+def with_delegation(registry: ToolRegistry) -> ToolRegistry:
+    """`registry` plus the delegation tools (a copy): the model sees their specs when a
+    session has them (docs/subagents.md)."""
+    return ToolRegistry({**{t.name: t for t in delegate.TOOLS}, **registry.tools})
 
 
 def rate_limits(providers: Sequence[Provider], rpm: float | None, tpm: float | None) -> dict[str, RateLimiter] | None:
