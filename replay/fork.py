@@ -28,6 +28,7 @@ from loopstream.core.sampling import SamplingError, sampling_from
 from loopstream.core.state import SessionState, apply, fold
 from loopstream.replay.chain import chain_hashes, verify_raw
 from loopstream.runtime.writer import SessionWriter
+from loopstream.tools import delegate
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
 
@@ -95,8 +96,9 @@ def side_effects_after(
 ) -> list[SideEffect]:
     """Tool calls of `events` that ran after `at_seq` (their result is after it, or they
     have none) and whose tool is not read-only (in `registry`; by default the built-in
-    tools, side-effect ones included). Unknown tools count as side-effecting."""
-    registry = registry or default_registry(allow_writes=True)
+    tools, side-effect ones included, and the delegation tools: a fork before a delegation
+    starts fresh children, docs/subagents.md). Unknown tools count as side-effecting."""
+    registry = registry or default_registry(allow_writes=True).add(*delegate.TOOLS)
     requested: dict[str, ev.Event] = {}
     settled: dict[str, ev.Event] = {}
     checkpoints: dict[str, str] = {}

@@ -79,13 +79,20 @@ class ChildRunner:
         todo = [i for i in range(len(d.children)) if i not in settled]
         stop = threading.Event()
         token = cancel.current()
-        pool = ThreadPoolExecutor(max_workers=max(1, min(parent.policy.delegation.max_parallel, len(todo) or 1)),
+        pool = ThreadPoolExecutor(max_workers=max(1, min(parent.policy.delegation.max_parallel, len(todo))),
                                   thread_name_prefix=f"loopstream-child-{parent.session_id[:8]}")
-        futures: dict[Future, int] = {pool.submit(self._child, d, i, parent, now_ms, stop): i for i in todo}
+        width = max(1, parent.policy.delegation.max_parallel)
+        queue = list(todo)  # started only while the delegation is undecided, `width` at a time
+        futures: dict[Future, int] = {}
         clean = False
         try:
-            pending = set(futures)
-            while pending and not decided(d, {**settled, **new}):
+            pending: set[Future] = set()
+            while (queue or pending) and not decided(d, {**settled, **new}):
+                while queue and len(pending) < width:
+                    i = queue.pop(0)
+                    f = pool.submit(self._child, d, i, parent, now_ms, stop)
+                    futures[f] = i
+                    pending.add(f)
                 done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
                 for f in done:
                     if (result := f.result()) is not None:

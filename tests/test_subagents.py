@@ -1,0 +1,353 @@
+"""Sub-agents as child sessions (docs/subagents.md), on a real SQLite log with the scripted
+model: a parent fans out to children that each use a tool; crashes at every event boundary
+of the tree; cancel; limits; hostile task text; fork before and after a delegation."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from loopstream.core.policy import PolicyError, load_policy
+from loopstream.core.sqlite_log import SQLiteLog
+from loopstream.core.state import fold
+from loopstream.providers.base import Message, ModelReply, ProviderError, ToolCall
+from loopstream.providers.scripted import ScriptedProvider, fanout_script
+from loopstream.replay.commands import check_command
+from loopstream.replay.determinism import check_determinism
+from loopstream.replay.fork import ForkError, fork
+from loopstream.replay.tree import descendants, tree_lines
+from loopstream.runtime import decisions
+from loopstream.runtime.assembly import build_runtime
+from loopstream.runtime.inline import SessionConfig
+
+TOOLS = ["add", "spawn_agents", "delegate"]
+
+
+@pytest.fixture
+def log(tmp_path: Path):
+    with SQLiteLog(tmp_path / "tree.db") as log:
+        yield log
+
+
+def config(**policy) -> SessionConfig:
+    return SessionConfig(provider="scripted", model="fanout", tools=TOOLS, policy=policy)
+
+
+def run_tree(log, script=None, goal="sum three sums", on_event=None, **policy):
+    rt = build_runtime(log, ScriptedProvider(script or fanout_script(3)), on_event=on_event)
+    sid = rt.start_session(goal, config(**policy))
+    return rt, sid, rt.run_session(sid)
+
+
+def goal_of(messages: list[Message]) -> str:
+    return next(m.content for m in messages if m.role == "user")
+
+
+def kids(log, sid) -> list[str]:
+    """The children of `sid` as the log links them (SessionStarted v4), whatever ChildrenStarted says."""
+    out = []
+    for info in log.sessions():
+        first = log.read(info.session_id, 0, 0)
+        if first and first[0].payload.parent_session_id == sid:
+            out.append(info.session_id)
+    return sorted(out)
+
+
+def test_a_parent_delegates_to_three_parallel_children_each_using_a_tool(log) -> None:
+    _, sid, state = run_tree(log)
+    assert state.status == "done" and state.answer == "total 15"  # (1+2) + (2+3) + (3+4)
+    events = log.read(sid)
+    started = next(e for e in events if e.type == "ChildrenStarted")
+    settled = [e.payload for e in events if e.type == "ChildSettled"]
+    assert [s.index for s in settled] == [0, 1, 2] and {s.status for s in settled} == {"done"}
+    result = json.loads(next(e for e in events if e.type == "ToolCompleted").payload.result)
+    assert [r["answer"] for r in result["results"]] == ["3", "5", "7"] and result["met"]
+    assert all(r["tokens"] == 30 and r["status"] == "done" for r in result["results"])
+    children = [c.session_id for c in started.payload.children]
+    assert kids(log, sid) == sorted(children)
+    for i, child in enumerate(children):
+        first, *rest = log.read(child)
+        assert (first.payload.parent_session_id, first.payload.parent_event_id, first.payload.depth) == \
+            (sid, started.event_id, 1)
+        assert "ToolCompleted" in [e.type for e in rest]  # each child used the add tool
+        assert fold([first, *rest]).answer == str(3 + 2 * i)
+    # the children's tokens count toward the parent's
+    own = sum(e.payload.input_tokens + e.payload.output_tokens for e in events if e.type == "ModelResponded")
+    assert state.input_tokens + state.output_tokens == own + 3 * 30
+    # replay --check of the parent and its children
+    assert check_determinism(log, sid).ok
+    assert all(check_determinism(log, c).ok for c in children)
+    checked = check_command(log, sid)
+    assert checked.exit_code == 0 and checked.text.count("no divergence") == 4
+    assert len(tree_lines(log, sid)) == 3
+
+
+def test_children_run_in_parallel_on_a_bounded_pool(log) -> None:
+    inner, lock, running, peak = fanout_script(4), threading.Lock(), [0], [0]
+
+    def script(messages: list[Message]) -> ModelReply:
+        if goal_of(messages).startswith("add "):
+            with lock:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= 1
+        return inner(messages)
+
+    _, _, state = run_tree(log, script, delegation={"max_parallel": 2})
+    assert state.answer == "total 24" and peak[0] == 2
+
+
+def test_modes_first_and_quorum_and_a_failed_child_is_a_result(log) -> None:
+    inner = fanout_script(3)
+
+    def failing(mode):
+        def script(messages):
+            goal = goal_of(messages)
+            if goal == "add 1 2":
+                raise ProviderError("child model down", retryable=False, kind="bad_request")
+            if goal.startswith("add ") or any(m.role == "tool" for m in messages):
+                return inner(messages)
+            tasks = [{"task": f"add {i} {i + 1}"} for i in range(1, 4)]
+            return ModelReply(tool_calls=[ToolCall(call_id="d0", name="spawn_agents",
+                                                   arguments={"tasks": tasks, "mode": mode})])
+        return script
+
+    _, sid, state = run_tree(log, failing("all"))
+    assert state.answer == "total 12"  # the failed child counts 0
+    rows = json.loads(next(e for e in log.read(sid) if e.type == "ToolCompleted").payload.result)["results"]
+    assert [r["status"] for r in rows] == ["failed", "done", "done"] and "child model down" in rows[0]["error"]
+    # first: one child at a time; the first success decides, the third is never started
+    _, sid, state = run_tree(log, failing("first"), delegation={"max_parallel": 1})
+    rows = json.loads(next(e for e in log.read(sid) if e.type == "ToolCompleted").payload.result)["results"]
+    assert [r["status"] for r in rows] == ["failed", "done", "cancelled"] and state.answer == "total 5"
+    assert len(kids(log, sid)) == 2
+    # quorum 2 of 3 (the default majority), one at a time: all three are needed
+    _, sid, state = run_tree(log, failing("quorum"), delegation={"max_parallel": 1})
+    assert state.answer == "total 12"
+
+
+def test_a_delegate_call_returns_the_childs_answer(log) -> None:
+    def script(messages):
+        goal = goal_of(messages)
+        results = [m.content for m in messages if m.role == "tool"]
+        if goal.startswith("add "):
+            return fanout_script(1)(messages)
+        if not results:
+            return ModelReply(tool_calls=[ToolCall(call_id="x", name="delegate", arguments={"task": "add 20 22"})])
+        return ModelReply(text=f"the child said {results[-1]}")
+
+    _, sid, state = run_tree(log, script)
+    assert state.answer == "the child said 42"
+
+
+def test_limits_refuse_the_call_and_the_model_reads_why(log) -> None:
+    for policy, words in (({"delegation": {"max_depth": 0}}, "depth limit"),
+                          ({"delegation": {"max_children": 2}}, "fan-out limit"),
+                          ({"delegation": {"max_task_chars": 5}}, "max_task_chars")):
+        _, sid, state = run_tree(log, **policy)
+        failed = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
+        assert failed.error_kind == "delegation_refused" and words in failed.message
+        assert kids(log, sid) == [] and state.status == "done"  # the model answered after reading it
+    # recorded whole in SessionStarted, so a replay decides the same
+    recorded = json.loads(log.read(sid, 0, 0)[0].payload.config_json)["delegation"]
+    assert recorded["max_task_chars"] == 5 and recorded["max_depth"] == 2
+
+
+def test_depth_limit_holds_down_a_tree(log) -> None:
+    """Every session delegates: with max_depth 2 the grandchildren are refused."""
+    def script(messages):
+        if any(m.role == "tool" for m in messages):
+            return ModelReply(text=f"depth answer: {messages[-1].content[:60]}")
+        return ModelReply(tool_calls=[ToolCall(call_id="d", name="delegate", arguments={"task": "go deeper"})])
+
+    _, sid, state = run_tree(log, script, delegation={"max_depth": 2})
+    tree = list(descendants(log, sid))
+    assert [d for d, _ in tree] == [1, 2] and state.status == "done"
+    grandchild = tree[1][1].session_id
+    refused = next(e.payload for e in log.read(grandchild) if e.type == "ToolFailed")
+    assert refused.error_kind == "delegation_refused" and "depth 2" in refused.message
+
+
+def test_a_misspelt_delegation_key_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text("[delegation]\nmax_childs = 3\n")
+    with pytest.raises(PolicyError, match=r"delegation.max_childs: unknown key; did you mean 'max_children'"):
+        load_policy(path)
+
+
+def test_hostile_task_text(log) -> None:
+    nasty = "add 1 2 \ud800 <script>alert(1)</script> \x1b[31m" + "é" * 50
+
+    def script(messages):
+        goal = goal_of(messages)
+        if goal.startswith("add "):
+            return fanout_script(1)(messages)
+        if not any(m.role == "tool" for m in messages):
+            return ModelReply(tool_calls=[ToolCall(call_id="h", name="spawn_agents", arguments={
+                "tasks": [{"task": nasty}, {"task": "x", "agent": "../../etc\ud800"}]})])
+        return ModelReply(text="ok")
+
+    _, sid, state = run_tree(log, script)
+    refused = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
+    assert "not one this session may start" in refused.message  # the unknown agent refuses the whole call
+    script_ok = lambda m: script(m) if goal_of(m).startswith("add ") or any(x.role == "tool" for x in m) \
+        else ModelReply(tool_calls=[ToolCall(call_id="h", name="delegate", arguments={"task": nasty})])  # noqa: E731
+    _, sid, state = run_tree(log, script_ok)
+    (child,) = kids(log, sid)
+    goal = log.read(child)[1].payload.text
+    assert "\ud800" not in goal and "\ufffd" in goal and "<script>" in goal  # stored as text, sanitized
+    assert fold(log.read(child)).answer == "3" and state.status == "done"
+    assert tree_lines(log, sid)[0].count("\n") == 0
+
+
+class Died(BaseException):
+    """The process 'dies': every append after the N-th raises (the crash tests' boundary)."""
+
+
+def test_death_at_every_event_boundary_of_the_tree_then_resume(tmp_path: Path) -> None:
+    with SQLiteLog(tmp_path / "ref.db") as ref_log:
+        _, ref_sid, ref_state = run_tree(ref_log)
+        total = sum(len(ref_log.read(s.session_id)) for s in ref_log.sessions())
+        reference = sorted(tuple(e.type for e in ref_log.read(s.session_id)) for s in ref_log.sessions())
+    with SQLiteLog(tmp_path / "crash.db") as log:
+        for n in range(1, total):
+            appended = [0]
+
+            def on_event(_e, appended=appended, n=n):
+                appended[0] += 1
+                if appended[0] >= n:
+                    raise Died(n)
+
+            rt = build_runtime(log, ScriptedProvider(fanout_script(3)), on_event=on_event)
+            sid = rt.start_session("sum three sums", config(), session_id=f"p{n:03d}") if n > 2 else f"p{n:03d}"
+            if n <= 2:  # the start batch is two events: die inside it
+                try:
+                    rt.start_session("sum three sums", config(), session_id=sid)
+                except Died:
+                    pass
+            else:
+                with pytest.raises(Died):
+                    rt.run_session(sid)
+            _settle_threads()
+            state = build_runtime(log, ScriptedProvider(fanout_script(3))).run_session(sid)
+            assert state.status == "done" and state.answer == ref_state.answer, n
+            tree = [sid, *kids(log, sid)]
+            assert len(tree) == 4, (n, tree)
+            got = sorted(tuple(e.type for e in log.read(s)) for s in tree)
+            assert got == reference, f"died after {n} appends"
+            for s in tree:
+                events = log.read(s)
+                assert len({e.event_id for e in events}) == len(events)
+
+
+def _settle_threads(timeout: float = 5.0) -> None:
+    """Wait for the dead runtime's child threads to stop (a real crash takes them with it)."""
+    end = time.monotonic() + timeout
+    while any(t.name.startswith("loopstream-child") for t in threading.enumerate()) and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def test_cancelling_the_parent_cancels_its_running_children(log) -> None:
+    inner = fanout_script(3)
+
+    def slow(messages):
+        if goal_of(messages).startswith("add "):
+            from loopstream.core import cancel
+            cancel.sleep(30)
+        return inner(messages)
+
+    rt = build_runtime(log, ScriptedProvider(slow))
+    sid = rt.start_session("sum", config())
+    box = {}
+    runner = threading.Thread(target=lambda: box.setdefault("state", rt.run_session(sid)))
+    began = time.monotonic()
+    runner.start()
+    while len(kids(log, sid)) < 3 or any(fold(log.read(c)).status != "awaiting_model" for c in kids(log, sid)):
+        assert time.monotonic() - began < 10
+        time.sleep(0.02)
+    decisions.cancel(log, sid, by="person:test", reason="enough")
+    runner.join(10)
+    assert not runner.is_alive() and time.monotonic() - began < 8
+    assert box["state"].status == "cancelled"
+    assert {fold(log.read(c)).status for c in kids(log, sid)} == {"cancelled"}
+
+
+def test_cancel_reaches_children_when_no_process_drives_the_parent(log) -> None:
+    """A parent whose process died mid-delegation: `cancel` still ends the children it started."""
+    rt = build_runtime(log, ScriptedProvider(fanout_script(2)), on_event=_die_at("GoalReceived", after=2))
+    sid = rt.start_session("sum", config())
+    with pytest.raises(Died):
+        rt.run_session(sid)  # dies once both children are started, before they run
+    _settle_threads()
+    children = kids(log, sid)
+    assert len(children) == 2 and fold(log.read(sid)).status == "awaiting_children"
+    assert not any(fold(log.read(c)).terminal for c in children)  # started; the dead process ran them no further
+    decisions.cancel(log, sid, by="person:test")
+    assert {fold(log.read(c)).status for c in children} == {"cancelled"}
+
+
+def _die_at(event_type: str, after: int = 0):
+    """Die at the first event of `event_type` past the first `after` ones (then at every append)."""
+    seen, dead = [0], [False]
+
+    def on_event(e):
+        if e.type == event_type:
+            seen[0] += 1
+        if dead[0] or (e.type == event_type and seen[0] > after):
+            dead[0] = True
+            raise Died(event_type)
+    return on_event
+
+
+def test_approval_in_a_child_reaches_the_person_and_show_says_so(log) -> None:
+    rt = build_runtime(log, ScriptedProvider(fanout_script(1)))
+    policy = {"permissions": {"rules": [{"tool": "add", "action": "ask", "reason": "check sums"}]}}
+    sid = rt.start_session("sum", config(**policy))
+    box = {}
+    runner = threading.Thread(target=lambda: box.setdefault("state", rt.run_session(sid)))
+    runner.start()
+    began = time.monotonic()
+    while not kids(log, sid) or not fold(log.read(kids(log, sid)[0])).open_approvals:
+        assert time.monotonic() - began < 10
+        time.sleep(0.02)
+    (child,) = kids(log, sid)
+    assert "waits for a person: loopstream approve " + child in tree_lines(log, sid)[0]
+    call = decisions.waiting_call(fold(log.read(child)), None)
+    decisions.decide(log, child, call.call_id, True, by="person:test")
+    runner.join(10)
+    assert box["state"].status == "done" and box["state"].answer == "total 3"
+
+
+def test_fork_before_a_delegation_reruns_children_after_it_reuses_them(log) -> None:
+    _, sid, state = run_tree(log)
+    events = log.read(sid)
+    started = next(e for e in events if e.type == "ChildrenStarted")
+    original = sorted(c.session_id for c in started.payload.children)
+    forked_at = []
+    for at in range(1, len(events) - 1):
+        before = len(log.sessions())
+        try:
+            result = fork(log, sid, at, reason=f"at {at}")
+        except ForkError:
+            continue
+        rt = build_runtime(log, ScriptedProvider(fanout_script(3)))
+        forked = rt.run_session(result.child_session_id)
+        assert forked.status == "done" and forked.answer == state.answer, at
+        named = sorted(c.session_id for e in log.read(result.child_session_id) if e.type == "ChildrenStarted"
+                       for c in e.payload.children)
+        new_sessions = len(log.sessions()) - before - 1
+        if at < started.seq:
+            assert set(named).isdisjoint(original) and new_sessions == 3, at  # fresh children
+        else:
+            assert named == original and new_sessions == 0, at  # the recorded results reused
+        assert check_determinism(log, result.child_session_id).ok
+        forked_at.append(at)
+    # every event but the start, the end and the inside of the ChildSettled batch (never a live state)
+    inside = [e.seq for e in events if e.type == "ChildSettled"]
+    assert forked_at == [s for s in range(1, len(events) - 1) if s not in inside]
+    assert min(forked_at) < started.seq <= max(forked_at)
