@@ -179,7 +179,10 @@ def fanout_script(children: int | str = 3, mode: str = "all") -> Script:
         results = [m.content for m in messages if m.role == "tool"]
         if goal.startswith("add "):
             if not results:
-                a, b = (float(x) for x in goal.split()[1:3])
+                try:
+                    a, b = (float(x) for x in goal.split()[1:3])
+                except ValueError:  # a child that fails: its session fails, the parent reads why
+                    raise ProviderError(f"cannot add {goal[:60]!r}", retryable=False, kind="bad_request") from None
                 return ModelReply(tool_calls=[ToolCall(call_id="a0", name="add", arguments={"a": a, "b": b})],
                                   input_tokens=10, output_tokens=5, mode="native")
             return ModelReply(text=results[-1], input_tokens=12, output_tokens=3)

@@ -351,3 +351,18 @@ def test_fork_before_a_delegation_reruns_children_after_it_reuses_them(log) -> N
     inside = [e.seq for e in events if e.type == "ChildSettled"]
     assert forked_at == [s for s in range(1, len(events) - 1) if s not in inside]
     assert min(forked_at) < started.seq <= max(forked_at)
+
+
+def test_fan_out_maps_goals_over_an_agent_and_a_rerun_continues(log) -> None:
+    from loopstream import Result, fan_out
+
+    rt = build_runtime(log, ScriptedProvider(fanout_script()))
+    cfg = SessionConfig(provider="scripted", model="fanout", tools=["add"])
+    goals = [f"add {i} {i}" for i in range(6)] + ["add x y"]
+    results = fan_out(rt, goals, cfg, max_parallel=3, key="batch-1")
+    assert all(isinstance(r, Result) for r in results)
+    assert [r.answer for r in results[:6]] == [str(2 * i) for i in range(6)]
+    assert [r.index for r in results] == list(range(7)) and results[0].input_tokens == 22
+    assert not results[6].ok  # a goal whose session fails is a result, not an exception
+    again = fan_out(rt, goals, cfg, max_parallel=3, key="batch-1")
+    assert [r.session_id for r in again] == [r.session_id for r in results] and len(log.sessions()) == 7
