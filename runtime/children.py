@@ -36,20 +36,22 @@ if TYPE_CHECKING:
     from loopstream.runtime.inline import Runtime
 
 POLL_S = 0.05  # how often a waiting child (a person's approval) or the parent looks at the log
-Resolve = Callable[[str, SessionState], SessionConfig | None]
+Resolve = Callable[[str, str], SessionConfig | None]  # (agent name, task) -> its configuration, None: unknown
 
 
 class ChildRunner:
     """Runs the children of a session's delegations with the runtime it is attached to.
-    `agents`: named agent definitions a child may run as (a child of the parent's own agent
-    runs with the parent's recorded configuration)."""
+    `agents`: the named agent definitions a child may run as, a mapping or a function of
+    (name, task) (the CLI composes them from loopstream.toml); a child of the parent's own
+    agent runs with the parent's recorded configuration. A child runs with this runtime's
+    processors, so with its tools."""
 
     name = "children"
     acts_for = "children"
     triggers = frozenset({"ChildrenStarted", "ChildSettled"})
 
-    def __init__(self, agents: Mapping[str, SessionConfig] | None = None) -> None:
-        self.agents = dict(agents or {})
+    def __init__(self, agents: Mapping[str, SessionConfig] | Resolve | None = None) -> None:
+        self.agents = agents if callable(agents) else dict(agents or {})
         self.runtime: Runtime | None = None
 
     def attach(self, runtime: Runtime) -> None:
@@ -130,7 +132,7 @@ class ChildRunner:
         if stop.is_set():
             return None
         if not rt.log.next_seq(child.session_id):
-            config = self.config_for(child.agent, parent, d, now_ms)
+            config = self.config_for(child.agent, parent, d, now_ms, child.task)
             if config is None:
                 return settled_event(d, i, "failed", f"unknown agent {child.agent!r}: the runner has no "
                                                      f"definition for it")
@@ -172,11 +174,15 @@ class ChildRunner:
             rt.writer.record(session_id, [ev.SessionCancelled(reason=reason)], "children")
 
     # -- a child's configuration ---------------------------------------------------------
-    def config_for(self, agent: str, parent: SessionState, d: Open, now_ms: int) -> SessionConfig | None:
+    def config_for(self, agent: str, parent: SessionState, d: Open, now_ms: int,
+                   task: str = "") -> SessionConfig | None:
         """What child of agent `agent` starts with: the named definition, or the parent's
         own recorded one; linked to the parent, one level deeper, its budgets no larger than
         what the parent has left."""
-        base = None if agent == parent.agent else self.agents.get(agent)
+        if agent == parent.agent:
+            base = None
+        else:
+            base = self.agents(agent, task) if callable(self.agents) else self.agents.get(agent)
         if base is None and agent != parent.agent:
             return None
         if base is None:
