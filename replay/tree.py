@@ -37,10 +37,16 @@ def children(log: Log, events: Sequence[ev.Event]) -> list[Child]:
     return out
 
 
+def _readable(log: Log, session_id: str) -> list[ev.Event]:
+    """The session's events up to the first that cannot be read (a damaged log never fails a listing)."""
+    events, _ = decode_prefix(log.read_raw(session_id))
+    return events
+
+
 def _status(log: Log, session_id: str) -> tuple[str, bool]:
-    events = log.read(session_id)
+    events = _readable(log, session_id)
     if not events:
-        return "not started", False
+        return ("not started" if not log.next_seq(session_id) else "unreadable"), False
     try:
         state = fold(events)
     except ValueError as exc:  # a damaged child: say so, never fail the parent's listing
@@ -60,7 +66,7 @@ def descendants(log: Log, session_id: str, depth: int = 0, max_depth: int = 32) 
     """Every session below `session_id`, depth first, with its depth under it (1: a child)."""
     if depth >= max_depth:
         return
-    for child in children(log, log.read(session_id)):
+    for child in children(log, _readable(log, session_id)):
         yield depth + 1, child
         if child.status != "not started":
             yield from descendants(log, child.session_id, depth + 1, max_depth)
