@@ -54,10 +54,12 @@ def build_runtime(
     limits: Mapping[str, RateLimiter] | None = None,
     agents: Mapping[str, SessionConfig] | None = None,
 ) -> Runtime:
-    """The in-process agent: a Runtime with the processors of the role `all`, and a child
-    runner for sub-agents (`agents`: the named definitions a child may run as)."""
-    return Runtime(log, [*processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
-                                         limits=limits, summarize_with_model=summarize_with_model),
+    """The in-process agent: a Runtime with the processors of the role `all`, and sub-agents:
+    the delegation processor and a child runner (`agents`: the named definitions a child may
+    run as). The worker roles have neither yet: there a delegation tool's call fails, saying so."""
+    return Runtime(log, [Delegation(), *processors_for("all", provider=provider, registry=registry,
+                                                       fallbacks=fallbacks, limits=limits,
+                                                       summarize_with_model=summarize_with_model),
                          ChildRunner(agents)], on_event=on_event)
 
 
@@ -142,7 +144,7 @@ def processors_for(
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs += [Delegation(), ToolProcessor(registry, reviewer=provider), Verifier()]
+        procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs

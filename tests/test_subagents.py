@@ -366,3 +366,23 @@ def test_fan_out_maps_goals_over_an_agent_and_a_rerun_continues(log) -> None:
     assert not results[6].ok  # a goal whose session fails is a result, not an exception
     again = fan_out(rt, goals, cfg, max_parallel=3, key="batch-1")
     assert [r.session_id for r in again] == [r.session_id for r in results] and len(log.sessions()) == 7
+
+
+def test_childrens_tokens_count_toward_the_parents_budget(log) -> None:
+    _, sid, state = run_tree(log, budgets={"max_tokens": 100})
+    assert state.status == "failed" and "token budget" in state.error  # 30 own + 3 x 30 children > 100
+    started = next(e for e in log.read(sid) if e.type == "ChildrenStarted")
+    for child in started.payload.children:  # each child started with what the parent had left
+        recorded = json.loads(log.read(child.session_id, 0, 0)[0].payload.config_json)
+        assert recorded["budgets"]["max_tokens"] == 70
+
+
+def test_a_worker_without_a_child_runner_fails_the_call_saying_so(log) -> None:
+    from loopstream.runtime.assembly import processors_for
+    from loopstream.runtime.inline import Runtime
+
+    rt = Runtime(log, processors_for("all", provider=ScriptedProvider(fanout_script(2))))
+    sid = rt.start_session("sum", config())
+    state = rt.run_session(sid)
+    failed = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
+    assert failed.error_kind == "delegation_unavailable" and state.status == "done"
