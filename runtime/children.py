@@ -16,10 +16,10 @@ is decided by the children's own logs and the pure aggregation rules."""
 from __future__ import annotations
 
 import dataclasses
+import queue
 import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from loopstream.core import cancel
@@ -75,53 +75,64 @@ class ChildRunner:
 
     def _run(self, d: Open, parent: SessionState, settled: dict[int, ev.ChildSettled],
              now_ms: int) -> dict[int, ev.ChildSettled]:
-        """Drive the unsettled children until the aggregation is decided; their results."""
+        """Drive the unsettled children until the aggregation is decided; their results.
+
+        At most `[delegation] max_parallel` run at once, each on a daemon thread started only
+        while the delegation is undecided (a process that dies or is stopped takes them along:
+        the log says where each child stands)."""
         rt = self.runtime
         new: dict[int, ev.ChildSettled] = {}
-        todo = [i for i in range(len(d.children)) if i not in settled]
-        stop = threading.Event()
-        token = cancel.current()
-        pool = ThreadPoolExecutor(max_workers=max(1, min(parent.policy.delegation.max_parallel, len(todo))),
-                                  thread_name_prefix=f"loopstream-child-{parent.session_id[:8]}")
+        waiting = [i for i in range(len(d.children)) if i not in settled]
         width = max(1, parent.policy.delegation.max_parallel)
-        queue = list(todo)  # started only while the delegation is undecided, `width` at a time
-        futures: dict[Future, int] = {}
-        clean = False
+        stop, token, reports = threading.Event(), cancel.current(), queue.Queue()
+        running: set[int] = set()
+
+        def drive(i: int) -> None:
+            try:
+                reports.put((i, self._child(d, i, parent, now_ms, stop), None))
+            except BaseException as exc:  # reported to the handler's thread, which raises it
+                reports.put((i, None, exc))
+
+        def collect(timeout: float) -> None:
+            try:
+                i, result, exc = reports.get(timeout=timeout)
+            except queue.Empty:
+                return
+            running.discard(i)
+            if exc is not None:
+                raise exc
+            if result is not None:
+                new[i] = result
+
         try:
-            pending: set[Future] = set()
-            while (queue or pending) and not decided(d, {**settled, **new}):
-                while queue and len(pending) < width:
-                    i = queue.pop(0)
-                    f = pool.submit(self._child, d, i, parent, now_ms, stop)
-                    futures[f] = i
-                    pending.add(f)
-                done, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                for f in done:
-                    if (result := f.result()) is not None:
-                        new[futures[f]] = result
+            while (waiting or running) and not decided(d, {**settled, **new}):
+                while waiting and len(running) < width:
+                    i = waiting.pop(0)
+                    running.add(i)
+                    threading.Thread(target=drive, args=(i,), daemon=True,
+                                     name=f"loopstream-child-{d.children[i].session_id}").start()
+                collect(POLL_S)
                 token.check()  # the parent was cancelled (or ended elsewhere): Interrupted
             stop.set()  # decided: the children still running are not needed
-            for f in pending:
-                f.cancel()
-            for i in todo:
-                if i not in new:
-                    self._cancel(d.children[i].session_id, "no longer needed: the delegation is decided")
-            for f, i in futures.items():
-                if i not in new and not f.cancelled() and (result := f.result()) is not None:
-                    new[i] = result
-            for i in todo:
-                if i not in new:
+            for i in sorted(running):
+                self._cancel(d.children[i].session_id, "no longer needed: the delegation is decided")
+            while running:  # they end at once: cancelled, their handlers are interrupted
+                collect(POLL_S)
+                token.check()
+            for i in waiting:
+                new[i] = self._settled(d, i, rt, "not needed: the delegation was decided without it")
+            for i in range(len(d.children)):  # a child stopped before it reported: as its log has it
+                if i not in settled and i not in new:
                     new[i] = self._settled(d, i, rt, "not needed: the delegation was decided without it")
-            clean = True
             return new
         except cancel.Interrupted:
             stop.set()
             for child in d.children:
                 self._cancel(child.session_id, f"parent session {parent.session_id} ended")
-            clean = True
             raise
-        finally:
-            pool.shutdown(wait=clean, cancel_futures=True)
+        except BaseException:
+            stop.set()
+            raise
 
     def _child(self, d: Open, i: int, parent: SessionState, now_ms: int,
                stop: threading.Event) -> ev.ChildSettled | None:
