@@ -23,7 +23,7 @@ Action = Literal["allow", "deny", "ask"]
 OnTrip = Literal["tell_model", "stop"]
 ACTIONS = ("allow", "deny", "ask")
 CODE_TOOLS = frozenset({"shell"})  # tools that run code: they run under the sandbox policy
-DELEGATION_TOOLS = frozenset({"delegate", "spawn_agents"})  # tools that start child sessions (docs/subagents.md)
+DELEGATION_TOOLS = frozenset({"delegate", "spawn_agents", "spawn_over"})  # tools that start child sessions (docs/subagents.md)
 MAX_POLICY_BYTES = 1 << 20
 
 

@@ -13,12 +13,15 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 from loopstream.core import events as ev
 from loopstream.core.policy import DELEGATION_TOOLS
 from loopstream.core.processor import Emit
 from loopstream.core.state import Delegation as Open
 from loopstream.core.state import SessionState
+from loopstream.tools.confine import read_bytes
+from loopstream.tools.registry import ToolContext, ToolError
 
 MODES = ("all", "first", "quorum")
 SUCCESS = "done"
@@ -53,6 +56,8 @@ class Delegation:
             raise ValueError("arguments must be a JSON object")
         if p.name == "delegate":
             tasks, mode, quorum = [{"task": args.get("task"), "agent": args.get("agent")}], "all", None
+        elif p.name == "spawn_over":
+            tasks, mode, quorum = slice_tasks(args, state), "all", None
         else:
             tasks, mode, quorum = args.get("tasks"), args.get("mode") or "all", args.get("quorum")
         if state.depth >= limits.max_depth:
@@ -87,6 +92,69 @@ class Delegation:
             if not isinstance(quorum, int) or isinstance(quorum, bool) or not 1 <= quorum <= n:
                 raise ValueError(f"quorum must be an integer from 1 to {n}")
         return out, mode, quorum if mode == "quorum" else (1 if mode == "first" else n)
+
+
+MAX_SLICED_BYTES = 16 << 20  # a file read for slicing: larger is refused
+
+
+def slice_tasks(args: dict, state: SessionState) -> list[dict]:
+    """spawn_over's children (recursive decomposition, docs/subagents.md): the lines
+    start_line..end_line of the file, read inside the workdir (tools/confine.py), cut into
+    slices of at most `slice_chars`; each child's task is the instruction and its slice (so
+    each slice is an event: the child's goal). When that needs more children than
+    `[delegation] max_children`, the range is split into that many ranges and each child is
+    asked to call spawn_over on its range and combine, if the depth limit lets it."""
+    limits = state.policy.delegation
+    path, instruction = args.get("path"), args.get("instruction")
+    size, start, end = args.get("slice_chars", 4000), args.get("start_line", 1), args.get("end_line")
+    if not isinstance(path, str) or not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError("give `path` (a file in the workdir) and an `instruction`")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (size, start)) or size < 200 or start < 1 \
+            or (end is not None and (not isinstance(end, int) or end < start)):
+        raise ValueError("slice_chars is an integer of at least 200; start_line from 1; end_line at or after it")
+    try:
+        data = read_bytes(ToolContext(workdir=Path(state.workdir or "."), policy=state.policy), path, 0,
+                          MAX_SLICED_BYTES + 1)
+    except (ToolError, OSError) as exc:
+        raise ValueError(f"cannot read {path[:200]!r}: {exc}") from None
+    if len(data) > MAX_SLICED_BYTES:
+        raise ValueError(f"{path[:200]!r} is larger than {MAX_SLICED_BYTES} bytes")
+    lines = data.decode("utf-8", errors="replace").splitlines(keepends=True)
+    end = len(lines) if end is None else min(end, len(lines))
+    if start > end:
+        raise ValueError(f"{path[:200]!r} has {len(lines)} lines: nothing in {start}..{end}")
+    head = max(0, size - len(instruction) - 200)  # room for the slice in the child's task
+    if head < 100:
+        raise ValueError("the instruction leaves no room for a slice: raise slice_chars or shorten it")
+    slices = _pack(lines, start, end, head)
+    if len(slices) <= limits.max_children:
+        return [{"task": f"{instruction}\n\n[{path}, lines {a}-{b} of {len(lines)}]\n{text}"}
+                for a, b, text in slices]
+    if state.depth + 1 >= limits.max_depth:
+        raise ValueError(f"lines {start}-{end} of {path[:200]!r} need {len(slices)} slices of {size} characters, "
+                         f"more than delegation.max_children ({limits.max_children}), and the depth limit leaves "
+                         f"no room to recurse: raise slice_chars")
+    per = -(-len(slices) // limits.max_children)  # slices per child range
+    ranges = [(slices[i][0], slices[min(i + per, len(slices)) - 1][1]) for i in range(0, len(slices), per)]
+    return [{"task": f"{instruction}\n\n[{path}, lines {a}-{b}: too long to read at once. Call spawn_over with "
+                     f"path={path!r}, start_line={a}, end_line={b}, slice_chars={size} and this instruction, then "
+                     f"combine the results into one answer.]"} for a, b in ranges]
+
+
+def _pack(lines: list[str], start: int, end: int, size: int) -> list[tuple[int, int, str]]:
+    """Lines start..end (1-based) packed greedily into slices of at most `size` characters
+    (a longer line is a slice of its own, cut to `size`): (first line, last line, text)."""
+    out: list[tuple[int, int, str]] = []
+    first, text = start, ""
+    for n in range(start, end + 1):
+        line = lines[n - 1]
+        if text and len(text) + len(line) > size:
+            out.append((first, n - 1, text))
+            first, text = n, ""
+        text += line[:size]
+    if text or not out:
+        out.append((first, end, text))
+    return out
 
 
 def child_id(requested_event_id: str, index: int) -> str:

@@ -386,3 +386,54 @@ def test_a_worker_without_a_child_runner_fails_the_call_saying_so(log) -> None:
     state = rt.run_session(sid)
     failed = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
     assert failed.error_kind == "delegation_unavailable" and state.status == "done"
+
+
+def test_spawn_over_decomposes_a_long_file_recursively(log, tmp_path: Path) -> None:
+    """Recursive decomposition: 60 lines, slices of ~190 characters, at most 3 children per call:
+    the parent splits the file into 2 ranges, each child calls spawn_over on its range, and the
+    grandchildren each count the marked lines of one slice; every slice is a child's goal."""
+    import re
+
+    (tmp_path / "long.txt").write_text("".join(f"line {i:03d} {'x' if i % 3 == 0 else 'o'}\n" for i in range(1, 61)))
+
+    def script(messages):
+        goal = goal_of(messages)
+        results = [m.content for m in messages if m.role == "tool"]
+        if results:  # combine: the sum of the children's counts
+            rows = json.loads(results[-1])["results"]
+            return ModelReply(text=str(sum(int(r["answer"]) for r in rows if r["status"] == "done")))
+        if (m := re.search(r"start_line=(\d+), end_line=(\d+)", goal)) is not None:
+            return ModelReply(tool_calls=[ToolCall(call_id="o", name="spawn_over", arguments={
+                "path": "long.txt", "instruction": "count x", "slice_chars": 400,
+                "start_line": int(m[1]), "end_line": int(m[2])})])
+        if goal.startswith("count x"):  # a slice: count it
+            return ModelReply(text=str(sum(1 for line in goal.splitlines()[3:] if line.endswith(" x"))))
+        return ModelReply(tool_calls=[ToolCall(call_id="o", name="spawn_over", arguments={
+            "path": "long.txt", "instruction": "count x", "slice_chars": 400})])
+
+    rt = build_runtime(log, ScriptedProvider(script))
+    cfg = SessionConfig(provider="scripted", model="s", tools=["spawn_over"], workdir=str(tmp_path),
+                        policy={"delegation": {"max_children": 3, "max_depth": 3}})
+    sid = rt.start_session("how many lines are marked x?", cfg)
+    state = rt.run_session(sid)
+    assert state.status == "done" and state.answer == "20"
+    tree = list(descendants(log, sid))
+    assert [d for d, _ in tree].count(1) == 2 and [d for d, _ in tree].count(2) == 4
+    slices = [fold(log.read(c.session_id)).goal for d, c in tree if d == 2]
+    assert "".join(s.split("\n", 3)[3] for s in slices) == (tmp_path / "long.txt").read_text()  # every line once
+    assert check_command(log, sid).exit_code == 0
+    # a file outside the workdir is refused, as by the file tools
+    cfg.workdir = str(tmp_path / "sub")
+    (tmp_path / "sub").mkdir()
+    sid = rt.start_session("how many lines are marked x?", dataclasses_replace(cfg, tools=["spawn_over"]))
+    script_out = ScriptedProvider(lambda m: ModelReply(text="refused") if any(x.role == "tool" for x in m) else
+                                  ModelReply(tool_calls=[ToolCall(call_id="o", name="spawn_over", arguments={
+                                      "path": "../long.txt", "instruction": "count x"})]))
+    build_runtime(log, script_out).run_session(sid)
+    refused = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
+    assert refused.error_kind == "delegation_refused" and "cannot read" in refused.message
+
+
+def dataclasses_replace(cfg, **kw):
+    import dataclasses
+    return dataclasses.replace(cfg, **kw)

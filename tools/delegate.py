@@ -42,4 +42,15 @@ def spawn_agents(tasks: list[ChildTask], mode: Literal["all", "first", "quorum"]
     return _unavailable()
 
 
-TOOLS = [delegate, spawn_agents]
+@tool
+def spawn_over(path: str, instruction: str, slice_chars: int = 4000, start_line: int = 1,
+               end_line: int | None = None) -> str:
+    """Work over a text file too long to read at once: its lines start_line..end_line are cut
+    into slices of at most `slice_chars` characters, and one sub-agent per slice gets
+    `instruction` and the slice; you get their answers in order (JSON, as spawn_agents). A
+    range too long for that many sub-agents is split into ranges, each sub-agent calling
+    spawn_over on its own range and combining the results (within the depth limit)."""
+    return _unavailable()
+
+
+TOOLS = [delegate, spawn_agents, spawn_over]
