@@ -437,3 +437,29 @@ def test_spawn_over_decomposes_a_long_file_recursively(log, tmp_path: Path) -> N
 def dataclasses_replace(cfg, **kw):
     import dataclasses
     return dataclasses.replace(cfg, **kw)
+
+
+def test_named_agents_a_child_may_run_as(log) -> None:
+    def script(messages):
+        goal = goal_of(messages)
+        if goal.startswith("add "):
+            return fanout_script(1)(messages)
+        if not any(m.role == "tool" for m in messages):
+            return ModelReply(tool_calls=[ToolCall(call_id="n", name="spawn_agents", arguments={"tasks": [
+                {"task": "add 1 1", "agent": "checker"}, {"task": "add 2 2", "agent": "ghost"}]})])
+        return ModelReply(text=messages[-1].content)
+
+    checker = SessionConfig(provider="scripted", model="s", tools=["add"], system_prompt="You check sums.",
+                            agent="checker")
+    rt = build_runtime(log, ScriptedProvider(script), agents={"checker": checker})
+    sid = rt.start_session("sum", config(delegation={"agents": ["checker", "ghost"]}))
+    state = rt.run_session(sid)
+    rows = json.loads(state.answer)["results"]
+    assert [r["status"] for r in rows] == ["done", "failed"] and "unknown agent 'ghost'" in rows[1]["error"]
+    first = log.read(rows[0]["session"], 0, 0)[0].payload
+    assert (first.agent, first.system_prompt, first.tools, first.depth) == ("checker", "You check sums.", ["add"], 1)
+    # an agent the parent's recorded definition does not allow is refused before anything starts
+    sid = rt.start_session("sum", config())
+    rt.run_session(sid)
+    refused = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
+    assert "'checker' is not one this session may start" in refused.message
