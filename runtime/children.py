@@ -19,17 +19,20 @@ import dataclasses
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 from loopstream.core import cancel
 from loopstream.core import events as ev
 from loopstream.core.log import SessionNotFound
 from loopstream.core.processor import Emit
+from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import Delegation as Open
 from loopstream.core.state import SessionState
 from loopstream.processors.budgets import cost_usd, remaining_seconds, remaining_tokens
 from loopstream.processors.delegation import completed, decided, settled_event
+from loopstream.runtime import lease
 from loopstream.runtime.writer import SessionConfig
 
 if TYPE_CHECKING:
@@ -149,17 +152,33 @@ class ChildRunner:
                                                      f"definition for it")
             rt.writer.start(child.task, config, session_id=child.session_id, correlation_id=parent.correlation_id,
                             actor=f"parent:{parent.session_id}")
-        state = rt.load(child.session_id)
-        while not state.terminal:
-            state = rt.run_session(child.session_id)
-            if state.terminal:
-                break
-            head = state.next_seq  # waits for input (a person's approval): until the log moves
-            while rt.log.next_seq(child.session_id) == head:
-                if stop.wait(POLL_S):
-                    return None
+        with self._lease(child.session_id) as mine:
             state = rt.load(child.session_id)
+            while not state.terminal:
+                if mine:  # else another live process drives it (`resume CHILD`): wait for it, below
+                    state = rt.run_session(child.session_id)
+                    if state.terminal:
+                        break
+                head = state.next_seq  # waits for input (a person's approval): until the log moves
+                while rt.log.next_seq(child.session_id) == head:
+                    if stop.wait(POLL_S):
+                        return None
+                state = rt.load(child.session_id)
         return self._from_state(d, i, state)
+
+    @contextmanager
+    def _lease(self, session_id: str) -> Iterator[bool]:
+        """Hold the child's lease (runtime/lease.py) while this process drives it, so `sessions`
+        shows it running and `resume` refuses it; False if another live process holds it."""
+        log = self.runtime.log
+        if not isinstance(log, SQLiteLog) or log.path is None or str(log.path) == ":memory:":
+            yield True
+            return
+        try:
+            with lease.hold(log.path, session_id):
+                yield True
+        except lease.LeaseHeld:
+            yield False
 
     def _settled(self, d: Open, i: int, rt: Runtime, not_run: str) -> ev.ChildSettled:
         try:

@@ -463,3 +463,18 @@ def test_named_agents_a_child_may_run_as(log) -> None:
     rt.run_session(sid)
     refused = next(e.payload for e in log.read(sid) if e.type == "ToolFailed")
     assert "'checker' is not one this session may start" in refused.message
+
+
+def test_sessions_shows_a_running_child_as_running_not_interrupted(log) -> None:
+    from loopstream.replay.inspect import session_rows
+
+    inner, seen = fanout_script(1), {}
+
+    def script(messages):
+        if goal_of(messages).startswith("add ") and not seen:
+            seen["rows"] = {r.session_id: (r.status, r.parent) for r in session_rows(log)}
+        return inner(messages)
+
+    _, sid, state = run_tree(log, script)
+    (child,) = kids(log, sid)
+    assert seen["rows"][child] == ("running", sid) and state.status == "done"
