@@ -1,6 +1,6 @@
 """Per-step harness overhead of the embedded runtime: this tree against a baseline commit.
 
-    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline 1e20bd3 | --no-baseline] [--full] [--profile]
+    python bench/bench_step.py [--steps 1000] [--repeat 3] [--baseline 2a6b4c3 | --no-baseline] [--full] [--profile]
 
 A scripted session (providers/scripted.py, `adder:STEPS`: each step is one model call that
 asks for one `add` call, so the model and the tool cost microseconds and what is left is the
@@ -197,7 +197,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per tree, alternating")
     ap.add_argument("--median", action="store_true",
                     help="show the median of the runs (default: the least disturbed run, each figure its minimum)")
-    ap.add_argument("--baseline", default="1e20bd3", help="commit to compare with (main before the per-step work of issue 14)")
+    ap.add_argument("--baseline", default="2a6b4c3",
+                    help="commit to compare with (main when issue 14 measured 13.3 ms a step, before its work)")
     ap.add_argument("--no-baseline", action="store_true", help="measure this tree only")
     ap.add_argument("--profile", nargs="?", const="cumulative", choices=["cumulative", "tottime"],
                     help="also print a cProfile top-10 of this tree's run (sorted by cumulative or own time)")

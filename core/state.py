@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from loopstream.core import events as ev
 from loopstream.core.construct import factory
-from loopstream.core.conversation import Message, ToolCall
+from loopstream.core.conversation import Message, MessageList, ToolCall
 from loopstream.core.fsm import CONDITIONAL_ONLY, LEGAL, UNCONDITIONAL, IllegalTransition, next_state, owed_by
 from loopstream.core.policy import SessionPolicy, recorded_policy
 from loopstream.core.sampling import Sampling, recorded, sampling_from
@@ -82,7 +82,7 @@ class SessionState:
     policy: SessionPolicy = field(default_factory=SessionPolicy)  # typed, read-only; recorded in SessionStarted
     sampling: Sampling = field(default_factory=Sampling)  # sent on every model call (SessionStarted v2)
     goal: str = ""
-    messages: list[Message] = field(default_factory=list)
+    messages: MessageList = field(default_factory=MessageList)  # a copy shares it (O(1))
     step: int = 0  # model requests made (a retry does not count as a new step)
     attempt: int = 0  # attempt number of the current step's model request
     consecutive_model_failures: int = 0  # on the current model; reset by a reply or a fallback
@@ -280,7 +280,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.open_compaction_id = p.request_id
             state.open_compaction_seq = event.seq
         case ev.ContextCompacted():
-            state.messages = compacted(state.messages, p.from_seq, p.to_seq, p.summary)
+            state.messages = MessageList(compacted(state.messages, p.from_seq, p.to_seq, p.summary))
             state.compactions += 1
             state.last_compaction_seq = event.seq
             state.open_compaction_id = state.open_compaction_seq = None
@@ -439,7 +439,8 @@ def compacted(messages: list[Message], from_seq: int, to_seq: int, summary: str)
 
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionState))
 # The fields `apply` mutates in place (the others it replaces): copied one level deep.
-_COPIED = {"messages": "list(s.messages)", "fallbacks_used": "list(s.fallbacks_used)",
+_COPIED = {"messages": "s.messages.copy()",  # O(1) for a MessageList (a plain list assigned by a caller: copied)
+           "fallbacks_used": "list(s.fallbacks_used)",
            "pending_calls": "{c: p.copy() for c, p in s.pending_calls.items()}"}
 
 
@@ -456,7 +457,7 @@ _clone = _clone_function()
 
 
 def clone(state: SessionState) -> SessionState:
-    """A copy `apply` can mutate without touching `state` (messages are shared, never mutated;
+    """A copy `apply` can mutate without touching `state` (messages share one buffer, see MessageList;
     fields the fold replaces rather than mutates are shared too)."""
     return _clone(state)
 
