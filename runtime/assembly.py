@@ -25,6 +25,7 @@ from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.scripted import scripted_from_spec
 from loopstream.runtime.children import ChildRunner
+from loopstream.runtime.children_bus import ChildCoordinator, ChildWatcher
 from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
 from loopstream.tools import delegate
 from loopstream.tools.builtin import default_registry
@@ -128,22 +129,29 @@ def processors_for(
     summarize_with_model: bool = True,
     publisher: Processor | None = None,
     allow_writes: bool = False,
+    subagents: Log | None = None,
 ) -> list[Processor]:
     """The processors of one role, for `build_runtime` (role `all`) and the worker roles
     (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
     order; `limits`: a rate limiter per provider name) and the tool role's reviewer of tool
     calls; `registry` defaults to the built-in tools (`allow_writes`: with the side-effect
-    ones); `publisher` joins the orchestrator."""
+    ones); `publisher` joins the orchestrator. `subagents`: the log a subscription driver's
+    children run on (runtime/children_bus.py): the delegation processor joins the tools, the
+    child coordinator and watcher the orchestrator (the in-process runtime has its own, below)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     registry = with_delegation(registry or default_registry(allow_writes=allow_writes))
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
+        if subagents is not None:
+            coordinator = ChildCoordinator(subagents)
+            procs += [coordinator, ChildWatcher(coordinator)]
     if role in ("model", "all"):
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
+        procs += [Delegation()] if subagents is not None else []
         procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)

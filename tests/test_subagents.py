@@ -472,3 +472,32 @@ def test_sessions_shows_a_running_child_as_running_not_interrupted(log) -> None:
     _, sid, state = run_tree(log, script)
     (child,) = kids(log, sid)
     assert seen["rows"][child] == ("running", sid) and state.status == "done"
+
+
+def test_workers_run_a_tree_across_roles_and_a_redelivery_writes_nothing_twice(log) -> None:
+    """The subscription driver (here over SQLite's subscribe; Kafka's is the same code): the
+    children are ordinary sessions the workers take; a watcher reports each child's end to its
+    parent. Separate role workers, then new groups reading everything again."""
+    from loopstream.runtime.assembly import processors_for
+    from loopstream.runtime.worker import Worker
+    from loopstream.runtime.writer import SessionWriter
+    from tests.test_worker import run_workers
+
+    provider = ScriptedProvider(fanout_script(3))
+    sid = SessionWriter(log).start("sum", config())
+
+    def workers(prefix):
+        return [Worker(log, processors_for(r, provider=provider, subagents=log), f"{prefix}.{r}")
+                for r in ("orchestrator", "model", "tool")]
+
+    run_workers(workers("w"), lambda: fold(log.read(sid)).terminal)
+    state = fold(log.read(sid))
+    assert state.status == "done" and state.answer == "total 15"
+    tree = [sid, *kids(log, sid)]
+    before = {s: len(log.read(s)) for s in tree}
+    assert len(tree) == 4 and [e.payload.index for e in log.read(sid) if e.type == "ChildSettled"] == [0, 1, 2]
+    total = sum(before.values())
+    again = workers("w2")
+    run_workers(again, lambda: all(w.stats.snapshot().get("delivered", 0) >= total for w in again))
+    assert {s: len(log.read(s)) for s in tree} == before
+    assert check_command(log, sid).exit_code == 0
