@@ -503,3 +503,38 @@ def test_workers_run_a_tree_across_roles_and_a_redelivery_writes_nothing_twice(l
     run_workers(again, lambda: all(w.stats.snapshot().get("delivered", 0) >= total for w in again))
     assert {s: len(log.read(s)) for s in tree} == before
     assert check_command(log, sid).exit_code == 0
+
+
+@pytest.mark.kafka
+def test_kafka_workers_run_a_tree(kafka_broker: str, tmp_path: Path) -> None:
+    """The same tree over a real Kafka-protocol broker (Tansu): three role workers, each with its
+    own KafkaLog; the children are sessions on the events topic like any other."""
+    import uuid
+
+    from loopstream.kafka.log import KafkaLog
+    from loopstream.runtime.assembly import processors_for
+    from loopstream.runtime.worker import Worker
+    from loopstream.runtime.writer import SessionWriter
+    from tests.test_worker import run_workers
+
+    prefix = "sa" + uuid.uuid4().hex[:8]
+    fast = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 500, "fetch.wait.max.ms": 20}
+    logs = {r: KafkaLog(kafka_broker, topic=f"{prefix}.events", projection_path=tmp_path / f"{r}.db",
+                        consumer_config=fast) for r in ("orchestrator", "model", "tool", "reader")}
+    try:
+        provider = ScriptedProvider(fanout_script(3))
+        reader = logs["reader"]
+        sid = SessionWriter(reader).start("sum", config())
+        workers = [Worker(logs[r], processors_for(r, provider=provider, subagents=logs[r]), f"{prefix}.{r}")
+                   for r in ("orchestrator", "model", "tool")]
+        run_workers(workers, lambda: fold(reader.read(sid)).terminal, timeout=90)
+        state = fold(reader.read(sid))
+        assert state.status == "done" and state.answer == "total 15"
+        children = [c.session_id for e in reader.read(sid) if e.type == "ChildrenStarted" for c in e.payload.children]
+        for child in children:
+            events = reader.read(child)
+            assert events[0].payload.parent_session_id == sid and fold(events).status == "done"
+            assert len({e.event_id for e in events}) == len(events)
+    finally:
+        for log in logs.values():
+            log.close()
