@@ -58,10 +58,9 @@ def build_runtime(
     """The in-process agent: a Runtime with the processors of the role `all`, and sub-agents:
     the delegation processor and a child runner (`agents`: the named definitions a child may
     run as). The worker roles have neither yet: there a delegation tool's call fails, saying so."""
-    return Runtime(log, [Delegation(), *processors_for("all", provider=provider, registry=registry,
-                                                       fallbacks=fallbacks, limits=limits,
-                                                       summarize_with_model=summarize_with_model),
-                         ChildRunner(agents)], on_event=on_event)
+    return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
+                                       limits=limits, summarize_with_model=summarize_with_model,
+                                       runner=ChildRunner(agents)), on_event=on_event)
 
 
 @contextmanager
@@ -130,28 +129,33 @@ def processors_for(
     publisher: Processor | None = None,
     allow_writes: bool = False,
     subagents: Log | None = None,
+    runner: Processor | None = None,
 ) -> list[Processor]:
     """The processors of one role, for `build_runtime` (role `all`) and the worker roles
     (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
     order; `limits`: a rate limiter per provider name) and the tool role's reviewer of tool
     calls; `registry` defaults to the built-in tools (`allow_writes`: with the side-effect
-    ones); `publisher` joins the orchestrator. `subagents`: the log a subscription driver's
-    children run on (runtime/children_bus.py): the delegation processor joins the tools, the
-    child coordinator and watcher the orchestrator (the in-process runtime has its own, below)."""
+    ones); `publisher` joins the orchestrator. Sub-agents (docs/subagents.md): `runner`, the
+    in-process child runner (`build_runtime`), or `subagents`, the log a subscription driver's
+    children run on (runtime/children_bus.py: a coordinator and a watcher), joins the
+    orchestrator, and the delegation processor the tools; with neither a delegation tool's
+    call fails, saying so."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     registry = with_delegation(registry or default_registry(allow_writes=allow_writes))
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
-        if subagents is not None:
+        if runner is not None:
+            procs.append(runner)
+        elif subagents is not None:
             coordinator = ChildCoordinator(subagents)
             procs += [coordinator, ChildWatcher(coordinator)]
     if role in ("model", "all"):
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs += [Delegation()] if subagents is not None else []
+        procs += [Delegation()] if subagents is not None or runner is not None else []
         procs += [ToolProcessor(registry, reviewer=provider), Verifier()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
