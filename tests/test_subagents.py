@@ -538,3 +538,43 @@ def test_kafka_workers_run_a_tree(kafka_broker: str, tmp_path: Path) -> None:
     finally:
         for log in logs.values():
             log.close()
+
+
+@pytest.mark.slow
+def test_a_worker_process_killed_mid_tree_is_replaced_and_the_tree_ends_once(tmp_path: Path) -> None:
+    """`loopstream worker` processes (one per role) over a SQLite bus; the orchestrator worker,
+    which starts and reports the children, is SIGKILLed as soon as the delegation is in the log,
+    and a new one takes over from the group's committed position."""
+    import signal
+
+    from loopstream.runtime.writer import SessionWriter
+    from tests.test_kafka_workers import Workers
+
+    db = tmp_path / "w.db"
+    with SQLiteLog(db) as log:
+        sid = SessionWriter(log).start("sum", config())
+    workers = Workers(f"sqlite://{db}", tmp_path)
+    try:
+        for role in ("model", "tool", "orchestrator"):
+            workers.start(role, model="fanout:3")
+        began = time.monotonic()
+        with SQLiteLog(db, readonly=True) as log:
+            while not any(e.type == "ChildrenStarted" for e in log.read(sid)):
+                assert time.monotonic() - began < 60, workers.logs()
+                time.sleep(0.02)
+        victim = workers.procs.pop("orchestrator")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(10)
+        workers.start("orchestrator", model="fanout:3")
+        with SQLiteLog(db, readonly=True) as log:
+            while not fold(log.read(sid)).terminal:
+                assert time.monotonic() - began < 90, workers.logs()
+                time.sleep(0.05)
+            state = fold(log.read(sid))
+            assert state.status == "done" and state.answer == "total 15", workers.logs()
+            assert len(kids(log, sid)) == 3
+            for s in [sid, *kids(log, sid)]:
+                events = log.read(s)
+                assert len({e.event_id for e in events}) == len(events) and fold(events).status == "done"
+    finally:
+        workers.stop_all()
