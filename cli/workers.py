@@ -17,11 +17,11 @@ from loopstream.cli.common import BusOpt, DbOpt, UserError, read_goal, writer
 from loopstream.cli.output import Styled
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
-from loopstream.kafka import clients, roles
+from loopstream.kafka import clients, restore, roles
 from loopstream.kafka import settings as ksettings
 from loopstream.kafka import submit as submit_mod
-from loopstream.kafka.bus import sqlite_path
-from loopstream.kafka.contract import ContractError, Goal
+from loopstream.kafka.bus import default_db, sqlite_path
+from loopstream.kafka.contract import ContractError, Goal, parse_kafka_url
 from loopstream.kafka.ops import OpsError
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import AgentsFileError, default_agents
@@ -176,3 +176,32 @@ def submit(
         return
     output.error(f"session {done.session_id} {done.status}: {done.error or ''}")
     raise typer.Exit(1)
+
+
+kafka_app = typer.Typer(help="Operate a Kafka deployment (docs/kafka.md#broker-state-loss).", no_args_is_help=True)
+
+
+@kafka_app.command("restore")
+def kafka_restore(
+    bus: BusOpt = None,
+    db: DbOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Publish again even if the topic looks intact.")] = False,
+) -> None:
+    """After the broker lost its state: publish the accepted events of this machine's
+    projection (--db, default .loopstream/kafka-projection[.<prefix>].db) to the events topic
+    again; waiting workers then rebuild their projections and take work again."""
+    url = bus or os.environ.get("LOOPSTREAM_BUS") or ""
+    if not url.startswith("kafka://"):
+        raise UserError("kafka restore needs --bus kafka://HOST:PORT")
+    try:
+        kbus = parse_kafka_url(url, kafka_settings(url, kafka_config))
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
+    path = db or default_db().with_name(kbus.projection_name)
+    try:
+        done = restore.restore(kbus, path, force=force)
+    except restore.RestoreRefused as exc:
+        raise UserError(str(exc)) from None
+    output.answer(f"restored {done.sessions} sessions ({done.events} events) to {kbus.events_topic} "
+                  f"({done.partitions} partitions); the projection before it is kept in {done.backup}")

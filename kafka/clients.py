@@ -20,10 +20,11 @@ from loopstream.kafka import settings as ksettings
 from loopstream.kafka.settings import KafkaConfigError, KafkaSettings, TopicSpec
 
 try:  # the [kafka] extra; without it this module still imports (a SQLite-only install)
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 except ImportError:  # pragma: no cover - exercised only without the extra
     Consumer = Producer = AdminClient = NewTopic = TopicPartition = KafkaError = None  # type: ignore[assignment,misc]
+    TopicCollection = None  # type: ignore[assignment,misc]
     ConfigResource = ResourceType = None  # type: ignore[assignment,misc]
 
     class KafkaException(Exception):  # type: ignore[no-redef]
@@ -244,6 +245,55 @@ def ensure_topic(admin_client: Any, topic: str, spec: TopicSpec | int = 3, timeo
         if time.monotonic() > deadline:
             raise LogError(f"topic {topic} did not appear")
         time.sleep(0.05)
+
+
+def topic_identity(admin_client: Any, topic: str, timeout: float = 10.0) -> tuple[str | None, int] | None:
+    """(topic id, partition count) of `topic`, None if the broker does not have it. The id
+    is None where the broker reports none (DescribeTopics unsupported): a recreated topic
+    is then known by its partition count and its offsets only."""
+    try:
+        found = admin_client.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic]
+        desc = found.result(timeout=timeout)
+        tid = str(desc.topic_id) if desc.topic_id is not None else None
+        return tid or None, len(desc.partitions)
+    except KafkaException as exc:
+        if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return None
+    except Exception:  # an older broker or client: fall back to plain metadata
+        pass
+    t = metadata(admin_client, topic, timeout).topics.get(topic)
+    if t is None or t.error is not None or not t.partitions:
+        return None
+    return None, len(t.partitions)
+
+
+def read_topic(bootstrap: str, topic: str, settings: KafkaSettings | None = None,
+               timeout: float = 10.0) -> list[Any]:
+    """Every record of a small topic (partition 0), oldest first; [] if it does not exist."""
+    settings = settings or default_settings()
+    consumer = reader(bootstrap, "loopstream-control", CONTRACT, settings=settings)
+    try:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout, cached=False)
+        except KafkaException:
+            return []
+        if high <= low:
+            return []
+        consumer.assign([TopicPartition(topic, 0, low)])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                continue
+            out.append(msg)
+        return out
+    finally:
+        consumer.close()
 
 
 def topic_configs(admin_client: Any, topic: str, timeout: float = 30.0) -> dict[str, str]:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.log import Log, LogError
+from loopstream.core.log import Log, LogError, LogLost
 from loopstream.core.state import fold
 from loopstream.kafka import clients
 from loopstream.kafka.background import BackgroundLoop
@@ -60,17 +60,25 @@ class GoalIntake(BackgroundLoop):
                     self.accept(decode_goal(msg.value() or b""), position)
                 except ContractError as exc:
                     logger.warning("goal intake: skipping %s: %s", position, exc)
+                except LogLost:  # said once by the log; take no goal until it is restored
+                    self._rewind(consumer, msg)
+                    self._stop.wait(2.0)
+                    continue
                 except Exception as exc:  # the log or the broker: try this record again
                     logger.warning("goal intake: %s failed, retrying: %s: %s", position, type(exc).__name__, exc)
-                    try:
-                        consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
-                    except Exception:
-                        pass
+                    self._rewind(consumer, msg)
                     self._stop.wait(1.0)
                     continue
                 consumer.commit(message=msg, asynchronous=False)
         finally:
             consumer.close()
+
+    @staticmethod
+    def _rewind(consumer: Any, msg: Any) -> None:
+        try:
+            consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        except Exception:
+            pass
 
     def accept(self, goal: Goal, position: str) -> str | None:
         """Start the goal's session (or nothing, for a known key); its session id."""
