@@ -341,12 +341,13 @@ class ContractProducer:
         ensure_topic(self._admin, topic, self.settings.topics.spec(kind), self.timeout)
         self._topics.add(topic)
 
-    def send(self, topic: str, key: str, value: bytes, headers: Sequence[tuple[str, bytes]] = (),
+    def send(self, topic: str, key: str | bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] = (),
              kind: str = "results") -> None:
         self.ensure_topic(topic, kind)
         result: list[Any] = []
         try:
-            self._producer.produce(topic, key=key.encode(), value=value, headers=list(headers),
+            self._producer.produce(topic, key=key.encode() if isinstance(key, str) else key, value=value,
+                                   headers=list(headers),
                                    on_delivery=lambda err, msg: result.append(err))
         except (KafkaException, BufferError) as exc:
             raise LogError(f"cannot produce to {topic}: {exc}") from exc
