@@ -46,6 +46,7 @@ def worker(
     kafka_config: KafkaConfigOpt = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, show_default=False, help="Serve /healthz, /readyz and Prometheus /metrics on this port (docs/kafka.md#operations).")] = None,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics port binds (0.0.0.0 in a container).")] = "127.0.0.1",
+    schema_registry: SchemaRegistryOpt = None,
     instance_id: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_INSTANCE_ID", show_default=False, help="Kafka static membership: this worker's group.instance.id, stable across its restarts and unique per role (e.g. model-1); a restart within session.timeout.ms keeps its partitions.")] = None,
 ) -> None:
     """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
@@ -65,7 +66,7 @@ def worker(
                                action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
                                group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
-                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id),
+                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id, schema_registry),
                                metrics_port=metrics_port, metrics_host=metrics_host)
     try:
         with serving(sqlite_path(bus, db)):
@@ -81,7 +82,14 @@ KafkaConfigOpt = Annotated[Optional[Path], typer.Option(
          "(docs/kafka.md#settings); LOOPSTREAM_KAFKA_<PROPERTY> variables apply over it.")]
 
 
-def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None = None) -> ksettings.KafkaSettings | None:
+SchemaRegistryOpt = Annotated[Optional[str], typer.Option(
+    "--schema-registry", envvar="LOOPSTREAM_SCHEMA_REGISTRY", show_default=False,
+    help="Schema Registry URL for the goal contract (over [kafka.registry] url): goals read by their writer's "
+         "schema, results framed (docs/kafka.md#schema-registry).")]
+
+
+def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None = None,
+                   schema_registry: str | None = None) -> ksettings.KafkaSettings | None:
     """The Kafka settings of a command on a kafka:// bus, checked now (a one-line UserError)."""
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or ""
     if not bus.startswith("kafka://"):
@@ -90,6 +98,8 @@ def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None =
         found = ksettings.load(path)
         if instance_id:
             found = found.with_consumer(**{"group.instance.id": instance_id})
+        if schema_registry:
+            found = found.with_registry(schema_registry)
         clients.check(found)
     except ksettings.KafkaConfigError as exc:
         raise UserError(str(exc)) from None

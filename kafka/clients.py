@@ -257,9 +257,12 @@ def topic_identity(admin_client: Any, topic: str, timeout: float = 10.0) -> tupl
         tid = str(desc.topic_id) if desc.topic_id is not None else None
         return tid or None, len(desc.partitions)
     except KafkaException as exc:
-        if exc.args[0].code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+        code = exc.args[0].code()
+        if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
             return None
-    except Exception:  # an older broker or client: fall back to plain metadata
+        if code not in (KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION):
+            raise LogError(f"cannot describe topic {topic}: {exc.args[0].str()}") from None
+    except Exception:  # an older client: fall back to plain metadata
         pass
     t = metadata(admin_client, topic, timeout).topics.get(topic)
     if t is None or t.error is not None or not t.partitions:
