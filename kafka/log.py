@@ -314,6 +314,7 @@ class KafkaLog:
                 self._probe = clients.reader(self.bootstrap, "loopstream-probe", EVENTS,
                                              {"auto.offset.reset": "error"}, settings=self.settings)
             self._probe.assign([TopicPartition(self.topic, p, pos - 1)])
+            lost = False
             try:
                 deadline = time.monotonic() + min(self.timeout, 5.0)
                 while time.monotonic() < deadline:
@@ -326,11 +327,15 @@ class KafkaLog:
                         break
                     if err is not None and err.code() in (KafkaError._AUTO_OFFSET_RESET,
                                                           KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._PARTITION_EOF):
-                        self._lose(f"the projection of {self.topic}[{p}] is at offset {pos}, beyond the "
-                                   f"topic's end ({ahead[p]}): the broker lost records")
+                        lost = True
                         break
+                else:  # nothing at all (Tansu answers a fetch beyond the end with no records)
+                    lost = self._high_watermark(p) < pos
             finally:
                 self._probe.unassign()
+            if lost:
+                self._lose(f"the projection of {self.topic}[{p}] is at offset {pos}, beyond the topic's end "
+                           f"({ahead[p]}): the broker lost records")
         self._guard()
 
     # -- writing ---------------------------------------------------------------------

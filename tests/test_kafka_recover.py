@@ -4,6 +4,10 @@ request, `loopstream kafka restore` brings every session back, and the workers r
 from __future__ import annotations
 
 import logging
+import os
+import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -13,6 +17,7 @@ import pytest
 
 pytest.importorskip("confluent_kafka", reason="needs confluent-kafka")
 
+from loopstream.core.log import LogLost
 from loopstream.core.state import fold
 from loopstream.kafka.contract import parse_kafka_url
 from loopstream.kafka.log import KafkaLog
@@ -133,3 +138,35 @@ def test_a_process_opening_a_stale_projection_is_lost_until_restored(restartable
     with open_log(broker.bootstrap, prefix, tmp_path / "p.db") as again:
         assert again.lost is None
         assert [e.type for e in again.read(sid)][:2] == ["SessionStarted", "GoalReceived"]
+
+
+def test_a_projection_ahead_of_the_topic_is_a_loss(kafka_broker: str, tmp_path: Path) -> None:
+    """Same topic id, but the topic ends before the projection's position (a broker restored
+    from an older snapshot): the record before the position cannot be fetched."""
+    prefix = f"rec{uuid.uuid4().hex[:8]}"
+    with open_log(kafka_broker, prefix, tmp_path / "p.db") as log:
+        sid = SessionWriter(log).start("goal", CONFIG)
+        p = log.partition(sid)
+        end = log.projection.positions()[p]
+    with sqlite3.connect(tmp_path / "p.db") as db:  # as if it had read records the broker no longer has
+        db.execute("UPDATE positions SET next_off = ? WHERE part = ?", (end + 50, p))
+    ahead = open_log(kafka_broker, prefix, tmp_path / "p.db")
+    try:
+        with pytest.raises(LogLost, match="beyond the topic's end"):
+            ahead.read(sid)
+        assert "beyond the topic's end" in (ahead.lost or "")
+    finally:
+        ahead.close()
+    with open_log(kafka_broker, prefix, tmp_path / "q.db") as fresh:  # a true position is not a loss
+        assert fresh.read(sid)[0].type == "SessionStarted" and fresh.lost is None
+        fresh.catch_up()
+        assert fresh.lost is None
+
+
+def test_restore_refuses_a_missing_projection_in_one_line(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPSTREAM_")}
+    done = subprocess.run([sys.executable, "-m", "loopstream.cli.app", "kafka", "restore", "--bus",
+                           "kafka://127.0.0.1:9?prefix=x", "--db", str(tmp_path / "none.db")],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+    assert done.returncode == 2 and "no projection at" in done.stderr and "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr
