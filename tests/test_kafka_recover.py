@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from loopstream.runtime.assembly import processors_for
 from loopstream.runtime.worker import Worker
 from loopstream.runtime.writer import SessionConfig, SessionWriter
 from tests.helpers import wait_for
+from tests.test_kafka_workers import Workers, bus_url, free_port, samples, scrape
 from tests.test_worker import check_session
 
 pytestmark = pytest.mark.kafka
@@ -170,3 +172,32 @@ def test_restore_refuses_a_missing_projection_in_one_line(tmp_path: Path) -> Non
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
     assert done.returncode == 2 and "no projection at" in done.stderr and "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_a_worker_process_reports_the_loss_on_readyz_and_stops_on_sigterm(restartable_broker, tmp_path: Path) -> None:
+    broker, prefix = restartable_broker, f"rec{uuid.uuid4().hex[:8]}"
+    workers = Workers(bus_url(broker.bootstrap, prefix), tmp_path)
+    port = free_port()
+    proc = workers.start("tool", "--metrics-port", str(port), model=None)
+    try:
+        assert wait_for(lambda: scrape(port, "/readyz")[0] == 200, 60), workers.logs()
+        with open_log(broker.bootstrap, prefix, tmp_path / "w.db") as log:  # a session its projection holds
+            SessionWriter(log).start("goal", CONFIG)
+
+        def delivered() -> bool:
+            found = samples(scrape(port, "/metrics")[1], "loopstream_worker_total")
+            return any('kind="delivered"' in k and v >= 2 for k, v in found.items())
+
+        assert wait_for(delivered, 30), workers.logs()
+        broker.stop()
+        broker.start()
+        assert wait_for(lambda: "lost: " in scrape(port, "/readyz")[1], 30), workers.logs()
+        assert scrape(port, "/readyz")[0] == 503 and scrape(port, "/healthz")[0] == 200
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, workers.logs()
+        assert time.monotonic() - began < 10
+        said = workers.logs()
+        assert said.count("KAFKA BROKER STATE LOST") == 1 and "loopstream kafka restore" in said, said
+    finally:
+        workers.stop_all()
