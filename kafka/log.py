@@ -159,7 +159,12 @@ class KafkaLog:
                 until = {p: self._high_watermark(p) for p in parts}
                 ahead = {p: off for p, off in until.items() if off < self._pos.get(p, 0)}
                 if ahead:
+                    generation = self.generation
                     self._check_ahead(ahead)
+                    if self.generation != generation:  # resumed from a restore: another topic now
+                        parts = range(self.partitions) if partitions is None else \
+                            [p for p in partitions if p < self.partitions]
+                        until = {p: self._high_watermark(p) for p in parts}
             stored = self.projection.positions()  # another process may share the file
             for p, off in stored.items():
                 if off > self._pos.get(p, 0):

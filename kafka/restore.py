@@ -66,10 +66,16 @@ def restore(kbus: KafkaBus, projection_path: Path, *, force: bool = False, timeo
             p = partition_for(info.session_id, parts)
             for data in source.read_raw(info.session_id):
                 e = decode(data)
-                producer.produce(kbus.events_topic, key=info.session_id.encode(), value=data, partition=p,
-                                 headers=[(H_TYPE, e.type.encode()), (H_BATCH, uuid.uuid4().hex.encode()),
-                                          (H_INDEX, b"0"), (H_SIZE, b"1"), (H_WRITER, writer.encode())],
-                                 on_delivery=lambda err, _msg: err is not None and failures.append(err))
+                headers = [(H_TYPE, e.type.encode()), (H_BATCH, uuid.uuid4().hex.encode()),
+                           (H_INDEX, b"0"), (H_SIZE, b"1"), (H_WRITER, writer.encode())]
+                while True:
+                    try:
+                        producer.produce(kbus.events_topic, key=info.session_id.encode(), value=data, partition=p,
+                                         headers=headers,
+                                         on_delivery=lambda err, _msg: err is not None and failures.append(err))
+                        break
+                    except BufferError:  # the local queue is full: let it drain
+                        producer.poll(0.5)
                 count += 1
                 producer.poll(0)
         left = producer.flush(timeout)
