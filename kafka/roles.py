@@ -91,7 +91,7 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
                                            publisher=publisher, allow_writes=opts.allow_writes,
-                                           memory=MemoryStore.for_log(log)), group,
+                                           memory=MemoryStore.for_log(log), subagents=log), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
 
