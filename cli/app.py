@@ -66,6 +66,7 @@ for command in (run.run, run.resume, replay.rollback, decide.approve, decide.den
     app.command()(command)
 app.add_typer(goal.goal_app, name="goal")
 app.add_typer(memory.memory_app, name="memory")
+app.add_typer(workers.kafka_app, name="kafka")
 app.command("eval")(observe.eval_suite)
 app.command("mcp-server")(mcp_server.mcp_server)
 

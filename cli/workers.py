@@ -17,11 +17,11 @@ from loopstream.cli.common import BusOpt, DbOpt, UserError, read_goal, writer
 from loopstream.cli.output import Styled
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
-from loopstream.kafka import clients, roles
+from loopstream.kafka import clients, restore, roles
 from loopstream.kafka import settings as ksettings
 from loopstream.kafka import submit as submit_mod
-from loopstream.kafka.bus import sqlite_path
-from loopstream.kafka.contract import ContractError, Goal
+from loopstream.kafka.bus import default_db, sqlite_path
+from loopstream.kafka.contract import ContractError, Goal, parse_kafka_url
 from loopstream.kafka.ops import OpsError
 from loopstream.runtime import lease
 from loopstream.runtime.assembly import AgentsFileError, default_agents
@@ -46,6 +46,7 @@ def worker(
     kafka_config: KafkaConfigOpt = None,
     metrics_port: Annotated[Optional[int], typer.Option(min=0, max=65535, show_default=False, help="Serve /healthz, /readyz and Prometheus /metrics on this port (docs/kafka.md#operations).")] = None,
     metrics_host: Annotated[str, typer.Option(help="Address the metrics port binds (0.0.0.0 in a container).")] = "127.0.0.1",
+    schema_registry: SchemaRegistryOpt = None,
     instance_id: Annotated[Optional[str], typer.Option(envvar="LOOPSTREAM_INSTANCE_ID", show_default=False, help="Kafka static membership: this worker's group.instance.id, stable across its restarts and unique per role (e.g. model-1); a restart within session.timeout.ms keeps its partitions.")] = None,
 ) -> None:
     """Run processors as an independent worker over the log until SIGTERM/SIGINT (Kafka: see
@@ -65,7 +66,7 @@ def worker(
                                action_mode=action_mode, fallback_models=tuple(fallback_model or ()), rpm=rpm, tpm=tpm,
                                group_prefix=group_prefix, concurrency=concurrency,
                                agents_file=agents, on_event=None if quiet else show_event,
-                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id),
+                               allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id, schema_registry),
                                metrics_port=metrics_port, metrics_host=metrics_host)
     try:
         with serving(sqlite_path(bus, db)):
@@ -81,7 +82,14 @@ KafkaConfigOpt = Annotated[Optional[Path], typer.Option(
          "(docs/kafka.md#settings); LOOPSTREAM_KAFKA_<PROPERTY> variables apply over it.")]
 
 
-def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None = None) -> ksettings.KafkaSettings | None:
+SchemaRegistryOpt = Annotated[Optional[str], typer.Option(
+    "--schema-registry", envvar="LOOPSTREAM_SCHEMA_REGISTRY", show_default=False,
+    help="Schema Registry URL for the goal contract (over [kafka.registry] url): goals read by their writer's "
+         "schema, results framed (docs/kafka.md#schema-registry).")]
+
+
+def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None = None,
+                   schema_registry: str | None = None) -> ksettings.KafkaSettings | None:
     """The Kafka settings of a command on a kafka:// bus, checked now (a one-line UserError)."""
     bus = bus or os.environ.get("LOOPSTREAM_BUS") or ""
     if not bus.startswith("kafka://"):
@@ -90,6 +98,8 @@ def kafka_settings(bus: str | None, path: Path | None, instance_id: str | None =
         found = ksettings.load(path)
         if instance_id:
             found = found.with_consumer(**{"group.instance.id": instance_id})
+        if schema_registry:
+            found = found.with_registry(schema_registry)
         clients.check(found)
     except ksettings.KafkaConfigError as exc:
         raise UserError(str(exc)) from None
@@ -176,3 +186,32 @@ def submit(
         return
     output.error(f"session {done.session_id} {done.status}: {done.error or ''}")
     raise typer.Exit(1)
+
+
+kafka_app = typer.Typer(help="Operate a Kafka deployment (docs/kafka.md#broker-state-loss).", no_args_is_help=True)
+
+
+@kafka_app.command("restore")
+def kafka_restore(
+    bus: BusOpt = None,
+    db: DbOpt = None,
+    kafka_config: KafkaConfigOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Publish again even if the topic looks intact.")] = False,
+) -> None:
+    """After the broker lost its state: publish the accepted events of this machine's
+    projection (--db, default .loopstream/kafka-projection[.<prefix>].db) to the events topic
+    again; waiting workers then rebuild their projections and take work again."""
+    url = bus or os.environ.get("LOOPSTREAM_BUS") or ""
+    if not url.startswith("kafka://"):
+        raise UserError("kafka restore needs --bus kafka://HOST:PORT")
+    try:
+        kbus = parse_kafka_url(url, kafka_settings(url, kafka_config))
+    except ContractError as exc:
+        raise UserError(str(exc)) from None
+    path = db or default_db().with_name(kbus.projection_name)
+    try:
+        done = restore.restore(kbus, path, force=force)
+    except restore.RestoreRefused as exc:
+        raise UserError(str(exc)) from None
+    output.answer(f"restored {done.sessions} sessions ({done.events} events) to {kbus.events_topic} "
+                  f"({done.partitions} partitions); the projection before it is kept in {done.backup}")

@@ -25,6 +25,12 @@ class LogError(RuntimeError):
     pass
 
 
+class LogLost(LogError):
+    """The log's storage lost records it had acknowledged (a Kafka broker that lost its state,
+    a topic recreated): nothing may be read or appended until it is restored. Workers stop
+    taking work and wait; retrying cannot help (docs/kafka.md#broker-state-loss)."""
+
+
 class ConcurrencyError(LogError):
     def __init__(self, session_id: str, expected: int, actual: int) -> None:
         super().__init__(

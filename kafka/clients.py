@@ -20,10 +20,11 @@ from loopstream.kafka import settings as ksettings
 from loopstream.kafka.settings import KafkaConfigError, KafkaSettings, TopicSpec
 
 try:  # the [kafka] extra; without it this module still imports (a SQLite-only install)
-    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+    from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicCollection, TopicPartition
     from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
 except ImportError:  # pragma: no cover - exercised only without the extra
     Consumer = Producer = AdminClient = NewTopic = TopicPartition = KafkaError = None  # type: ignore[assignment,misc]
+    TopicCollection = None  # type: ignore[assignment,misc]
     ConfigResource = ResourceType = None  # type: ignore[assignment,misc]
 
     class KafkaException(Exception):  # type: ignore[no-redef]
@@ -246,6 +247,58 @@ def ensure_topic(admin_client: Any, topic: str, spec: TopicSpec | int = 3, timeo
         time.sleep(0.05)
 
 
+def topic_identity(admin_client: Any, topic: str, timeout: float = 10.0) -> tuple[str | None, int] | None:
+    """(topic id, partition count) of `topic`, None if the broker does not have it. The id
+    is None where the broker reports none (DescribeTopics unsupported): a recreated topic
+    is then known by its partition count and its offsets only."""
+    try:
+        found = admin_client.describe_topics(TopicCollection([topic]), request_timeout=timeout)[topic]
+        desc = found.result(timeout=timeout)
+        tid = str(desc.topic_id) if desc.topic_id is not None else None
+        return tid or None, len(desc.partitions)
+    except KafkaException as exc:
+        code = exc.args[0].code()
+        if code == KafkaError.UNKNOWN_TOPIC_OR_PART:
+            return None
+        if code not in (KafkaError._UNSUPPORTED_FEATURE, KafkaError.UNSUPPORTED_VERSION):
+            raise LogError(f"cannot describe topic {topic}: {exc.args[0].str()}") from None
+    except Exception:  # an older client: fall back to plain metadata
+        pass
+    t = metadata(admin_client, topic, timeout).topics.get(topic)
+    if t is None or t.error is not None or not t.partitions:
+        return None
+    return None, len(t.partitions)
+
+
+def read_topic(bootstrap: str, topic: str, settings: KafkaSettings | None = None,
+               timeout: float = 10.0) -> list[Any]:
+    """Every record of a small topic (partition 0), oldest first; [] if it does not exist."""
+    settings = settings or default_settings()
+    consumer = reader(bootstrap, "loopstream-control", CONTRACT, settings=settings)
+    try:
+        try:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout, cached=False)
+        except KafkaException:
+            return []
+        if high <= low:
+            return []
+        consumer.assign([TopicPartition(topic, 0, low)])
+        out: list[Any] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            msg = consumer.poll(0.2)
+            if msg is None:
+                continue
+            if msg.error() is not None:
+                if msg.error().code() == KafkaError._PARTITION_EOF:
+                    break
+                continue
+            out.append(msg)
+        return out
+    finally:
+        consumer.close()
+
+
 def topic_configs(admin_client: Any, topic: str, timeout: float = 30.0) -> dict[str, str]:
     """The configs the broker reports for `topic` ({} if it reports none)."""
     try:
@@ -291,12 +344,13 @@ class ContractProducer:
         ensure_topic(self._admin, topic, self.settings.topics.spec(kind), self.timeout)
         self._topics.add(topic)
 
-    def send(self, topic: str, key: str, value: bytes, headers: Sequence[tuple[str, bytes]] = (),
+    def send(self, topic: str, key: str | bytes | None, value: bytes, headers: Sequence[tuple[str, bytes]] = (),
              kind: str = "results") -> None:
         self.ensure_topic(topic, kind)
         result: list[Any] = []
         try:
-            self._producer.produce(topic, key=key.encode(), value=value, headers=list(headers),
+            self._producer.produce(topic, key=key.encode() if isinstance(key, str) else key, value=value,
+                                   headers=list(headers),
                                    on_delivery=lambda err, msg: result.append(err))
         except (KafkaException, BufferError) as exc:
             raise LogError(f"cannot produce to {topic}: {exc}") from exc

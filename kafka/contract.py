@@ -28,6 +28,15 @@ class ContractError(ValueError):
     pass
 
 
+class UnreadableGoal(ContractError):
+    """A goal record that cannot be read as a Goal; `partial` is what could be read of it
+    (the writer's own fields, to find its reply topic and correlation id), or None."""
+
+    def __init__(self, message: str, partial: dict | None = None) -> None:
+        super().__init__(message)
+        self.partial = partial
+
+
 @cache
 def schema(name: str) -> Any:
     """Parsed schema `goal` or `session_update`."""
@@ -85,18 +94,24 @@ def encode_goal(goal: Goal) -> bytes:
 
 
 def decode_goal(data: bytes) -> Goal:
-    """Plain Avro, or Confluent wire format (first byte 0); raises ContractError."""
+    """Plain Avro, or Confluent wire format (first byte 0) written with goal.avsc itself (the
+    schema id is not looked up: kafka/registry.py does, with a registry); raises UnreadableGoal."""
     if not data:
-        raise ContractError("empty goal record")
+        raise UnreadableGoal("empty goal record")
     body = data[5:] if data[0] == CONFLUENT_MAGIC and len(data) > 5 else data
     try:
-        goal = Goal(**_read("goal", body))
-    except ContractError:
-        raise
+        record = _read("goal", body)
+    except ContractError as exc:
+        raise UnreadableGoal(str(exc)) from None
     except Exception as exc:  # fastavro raises assorted errors for bytes that are not a Goal
-        raise ContractError(f"not a Goal record: {type(exc).__name__}: {exc}") from None
+        raise UnreadableGoal(f"not a Goal record: {type(exc).__name__}: {exc}") from None
+    return check_goal(Goal(**record), record)
+
+
+def check_goal(goal: Goal, record: dict) -> Goal:
+    """`goal`, or UnreadableGoal (carrying `record`) if it cannot start a session."""
     if not goal.goal.strip():
-        raise ContractError("the goal text is empty")
+        raise UnreadableGoal("the goal text is empty", record)
     return goal
 
 
@@ -105,12 +120,21 @@ def encode_update(update: SessionUpdate) -> bytes:
 
 
 def decode_update(data: bytes) -> SessionUpdate:
+    """Plain Avro, or registry-framed (magic byte 0 + schema id: loopstream never writes an
+    update whose first field, a non-empty correlation id, starts with byte 0)."""
+    body = data[5:] if data[:1] == bytes([CONFLUENT_MAGIC]) and len(data) > 5 else data
     try:
-        return SessionUpdate(**_read("session_update", data))
+        return SessionUpdate(**_read("session_update", body))
     except ContractError:
         raise
     except Exception as exc:
         raise ContractError(f"not a SessionUpdate record: {type(exc).__name__}: {exc}") from None
+
+
+def valid_topic(name: object) -> bool:
+    """A legal Kafka topic name (1-249 of letters, digits, `.`, `_`, `-`)."""
+    return isinstance(name, str) and 0 < len(name) < 250 and all(c.isascii() and (c.isalnum() or c in "._-")
+                                                                  for c in name)
 
 
 def session_id_for(idempotency_key: str) -> str:
@@ -138,6 +162,11 @@ class KafkaBus:
     @property
     def results_topic(self) -> str:
         return f"{self.prefix}.results"
+
+    @property
+    def dead_letter_topic(self) -> str:
+        """Goals that cannot be read, as they came, with the reason in header `ls.error`."""
+        return f"{self.prefix}.goals.dlq"
 
     @property
     def projection_name(self) -> str:

@@ -12,12 +12,21 @@ from collections.abc import Callable
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.log import Log, LogError
+from loopstream.core.log import Log, LogError, LogLost
 from loopstream.core.state import fold
 from loopstream.kafka import clients
 from loopstream.kafka.background import BackgroundLoop
 from loopstream.kafka.clients import CONTRACT, TopicPartition
-from loopstream.kafka.contract import ContractError, Goal, KafkaBus, SessionUpdate, decode_goal, session_id_for
+from loopstream.kafka.contract import (
+    ContractError,
+    Goal,
+    KafkaBus,
+    SessionUpdate,
+    UnreadableGoal,
+    decode_goal,
+    session_id_for,
+    valid_topic,
+)
 from loopstream.kafka.results import ResultsPublisher, result_update
 from loopstream.runtime.writer import SessionConfig, SessionWriter
 
@@ -31,7 +40,7 @@ class GoalIntake(BackgroundLoop):
 
     def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
                  publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2,
-                 on_event: Callable[[ev.Event], None] | None = None) -> None:
+                 on_event: Callable[[ev.Event], None] | None = None, registry: Any = None) -> None:
         super().__init__(f"ls-{group}")
         self.label = "goal intake"
         self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
@@ -39,7 +48,10 @@ class GoalIntake(BackgroundLoop):
         self.writer = SessionWriter(log, on_event=on_event, secrets=secrets)
         self.poll_timeout = poll_timeout
         self.relay: Any = None  # with `results=transactional`: the TransactionalResultsRelay
+        # With a schema registry (kafka/registry.py RegistryContract): goals read by their writer's schema.
+        self.decode: Callable[[bytes], Goal] = registry.decode_goal if registry is not None else decode_goal
         self.started = 0
+        self.rejected = 0
 
     def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
         self.publisher.producer.ensure_topic(self.kbus.goals_topic, "goals")
@@ -57,20 +69,56 @@ class GoalIntake(BackgroundLoop):
                     continue
                 position = f"{msg.topic()}/{msg.partition()}/{msg.offset()}"
                 try:
-                    self.accept(decode_goal(msg.value() or b""), position)
+                    try:
+                        goal = self.decode(msg.value() or b"")
+                    except UnreadableGoal as exc:
+                        self.reject(msg, position, exc)
+                    else:
+                        self.accept(goal, position)
                 except ContractError as exc:
                     logger.warning("goal intake: skipping %s: %s", position, exc)
+                except LogLost:  # said once by the log; take no goal until it is restored
+                    self._rewind(consumer, msg)
+                    self._stop.wait(2.0)
+                    continue
                 except Exception as exc:  # the log or the broker: try this record again
                     logger.warning("goal intake: %s failed, retrying: %s: %s", position, type(exc).__name__, exc)
-                    try:
-                        consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
-                    except Exception:
-                        pass
+                    self._rewind(consumer, msg)
                     self._stop.wait(1.0)
                     continue
                 consumer.commit(message=msg, asynchronous=False)
         finally:
             consumer.close()
+
+    def reject(self, msg: Any, position: str, exc: UnreadableGoal) -> None:
+        """A goal that cannot be read: to the dead-letter topic as it came, with the reason in
+        header `ls.error` and its place in `ls.origin`; and, if enough of it was read to know
+        where, a `rejected` result to its reply topic."""
+        reason = str(exc)[:2000]
+        logger.warning("goal intake: %s cannot be read (to %s): %s", position, self.kbus.dead_letter_topic, reason)
+        headers = [*(msg.headers() or []), ("ls.error", reason.encode("utf-8", "replace")),
+                   ("ls.origin", position.encode())]
+        self.publisher.producer.send(self.kbus.dead_letter_topic, msg.key(), msg.value() or b"", headers=headers,
+                                     kind="goals")
+        self.rejected += 1
+        partial = exc.partial
+        if partial is None:
+            return
+        key = partial.get("idempotency_key") if isinstance(partial.get("idempotency_key"), str) else None
+        key = key or position
+        corr = partial.get("correlation_id") if isinstance(partial.get("correlation_id"), str) else None
+        reply = partial.get("reply_topic") if valid_topic(partial.get("reply_topic")) else self.kbus.results_topic
+        self.publisher.publish(reply, SessionUpdate(
+            correlation_id=corr or key, session_id=session_id_for(key), kind="result", status="rejected", seq=-1,
+            event_type="GoalRejected", time=ev.now_ms(), idempotency_key=key, error=f"unreadable goal: {reason}",
+        ))
+
+    @staticmethod
+    def _rewind(consumer: Any, msg: Any) -> None:
+        try:
+            consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        except Exception:
+            pass
 
     def accept(self, goal: Goal, position: str) -> str | None:
         """Start the goal's session (or nothing, for a known key); its session id."""

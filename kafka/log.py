@@ -3,6 +3,8 @@ projection (kafka/projection.py). How appends, the acceptance rule and subscript
 and what they cost: docs/kafka.md."""
 from __future__ import annotations
 
+import json
+import logging
 import threading
 import time
 import uuid
@@ -12,7 +14,7 @@ from typing import Any
 
 from loopstream.core.codec import decode, decode_session, encode
 from loopstream.core.events import Event
-from loopstream.core.log import Delivery, LogError, SessionInfo, check_batch
+from loopstream.core.log import Delivery, LogError, LogLost, SessionInfo, check_batch
 from loopstream.kafka import clients
 from loopstream.kafka.clients import EVENTS, KafkaError, KafkaException, TopicPartition
 from loopstream.kafka.projection import (  # noqa: F401  (DROPPED: for callers)
@@ -28,6 +30,17 @@ from loopstream.kafka.projection import (  # noqa: F401  (DROPPED: for callers)
     Record,
 )
 from loopstream.kafka.settings import KafkaSettings
+
+logger = logging.getLogger("loopstream.kafka")
+RESTORE_HINT = ("this process takes no more work until the sessions are restored: loopstream kafka restore "
+                "--bus kafka://… (docs/kafka.md#broker-state-loss)")
+VERIFY_EVERY_S = 5.0  # how often a running log checks that its topic is the one it projected
+RESTORE_CHECK_S = 2.0  # how often a log that lost its topic looks for a restore
+
+
+def restores_topic(events_topic: str) -> str:
+    """The topic `loopstream kafka restore` records each restore in (one JSON record each)."""
+    return f"{events_topic}.restores"
 
 
 # -- partitioning ----------------------------------------------------------------
@@ -94,8 +107,19 @@ class KafkaLog:
         self._closed = False
         self.admin = clients.admin(bootstrap, ks)
         self.partitions = clients.ensure_topic(self.admin, topic, ks.topics.spec("events", partitions), timeout)
+        self._producer_config = producer_config
         self._producer = clients.producer(bootstrap, timeout=timeout, overrides=producer_config, settings=ks)
-        self._tail = clients.reader(bootstrap, "loopstream-projection", EVENTS, tail_config, settings=ks)
+        # A position beyond the end of a partition is an error, not a silent jump to its end:
+        # the broker lost records (docs/kafka.md#broker-state-loss).
+        self._tail_config = {"auto.offset.reset": "error", **(tail_config or {})}
+        self._tail = clients.reader(bootstrap, "loopstream-projection", EVENTS, self._tail_config, settings=ks)
+        self._probe: Any = None
+        self._lost: str | None = None
+        self._lost_at = 0.0
+        self._verified_at = 0.0
+        self._restore_checked = 0.0
+        self._probed: dict[int, int] = {}  # partition -> position checked to be within the topic
+        self.generation = 0  # +1 each time the log resumes after a restore
         # An idle consumer for watermark queries: on the tail consumer they would queue
         # behind its in-flight fetch.
         self._meta = clients.reader(bootstrap, "loopstream-watermarks", EVENTS, settings=ks)
@@ -107,6 +131,7 @@ class KafkaLog:
         stored = self.projection.positions()
         self._pos = {p: stored.get(p, 0) for p in range(self.partitions)}
         self._tail.assign([TopicPartition(topic, p, off) for p, off in self._pos.items()])
+        self._verify()
 
     def partition(self, session_id: str) -> int:
         return partition_for(session_id, self.partitions)
@@ -125,9 +150,21 @@ class KafkaLog:
         its high watermark now)."""
         with self._lock:
             self._check_open()
+            self._guard()
+            if time.monotonic() - self._verified_at > VERIFY_EVERY_S:
+                self._verify()
+                self._guard()
             if until is None:
                 parts = range(self.partitions) if partitions is None else partitions
                 until = {p: self._high_watermark(p) for p in parts}
+                ahead = {p: off for p, off in until.items() if off < self._pos.get(p, 0)}
+                if ahead:
+                    generation = self.generation
+                    self._check_ahead(ahead)
+                    if self.generation != generation:  # resumed from a restore: another topic now
+                        parts = range(self.partitions) if partitions is None else \
+                            [p for p in partitions if p < self.partitions]
+                        until = {p: self._high_watermark(p) for p in parts}
             stored = self.projection.positions()  # another process may share the file
             for p, off in stored.items():
                 if off > self._pos.get(p, 0):
@@ -146,6 +183,10 @@ class KafkaLog:
                     if err is not None:
                         if err.code() == KafkaError._PARTITION_EOF:
                             self._pos[m.partition()] = max(self._pos[m.partition()], m.offset())
+                        elif err.code() in (KafkaError._AUTO_OFFSET_RESET, KafkaError.OFFSET_OUT_OF_RANGE):
+                            self._lose(f"offsets out of range in {self.topic}: the projection is at {self._pos} "
+                                       f"but the broker no longer has those records ({err.str()})")
+                            self._guard()
                         elif err.fatal():
                             raise LogError(f"projection consumer failed: {err}")
                         continue
@@ -158,6 +199,149 @@ class KafkaLog:
                         f"projection of {self.topic} could not catch up to {until} "
                         f"(at {self._pos}) within {self.timeout}s"
                     )
+
+    # -- broker state loss -------------------------------------------------------------
+    @property
+    def lost(self) -> str | None:
+        """Why the topic no longer holds what this log projected (None while it does)."""
+        return self._lost
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost, self._lost_at = reason, time.time()
+            logger.error("KAFKA BROKER STATE LOST: %s; %s", reason, RESTORE_HINT)
+
+    def _guard(self) -> None:
+        """LogLost while the topic is lost; looks for a restore every RESTORE_CHECK_S."""
+        if self._lost is None:
+            return
+        if time.monotonic() - self._restore_checked >= RESTORE_CHECK_S:
+            self._restore_checked = time.monotonic()
+            self._verify()
+        if self._lost is not None:
+            raise LogLost(f"the Kafka broker lost the log: {self._lost}; {RESTORE_HINT}")
+
+    def _verify(self) -> None:
+        """Check that the topic is the one the projection holds (same id, same partition
+        count); record it on first use; resume from a restore of a recreated topic."""
+        self._verified_at = time.monotonic()
+        try:
+            found = clients.topic_identity(self.admin, self.topic, min(self.timeout, 3.0))
+        except LogError as exc:  # unreachable: not a loss (yet); reads and appends will say so
+            logger.debug("cannot check topic %s: %s", self.topic, exc)
+            return
+        tid, parts = self.projection.identity()
+        empty = self.projection.is_empty()
+        if found is None:
+            if not empty:
+                self._lose(f"topic {self.topic} is gone from the broker")
+            return
+        new_tid, new_parts = found
+        if empty or (tid is None and parts is None):
+            if (tid, parts) != (new_tid, new_parts):
+                self.projection.remember(new_tid, new_parts)
+            if new_parts != self.partitions:
+                self._adopt(new_parts)
+            return
+        if tid and new_tid and tid != new_tid:
+            reason = f"topic {self.topic} was recreated (topic id {tid} is now {new_tid})"
+        elif parts is not None and new_parts != parts:
+            reason = f"topic {self.topic} has {new_parts} partitions; its projection was built from {parts}"
+        elif self._lost is not None and self._restored(new_tid, new_parts):
+            reason = ""  # same topic, restored in place (a broker without topic ids)
+        else:
+            return
+        if self._restored(new_tid, new_parts):
+            self._resume(new_tid, new_parts)
+        else:
+            self._lose(reason)
+
+    def _restored(self, topic_id: str | None, partitions: int) -> bool:
+        """A restore was recorded for the topic as it is now (kafka/restore.py)."""
+        try:
+            records = clients.read_topic(self.bootstrap, restores_topic(self.topic), self.settings, 5.0)
+        except LogError:
+            return False
+        for m in reversed(records):
+            try:
+                mark = json.loads(m.value() or b"{}")
+            except ValueError:
+                continue
+            if topic_id is not None:
+                return mark.get("topic_id") == topic_id
+            return mark.get("partitions") == partitions and mark.get("time_ms", 0) / 1000 >= self._lost_at > 0
+        return False
+
+    def _resume(self, topic_id: str | None, partitions: int) -> None:
+        """Rebuild the projection from the restored topic and restart the subscriptions."""
+        self.projection.reset(topic_id, partitions)
+        self._adopt(partitions)
+        for sub in self._subs:
+            sub.restart()
+        self.generation += 1
+        if self._lost is not None:
+            logger.warning("Kafka log resumed: %s was restored (topic id %s); the projection is rebuilt from it",
+                           self.topic, topic_id)
+        self._lost = None
+
+    def _adopt(self, partitions: int) -> None:
+        """Read every partition of the topic from the projection's stored positions."""
+        self.partitions = partitions
+        stored = self.projection.positions()
+        self._pos = {p: stored.get(p, 0) for p in range(partitions)}
+        self._probed.clear()
+        # New clients: the old ones cache the metadata of the lost topic (its partitions).
+        self._tail.close()
+        self._meta.close()
+        if self._probe is not None:
+            self._probe.close()
+            self._probe = None
+        self._producer.flush(self.timeout)
+        clients.close(self._producer)
+        ks = self.settings
+        self._producer = clients.producer(self.bootstrap, timeout=self.timeout, overrides=self._producer_config,
+                                          settings=ks)
+        self._meta = clients.reader(self.bootstrap, "loopstream-watermarks", EVENTS, settings=ks)
+        self._tail = clients.reader(self.bootstrap, "loopstream-projection", EVENTS, self._tail_config, settings=ks)
+        self._tail.assign([TopicPartition(self.topic, p, off) for p, off in self._pos.items()])
+
+    def _check_ahead(self, ahead: dict[int, int]) -> None:
+        """The projection is past a partition's high watermark: the topic was recreated or
+        truncated, unless the record before our position is still there (Tansu reports the
+        high watermark of a multi-record batch as its first offset + 1)."""
+        self._verify()
+        self._guard()
+        for p in ahead:
+            pos = self._pos[p]
+            if self._probed.get(p) == pos:
+                continue
+            if self._probe is None:
+                self._probe = clients.reader(self.bootstrap, "loopstream-probe", EVENTS,
+                                             {"auto.offset.reset": "error"}, settings=self.settings)
+            self._probe.assign([TopicPartition(self.topic, p, pos - 1)])
+            lost = False
+            try:
+                deadline = time.monotonic() + min(self.timeout, 5.0)
+                while time.monotonic() < deadline:
+                    m = self._probe.poll(0.1)
+                    if m is None:
+                        continue
+                    err = m.error()
+                    if err is None and m.offset() == pos - 1:
+                        self._probed[p] = pos
+                        break
+                    if err is not None and err.code() in (KafkaError._AUTO_OFFSET_RESET,
+                                                          KafkaError.OFFSET_OUT_OF_RANGE, KafkaError._PARTITION_EOF):
+                        lost = True
+                        break
+                else:  # nothing at all (Tansu answers a fetch beyond the end with no records)
+                    lost = self._high_watermark(p) < pos
+            finally:
+                self._probe.unassign()
+            if lost:
+                self._lose(f"the projection of {self.topic}[{p}] is at offset {pos}, beyond the topic's end "
+                           f"({ahead[p]}): the broker lost records")
+        self._guard()
 
     # -- writing ---------------------------------------------------------------------
     def append(self, session_id: str, events: Sequence[Event], expected_seq: int) -> None:
@@ -261,6 +445,8 @@ class KafkaLog:
         self._producer = None  # type: ignore[assignment]
         self._tail.close()
         self._meta.close()
+        if self._probe is not None:
+            self._probe.close()
 
     def __enter__(self) -> KafkaLog:
         return self
@@ -274,10 +460,42 @@ class KafkaSubscription:
 
     def __init__(self, log: KafkaLog, group: str) -> None:
         self.log, self.group = log, group
-        self._consumer = clients.member(log.bootstrap, group, EVENTS, log._consumer_config, settings=log.settings)
-        self._consumer.subscribe([log.topic])
         self._committed: dict[int, int] = {}
         self._closed = False
+        self._from_start: set[int] | bool = False  # after a restore: partitions already read from the start
+        self._consumer = self._join()
+
+    def _join(self) -> Any:
+        consumer = clients.member(self.log.bootstrap, self.group, EVENTS, self.log._consumer_config,
+                                  settings=self.log.settings)
+        consumer.subscribe([self.log.topic])
+        return consumer
+
+    def restart(self) -> None:
+        """After a restore (KafkaLog._resume): read each partition again from its start (the
+        group's offsets named records of the lost topic). The consumer stays in its group (on
+        Tansu, a member that leaves while rejoining wedges the group); its metadata is
+        refreshed so a changed partition count rebalances it."""
+        if self._closed:
+            return
+        self._committed.clear()
+        self._from_start = set()
+        try:
+            self._consumer.list_topics(self.log.topic, timeout=5)
+        except KafkaException:
+            pass
+
+    def _rewind_restored(self) -> None:
+        if self._from_start is False:
+            return
+        for tp in self._consumer.assignment():
+            if tp.partition in self._from_start:
+                continue
+            try:
+                self._consumer.seek(TopicPartition(self.log.topic, tp.partition, 0))
+                self._from_start.add(tp.partition)
+            except KafkaException:
+                pass  # not fetching yet: the next poll tries again
 
     def _verdict(self, p: int, o: int) -> tuple[str, str | None] | None:
         v = self.log.projection.verdict(p, o)
@@ -290,6 +508,13 @@ class KafkaSubscription:
         return v
 
     def poll(self, max_events: int = 100, timeout: float = 1.0) -> list[Delivery]:
+        """Accepted events; LogLost while the broker's state is lost (kafka/log.py `_verify`)."""
+        with self.log._lock:
+            self.log._check_open()
+            if time.monotonic() - self.log._verified_at > VERIFY_EVERY_S:
+                self.log._verify()  # an idle partition must notice a lost topic too
+            self.log._guard()
+        self._rewind_restored()
         deadline = time.monotonic() + timeout
         out: list[Delivery] = []
         while True:

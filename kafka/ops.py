@@ -96,6 +96,8 @@ class WorkerOps:
             return False, why
         if self.worker.stopping:
             return False, "stopping"
+        if getattr(self.worker, "lost", None):
+            return False, f"lost: {self.worker.lost}"
         if self.worker.last_poll is None:
             return False, "starting"
         if self.worker.poll_error is not None:

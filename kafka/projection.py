@@ -170,6 +170,40 @@ class Projection:
             )
         c.execute("UPDATE batches SET state = ? WHERE batch_id = ?", (DROPPED, batch))
 
+    # -- the topic it projects -----------------------------------------------------------
+    def identity(self) -> tuple[str | None, int | None]:
+        """(topic id, partition count) of the topic these records came from, as recorded."""
+        with self.store.snapshot() as c:
+            meta = dict(c.execute("SELECT key, value FROM meta WHERE key IN ('topic_id', 'partitions')").fetchall())
+        parts = meta.get("partitions")
+        return meta.get("topic_id") or None, int(parts) if parts else None
+
+    def remember(self, topic_id: str | None, partitions: int) -> None:
+        """Record the identity of the topic (first open, or after a reset)."""
+        with self.store.transaction() as c:
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                          [("topic_id", topic_id or ""), ("partitions", str(partitions))])
+
+    def reset(self, topic_id: str | None, partitions: int) -> bool:
+        """Empty the projection (every event, every verdict, every position) to rebuild it
+        from a restored topic; False if another process sharing the file already did it
+        for this topic id."""
+        with self.store.transaction() as c:
+            row = c.execute("SELECT value FROM meta WHERE key = 'topic_id'").fetchone()
+            if topic_id and row and row[0] == topic_id:
+                return False
+            tables = [r[0] for r in c.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for t in tables:
+                if t not in ("meta", "sqlite_sequence"):
+                    c.execute(f'DELETE FROM "{t}"')
+            c.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                          [("topic_id", topic_id or ""), ("partitions", str(partitions))])
+        return True
+
+    def is_empty(self) -> bool:
+        with self.store.snapshot() as c:
+            return c.execute("SELECT 1 FROM positions WHERE next_off > 0 LIMIT 1").fetchone() is None
+
     # -- queries ---------------------------------------------------------------------
     def positions(self) -> dict[int, int]:
         with self.store.snapshot() as c:

@@ -54,6 +54,8 @@ class TransactionalResultsRelay(BackgroundLoop):
         self.label = f"results relay {group}"
         self._topics: set[str] = set()
         self._admin: Any = None
+        # (topic, update) -> bytes: plain Avro, or framed by a schema registry (kafka/registry.py)
+        self.encode = lambda _topic, update: encode_update(update)
 
     def _loop(self) -> None:  # BackgroundLoop: start() runs this in a daemon thread
         self.run()
@@ -106,7 +108,7 @@ class TransactionalResultsRelay(BackgroundLoop):
         try:
             producer.begin_transaction()
             for topic, update in updates:
-                self._produce(producer, topic, update)
+                self._produce(producer, topic, update, self.encode(topic, update))
             producer.send_offsets_to_transaction(sub.offsets_after(deliveries), sub.consumer_group_metadata(),
                                                  self.timeout)
             producer.commit_transaction(self.timeout)
@@ -146,10 +148,10 @@ class TransactionalResultsRelay(BackgroundLoop):
         self.stats["deliveries"] += len(deliveries)
 
     @staticmethod
-    def _produce(producer: Any, topic: str, update: SessionUpdate) -> None:
+    def _produce(producer: Any, topic: str, update: SessionUpdate, value: bytes) -> None:
         while True:
             try:
-                producer.produce(topic, key=update.session_id.encode(), value=encode_update(update),
+                producer.produce(topic, key=update.session_id.encode(), value=value,
                                  headers=update_headers(update))
                 return
             except BufferError:  # the local queue is full: let it drain into the transaction

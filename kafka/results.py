@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 
 from loopstream.core import events as ev
 from loopstream.core.describe import summarize
@@ -79,8 +80,10 @@ class ResultsPublisher:
     triggers = frozenset(RESULT_STATUS) | PROGRESS_TYPES
 
     def __init__(self, log: Log, producer: ContractProducer, cache_size: int = 4096, *,
-                 results: bool = True) -> None:
+                 results: bool = True, encode: Callable[[str, SessionUpdate], bytes] | None = None) -> None:
         self.log, self.producer, self.cache_size = log, producer, cache_size
+        # (topic, update) -> bytes: plain Avro, or framed by a schema registry (kafka/registry.py)
+        self.encode = encode or (lambda _topic, update: encode_update(update))
         self.goals = GoalLookup(log, cache_size)
         if not results:
             self.triggers = PROGRESS_TYPES
@@ -110,7 +113,7 @@ class ResultsPublisher:
         return []
 
     def publish(self, topic: str, update: SessionUpdate) -> None:
-        self.producer.send(topic, update.session_id, encode_update(update), headers=update_headers(update))
+        self.producer.send(topic, update.session_id, self.encode(topic, update), headers=update_headers(update))
 
 
 def update_headers(update: SessionUpdate) -> list[tuple[str, bytes]]:

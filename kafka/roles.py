@@ -20,6 +20,7 @@ from loopstream.kafka.clients import ContractProducer
 from loopstream.kafka.contract import ContractError, parse_kafka_url
 from loopstream.kafka.intake import GoalIntake
 from loopstream.kafka.ops import WorkerOps
+from loopstream.kafka.registry import RegistryContract
 from loopstream.kafka.relay import TransactionalResultsRelay
 from loopstream.kafka.results import ResultsPublisher
 from loopstream.kafka.settings import KafkaSettings
@@ -68,9 +69,12 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
             producer = ContractProducer(kbus.bootstrap, settings=kbus.settings)
             stack.callback(producer.close)
             transactional = kbus.results == "transactional"
+            registry = (RegistryContract(kbus.settings.registry, kbus.goals_topic, kbus.results_topic)
+                        if kbus.settings.registry.url else None)
+            encode = registry.encode_update if registry is not None else None
             # results=transactional: results go through the relay (kafka/relay.py), the
             # publisher sends progress updates only.
-            publisher = ResultsPublisher(log, producer, results=not transactional)
+            publisher = ResultsPublisher(log, producer, results=not transactional, encode=encode)
             agents = default_agents(
                 provider.name if provider else (opts.provider or os.environ.get("LOOPSTREAM_PROVIDER") or "any"),
                 provider.model if provider else (opts.model or os.environ.get("LOOPSTREAM_MODEL") or "default"),
@@ -78,10 +82,12 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
             )
             agents = _with_fallbacks(agents, [p.model for p in fallbacks] if provider else list(opts.fallback_models))
             intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
-                                on_event=opts.on_event)
+                                on_event=opts.on_event, registry=registry)
             if transactional:
                 intake.relay = TransactionalResultsRelay(kbus, log, kbus.group("results", opts.group_prefix),
                                                          goals=publisher.goals)
+                if encode is not None:
+                    intake.relay.encode = encode
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
                                            publisher=publisher, allow_writes=opts.allow_writes,

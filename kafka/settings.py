@@ -103,6 +103,27 @@ class TopicSpec:
     kind: str = ""
 
 
+REGISTRY_KEYS = ("url", "basic.auth.user.info", "ssl.ca.location", "ssl.certificate.location", "ssl.key.location")
+
+
+@dataclass(frozen=True)
+class RegistrySettings:
+    """A Confluent Schema Registry for the goal contract (`[kafka.registry]`): goals framed
+    with its wire format are read by their writer's schema, results are framed with it.
+    `url` None: plain schemaless Avro (the default). `mock://NAME` is confluent-kafka's
+    in-process registry (tests)."""
+
+    url: str | None = None
+    client: Mapping[str, str] = field(default_factory=dict)  # basic.auth.user.info, ssl.* for the HTTP client
+
+    def __repr__(self) -> str:  # never print a secret
+        return f"RegistrySettings(url={self.url!r}, keys={sorted(self.client)})"
+
+    def conf(self) -> dict[str, str]:
+        """The SchemaRegistryClient configuration."""
+        return {"url": self.url or "", **self.client}
+
+
 TOPIC_KEYS = {"partitions": int, "replication_factor": int, "min_insync_replicas": int,
               "goals_retention_ms": int, "results_retention_ms": int}
 
@@ -118,6 +139,7 @@ class KafkaSettings:
     admin: Mapping[str, Any] = field(default_factory=dict)
     topics: TopicSettings = TopicSettings()
     source: str = "defaults"
+    registry: RegistrySettings = RegistrySettings()
 
     def __repr__(self) -> str:  # never print a secret
         tables = {k: {p: "***" if secret_looking(p) else v for p, v in getattr(self, k).items()} for k in CLIENT_KINDS}
@@ -130,7 +152,14 @@ class KafkaSettings:
     def with_consumer(self, **props: Any) -> KafkaSettings:
         """A copy whose consumers also get `props` (e.g. group.instance.id from the CLI)."""
         return KafkaSettings(self.client, self.producer, {**self.consumer, **props}, self.admin, self.topics,
-                             self.source)
+                             self.source, self.registry)
+
+    def with_registry(self, url: str) -> KafkaSettings:
+        """A copy using the Schema Registry at `url` (`--schema-registry`), keeping the file's keys."""
+        if not url.startswith(("http://", "https://", "mock://")):
+            raise KafkaConfigError(f"--schema-registry {url!r}: expected http://, https:// or mock:// URL")
+        return KafkaSettings(self.client, self.producer, self.consumer, self.admin, self.topics, self.source,
+                             RegistrySettings(url, self.registry.client))
 
 
 def load(path: str | Path | None = None, environ: Mapping[str, str] | None = None) -> KafkaSettings:
@@ -140,6 +169,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
     path = path or environ.get(CONFIG_ENV) or None
     tables: dict[str, dict[str, Any]] = {k: {} for k in CLIENT_KINDS}
     topics: dict[str, Any] = {}
+    registry = RegistrySettings()
     sources = []
     if path is not None:
         raw = _read_toml(Path(path))
@@ -148,12 +178,15 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if not isinstance(kafka, dict):
             raise KafkaConfigError(f"{where}: kafka: expected a table")
         for name, table in kafka.items():
-            if name not in (*CLIENT_KINDS, "topics"):
-                raise KafkaConfigError(f"{where}: kafka.{name}: unknown table{_suggest(name, (*CLIENT_KINDS, 'topics'))}")
+            if name not in (*CLIENT_KINDS, "topics", "registry"):
+                raise KafkaConfigError(f"{where}: kafka.{name}: unknown table"
+                                       f"{_suggest(name, (*CLIENT_KINDS, 'topics', 'registry'))}")
             if not isinstance(table, dict):
                 raise KafkaConfigError(f"{where}: kafka.{name}: expected a table")
             if name == "topics":
                 topics = _topics(table, f"{where}: kafka.topics")
+            elif name == "registry":
+                registry = _registry(table, f"{where}: kafka.registry")
             else:
                 for key, value in table.items():
                     _put(tables[name], key, value, f"{where}: kafka.{name}")
@@ -172,7 +205,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
         if "environment" not in sources:
             sources.append("environment")
     return KafkaSettings(tables["client"], tables["producer"], tables["consumer"], tables["admin"],
-                         TopicSettings(**topics), " + ".join(sources) or "defaults")
+                         TopicSettings(**topics), " + ".join(sources) or "defaults", registry)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -233,6 +266,29 @@ def _topics(table: dict[str, Any], where: str) -> dict[str, Any]:
     if "partitions" in out:
         out["partitions_set"] = True
     return out
+
+
+def _registry(table: dict[str, Any], where: str) -> RegistrySettings:
+    url, client = None, {}
+    for key, value in table.items():
+        name = key[: -len("_file")] if key.endswith("_file") else key
+        if name not in REGISTRY_KEYS:
+            raise KafkaConfigError(f"{where}.{key}: unknown key{_suggest(name, REGISTRY_KEYS)}")
+        if not isinstance(value, str) or not value:
+            raise KafkaConfigError(f"{where}.{key}: expected a non-empty string")
+        if key.endswith("_file"):
+            value = _secret_file(value, f"{where}.{key}")
+        elif secret_looking(name) or name == "basic.auth.user.info":
+            raise KafkaConfigError(f"{where}.{key}: a credential is read from a file: {key}_file = \"PATH\"")
+        if name == "url":
+            if not value.startswith(("http://", "https://", "mock://")):
+                raise KafkaConfigError(f"{where}.url: expected an http://, https:// or mock:// URL")
+            url = value
+        else:
+            client[name] = value
+    if url is None:
+        raise KafkaConfigError(f"{where}: needs url = \"http://HOST:8081\"")
+    return RegistrySettings(url, client)
 
 
 def _suggest(word: str, known: Any) -> str:

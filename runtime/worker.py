@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.log import Delivery, Log, LogError
+from loopstream.core.log import Delivery, Log, LogError, LogLost
 from loopstream.core.processor import Emit, Observer, Processor
 from loopstream.core.secrets import Secrets
 from loopstream.core.state import SessionState, fold, open_work
@@ -38,6 +38,7 @@ class _Job:
     part: Any
     offset: Any
     attempts: int = 0
+    generation: int = 0  # Worker._generation when it was accepted
 
     @property
     def event(self) -> ev.Event:
@@ -135,6 +136,9 @@ class Worker:
         self.last_poll: float | None = None  # time.monotonic() of the last poll that answered
         self.last_turn: float | None = None  # of the last turn of the poll loop (it may wait, not poll)
         self.poll_error: str | None = None
+        # Why the log lost what it held (LogLost): the worker takes no work until it resumes.
+        self.lost: str | None = None
+        self._generation = 0  # +1 when a lost log's work is forgotten
         self._stop = threading.Event()
         self._lock = threading.Lock()  # scheduling state below
         self._parts: dict[Any, _Partition] = {}
@@ -177,12 +181,22 @@ class Worker:
                     continue
                 try:
                     deliveries = sub.poll(max_events=self.poll_max, timeout=min(self.poll_timeout, wait))
+                except LogLost as exc:  # said once, loudly, by the log; no retry storm, SIGTERM still stops
+                    if self.lost is None:
+                        self.lost = self.poll_error = str(exc)
+                        self._forget()
+                    self._stop.wait(1.0)
+                    continue
                 except LogError as exc:
                     logger.warning("%s: poll failed: %s", self.group, exc)
                     self.poll_error = str(exc)
                     self._stop.wait(1.0)
                     continue
                 self.last_poll, self.poll_error = time.monotonic(), None
+                if self.lost is not None:
+                    logger.warning("%s: the log was restored; taking work again", self.group)
+                    self.lost = None
+                    self._forget()
                 for d in deliveries:
                     self._accept(d)
         finally:
@@ -194,6 +208,19 @@ class Worker:
                 sub.close()
             except Exception as exc:  # closing must not hide the reason we stopped
                 logger.warning("%s: closing the subscription: %s", self.group, exc)
+
+    def _forget(self) -> None:
+        """Drop every delivery in flight and every cached state (the log lost them, or was
+        restored with other offsets): nothing is committed for them; handlers still running
+        finish into the void."""
+        with self._lock:
+            self._generation += 1
+            self._parts.clear()
+            self._queues.clear()
+            self._timers.clear()
+            self._ready.clear()
+        with self._cache_lock:
+            self._cache.clear()
 
     def _drain(self) -> None:
         deadline = time.monotonic() + self.drain_timeout
@@ -207,8 +234,8 @@ class Worker:
     # -- scheduling (main thread + completions) ----------------------------------------
     def _accept(self, d: Delivery) -> None:
         part, off = _split(d.position)
-        job = _Job(d, part, off)
         with self._lock:
+            job = _Job(d, part, off, generation=self._generation)
             tracker = self._parts.setdefault(part, _Partition())
             if not tracker.add(off):
                 self.stats.add("redelivered_in_flight")
@@ -239,7 +266,9 @@ class Worker:
     def _complete(self, job: _Job, outcome: str | tuple[str, float]) -> None:
         with self._lock:
             self._running -= 1
-            if outcome == DONE:
+            if job.generation != self._generation:
+                pass  # accepted before the log was lost: forgotten
+            elif outcome == DONE:
                 self._finish_locked(job)
                 q = self._queues.get(job.event.session_id)
                 if q and q[0] is job:
@@ -275,6 +304,11 @@ class Worker:
     def _run_job(self, job: _Job) -> None:
         try:
             outcome = self._handle(job.event)
+        except LogLost:  # not retried: the worker forgets its work until the log is restored
+            with self._lock:
+                self._running -= 1
+                self._idle.notify_all()
+            return
         except Exception as exc:
             delay = self.retry_delays[min(job.attempts, len(self.retry_delays) - 1)]
             job.attempts += 1
