@@ -15,6 +15,7 @@ from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
+from loopstream.processors.hooks import EndHooks
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
@@ -145,7 +146,7 @@ def processors_for(
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
-        procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier()]
+        procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier(), EndHooks()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
     return procs

@@ -58,9 +58,9 @@ class Runtime:
         """Drive one session until it ends or waits for input (a goal, a person's decision)."""
         state = self.load(session_id)
         for _ in range(max_events):
-            if state.terminal:
-                return state
             work = self.dispatch.work(state)
+            if state.terminal and not work:  # ended (its SessionEnd hooks, if any, have decided here)
+                return state
             if not work:
                 others = [o for o in open_work(state) if o.actor != "person"]
                 if others:
