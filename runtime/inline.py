@@ -97,4 +97,9 @@ class Runtime:
         written = self.dispatch.act(self.writer, state, item, event, now_ms)
         if written:
             self._recent = {(e.session_id, e.seq): e for w in written for e in w.events}
+            for w in written if self.dispatch.observers else ():  # they see what was written, as on a worker
+                for e in w.events:
+                    for observer in self.dispatch.observers:
+                        if e.type in observer.triggers:
+                            observer.handle(e, w.state)
         return written

@@ -72,3 +72,20 @@ def test_a_project_agent_overrides_a_plugin_agent(site: Path, tmp_path: Path) ->
 def test_without_plugins(tmp_path: Path) -> None:
     r = cli("plugins", cwd=tmp_path)
     assert r.returncode == 0
+
+
+def test_a_plugin_provider_and_observer_are_wired_into_run(site: Path, tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(site)}
+    r = cli("run", "--provider", "demo", "--model", "d2", "--tools", "add", "--db", "x.db", "hello", cwd=tmp_path,
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "demo model d2 read: hello"  # the plugin's provider answered
+    log = SQLiteLog(tmp_path / "x.db")
+    sid = log.sessions()[0].session_id
+    started = log.read(sid, 0, 0)[0].payload
+    assert (started.provider, started.model) == ("demo", "d2")
+    # the plugin's observer saw the end, in-process
+    assert (tmp_path / "demo-counter.log").read_text() == f"{sid} finished: demo model d2 read: hello\n"
+    # a plugin never replaces a built-in provider name; an unknown one is a one-line error
+    bad = cli("run", "--provider", "nosuch", "--db", "x.db", "g", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
