@@ -148,15 +148,19 @@ def submit_anywhere(bus: str | None, db: Path | None, record: Goal, *, wait: boo
                 return Submitted(done.session_id, wait)
             return Submitted(done.session_id, wait, result.status, result.answer, result.error)
         log = writer(bus, db)
-        config = default_agents(provider or "any", model or "default").get(record.agent)
+        with worker_agents(Path.cwd(), provider=provider or "any", model=model or "default",
+                           default_prompt=DEFAULT_SYSTEM_PROMPT) as found:  # MCP servers: to name their tools
+            config = found.compose(record.agent, record.goal)
+        config = config or default_agents(provider or "any", model or "default").get(record.agent)
         if config is None:
-            raise UserError(f"unknown agent {record.agent!r} (a SQLite submit knows `default` only)")
+            raise UserError(f"unknown agent {record.agent!r} (a SQLite submit knows `default` and the "
+                            f"project file's agents)")
         sid = submit_mod.start_local(log, record, config)
         if not wait:
             return Submitted(sid, False)
         state = submit_mod.wait_local(log, sid, timeout)
         return Submitted(sid, True, state.status, state.answer, state.error)
-    except (ContractError, AgentsFileError) as exc:
+    except (ContractError, AgentsFileError, ProjectError, McpError) as exc:
         raise UserError(str(exc)) from None
 
 
