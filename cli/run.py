@@ -373,7 +373,7 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
     if problem:
         raise LogDamaged(f"will not resume session {sid}: it fails verification: {problem}")
     state = load(log, sid)
-    if state.terminal:
+    if state.terminal and not state.end_hooks_owed:  # ended; its SessionEnd hooks (if owed) still run here
         raise UserError(f"session {sid} already ended ({state.status}); to continue from an earlier point: "
                         f"loopstream fork {sid} --at SEQ")
     need_writes(state.tools, allow_writes)

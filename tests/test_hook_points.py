@@ -20,6 +20,7 @@ from loopstream.replay.fork import fork
 from loopstream.replay.replayer import replay
 from loopstream.runtime.assembly import build_runtime, processors_for
 from loopstream.runtime.inline import Runtime, SessionConfig
+from tests.test_project_file import cli
 
 HOOK = """\
 import json, pathlib, sys
@@ -197,11 +198,15 @@ def test_session_end_runs_once_after_the_end_even_after_a_restart(tmp_path: Path
     crashed = Runtime(log, [p for p in processors_for("all", provider=provider) if p.name != "hooks"])
     log, state = start(tmp_path, provider, end, runtime=crashed)
     assert state.status == "done" and state.end_hooks_owed and runs(tmp_path, "SessionEnd") == 0
+    resumed = cli("resume", state.session_id, "--db", str(tmp_path / "h.db"), cwd=tmp_path)  # runs what is owed
+    assert resumed.returncode == 0 and resumed.stdout.strip() == "The result is 1.", resumed.stderr
     restarted = build_runtime(log, provider).run_session(state.session_id)
     assert not restarted.end_hooks_owed and restarted.status == "done"
     events = log.read(state.session_id)
     assert [e.type for e in events][-2:] == ["SessionFinished", "HookDecided"]
     assert events[-1].causation_id == events[-2].event_id and events[-1].actor == "hooks"
     build_runtime(log, provider).run_session(state.session_id)  # nothing owed any more
+    again = cli("resume", state.session_id, "--db", str(tmp_path / "h.db"), cwd=tmp_path)
+    assert again.returncode == 2 and "already ended" in again.stderr
     replays_without_running(tmp_path, log, state.session_id, "SessionEnd")
     assert runs(tmp_path, "SessionEnd") == 1
