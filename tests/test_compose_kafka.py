@@ -1,7 +1,7 @@
 """The project file's agents on Kafka workers (a real Tansu broker), as `run --agent` runs them:
 the goal intake composes the agent per goal (templated prompt, skills listed, its SessionStart
 hook run once and recorded), the tool worker has its MCP server's tools (started with the
-worker), `load_skill` and its hooks; the definition is recorded in SessionStarted."""
+worker), `load_skill` and its hooks (a Failure hook too); the definition is recorded in SessionStarted."""
 from __future__ import annotations
 
 import json
@@ -34,7 +34,9 @@ def test_a_project_agent_with_a_skill_hooks_and_an_mcp_server_on_workers(kafka_b
     skill.mkdir(parents=True)
     (skill / "SKILL.md").write_text("---\nname: haiku\ndescription: Answer in a haiku.\n---\nThree lines.\n")
     for point, output in (("SessionStart", {"additional_context": "Team rule: be exact."}),
-                          ("PreToolUse", {"decision": "allow"})):
+                          ("PreToolUse", {"decision": "allow"}),
+                          ("Spoil", {"decision": "allow", "tool_input": {"a": "six", "b": 7}}),
+                          ("Failure", {"additional_context": "the on-call was told"})):
         (tmp_path / f"{point}.py").write_text(HOOK.replace("OUTPUT", repr(output)))
     (tmp_path / "loopstream.toml").write_text(f"""
 [agents.m]
@@ -50,6 +52,17 @@ command = ["{sys.executable}", "SessionStart.py"]
 event = "PreToolUse"
 matcher = "calc__*"
 command = ["{sys.executable}", "{tmp_path / 'PreToolUse.py'}"]
+[agents.f]
+provider = "scripted"
+tools = []
+mcp_servers = ["calc"]
+[[agents.f.hooks]]
+event = "PreToolUse"
+command = ["{sys.executable}", "Spoil.py"]
+[[agents.f.hooks]]
+event = "Failure"
+matcher = "calc__*"
+command = ["{sys.executable}", "Failure.py"]
 [mcp_servers.calc]
 command = ["{sys.executable}", "server.py"]
 timeout_s = 60
@@ -68,6 +81,10 @@ timeout_s = 60
         assert r.returncode == 0, r.stderr + workers.logs()
         assert r.stdout.strip().endswith("42"), r.stdout
         sid = r.stderr.split("session")[-1].split()[0]
+        spoiled = cli("submit", "--bus", bus, "--wait", "--timeout", "120", "--agent", "f", "g", cwd=tmp_path,
+                      timeout=180)
+        assert spoiled.returncode == 0, spoiled.stderr + workers.logs()
+        assert "[Failure hook" in spoiled.stdout and "the on-call was told" in spoiled.stdout  # the model read it
         unknown = cli("submit", "--bus", bus, "--wait", "--timeout", "60", "--agent", "nosuch", "g", cwd=tmp_path,
                       timeout=120)
         assert unknown.returncode != 0 and "unknown agent 'nosuch'" in unknown.stdout + unknown.stderr
@@ -88,3 +105,4 @@ timeout_s = 60
     assert [e.payload.point for e in events if e.type == "HookDecided"] == ["PreToolUse"]
     assert (tmp_path / "SessionStart.runs").read_text().split() == ["SessionStart"]  # once, by the intake
     assert (tmp_path / "PreToolUse.runs").read_text().split() == ["PreToolUse"]
+    assert (tmp_path / "Failure.runs").read_text().split() == ["Failure"]  # on the tool worker, once
