@@ -117,3 +117,17 @@ def test_a_worker_uses_the_plugin_provider_and_observer(site: Path, tmp_path: Pa
     finally:
         worker.terminate()
         worker.wait(30)
+
+
+def test_a_plugin_provider_that_fails_is_one_line_and_never_replaces_a_built_in() -> None:
+    from loopstream.providers.errors import ProviderConfigError
+    from loopstream.runtime.assembly import open_model
+
+    def broken(model):
+        raise RuntimeError("no key")
+
+    for made, message in ((broken, "failed to start: RuntimeError: no key"), (lambda m: 42, "not a provider")):
+        with pytest.raises(ProviderConfigError, match=message), open_model("mine", "x", plugins={"mine": made}):
+            pass
+    with open_model("scripted", "adder", plugins={"scripted": broken}) as built:  # the built-in one
+        assert built.name == "scripted"
