@@ -47,7 +47,9 @@ class ModelProcessor:
             before = hooks.run_point("PreModelCall", state, {"model": state.model, "step": state.step,
                                                              "attempt": state.attempt}, f"{state.open_request_id}.pre")
             return [*before.emits, hooks.stop_session(before)] if before.stopped else before.emits
-        request_id = state.open_request_id or ""  # the open ModelRequested (or a PreModelCall decision after it)
+        # the open ModelRequested: the event itself, or the request a PreModelCall decision follows
+        req = event.payload if isinstance(event.payload, ev.ModelRequested) else None
+        request_id, step = (req.request_id, req.step) if req else (state.open_request_id or "", state.step)
         specs = [self.tool_specs[n] for n in state.tools if n in self.tool_specs]
         messages = shaped(state)  # what the model is sent; the log keeps every message whole
         provider = self.provider_for(state.model)
@@ -65,7 +67,7 @@ class ModelProcessor:
             reply = provider.complete(messages, specs, bounded(state, sent.total),
                                       timeout=budgets.remaining_seconds(state, now_ms))
         except ProviderError as exc:
-            failed = hooks.run_point("Failure", state, {"model": provider.model, "step": state.step,
+            failed = hooks.run_point("Failure", state, {"model": provider.model, "step": step,
                                                         "error_kind": exc.kind, "error": str(exc)[:2000]},
                                      f"{request_id}.failure", "model")
             return [*failed.emits, Emit(ev.ModelFailed(
@@ -82,14 +84,14 @@ class ModelProcessor:
         calls = [
             ev.ToolCallRecord(
                 # Unique per session: the provider's ids may repeat across steps.
-                call_id=f"s{state.step}.{i}.{c.call_id}"[:64],
+                call_id=f"s{step}.{i}.{c.call_id}"[:64],
                 name=c.name,
                 arguments_json=json.dumps(c.arguments, sort_keys=True),
             )
             for i, c in enumerate(reply.tool_calls)
         ]
         after = hooks.run_point("PostModelCall", state, {
-            "model": reply.model or provider.model, "step": state.step, "response": reply.text,
+            "model": reply.model or provider.model, "step": step, "response": reply.text,
             "tool_calls": [{"name": c.name, "arguments": c.arguments} for c in reply.tool_calls]},
             f"{request_id}.post") if hooks.matching(state.policy.hooks, "PostModelCall") else hooks.Verdict([])
         return [Emit(ev.ModelResponded(
