@@ -12,6 +12,7 @@ from loopstream.agents.definition import session_config
 from loopstream.agents.project import Agent, McpServer, Project, ProjectError, load_project, user_file
 from loopstream.agents.start_hooks import StartRefused, run_session_start
 from loopstream.core.policy import PolicyError
+from loopstream.runtime.assembly import with_delegation
 from loopstream.runtime.writer import SessionConfig
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
@@ -43,7 +44,7 @@ def open_project(start: Path, plugins: list[plugin_mod.Plugin]) -> Project:
 
 def full_registry(plugins: list[plugin_mod.Plugin], allow_writes: bool) -> ToolRegistry:
     """The built-in tools and the plugins' (a plugin's tool never replaces a built-in one)."""
-    registry = default_registry(allow_writes=allow_writes)
+    registry = with_delegation(default_registry(allow_writes=allow_writes))  # sub-agents: docs/subagents.md
     for plugin in plugin_mod.loaded(plugins):
         registry.add(*[t for t in plugin.tools if t.name not in registry.tools])
     return registry

@@ -1,6 +1,6 @@
 """The small-model task suite: pass rate, steps, tokens and time per task, with the harness's
-help (loop detection, shaping) and without it (a naive baseline: the same loop, model and
-prompt, with `loops` and `shaping` off), measured in the same run on the same model server.
+help (loop detection, shaping, answer checks) and without it (a naive baseline: the same loop,
+model and prompt, with `loops`, `shaping` and `answers` off), measured in the same run on the same model server.
 
     python bench/bench_small_models.py                       # the bundled 0.5B local model
     python bench/bench_small_models.py --only add-two,csv-row --repeat 2
@@ -28,7 +28,7 @@ from loopstream.tools.builtin import default_registry
 TASKS = Path(__file__).with_name("tasks") / "small.toml"
 CONFIGS = {
     "harness": {},
-    "naive": {"loops": {"enabled": False}, "shaping": {"enabled": False}},
+    "naive": {"loops": {"enabled": False}, "shaping": {"enabled": False}, "answers": {"enabled": False}},
 }
 
 

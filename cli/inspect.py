@@ -12,6 +12,7 @@ from loopstream.core.describe import short, summarize
 from loopstream.core.sqlite_log import LogNotFound
 from loopstream.kafka.bus import default_db
 from loopstream.replay.inspect import answered_by, session_rows, show_session
+from loopstream.replay.tree import parent_of, tree_lines
 
 
 def sessions(db: DbOpt = None, bus: BusOpt = None,
@@ -32,7 +33,7 @@ def sessions(db: DbOpt = None, bus: BusOpt = None,
         return
     output.table(["session", "started", "status", "events", "model", "goal"],
                  [(r.session_id, clock(r.created_ms, date=True), r.status, r.events, short(r.model, 30) or "-",
-                   short(r.goal, 60))
+                   short((f"[child of {r.parent}] " if r.parent else "") + r.goal, 60))
                   for r in rows])
 
 
@@ -48,11 +49,19 @@ def show(
     log = reader(bus, db)
     shown = show_session(log, resolve(log, session))
     output.answer(f"session {shown.session_id}")
+    parent, depth = parent_of(log, shown.session_id)
+    if parent:
+        output.answer(f"child of {parent} (depth {depth})")
     models = answered_by(shown.events)
     if models:  # SessionStarted names the model asked for (on Kafka, often `default`): this answered
         output.answer(f"answered by {', '.join(short(m, 60) for m in models)}")
     output.table(["seq", "time", "type", "actor", "payload"],
                  [(e.seq, clock(e.time), e.type, e.actor, summarize(e, width)) for e in shown.events])
+    tree = tree_lines(log, shown.session_id)
+    if tree:
+        output.answer("children:")
+        for line in tree:
+            output.answer(line)
     if not shown.ok:
         output.error(f"session {shown.session_id} fails verification: {shown.problem}")
         raise typer.Exit(1)

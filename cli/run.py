@@ -1,6 +1,7 @@
 """`loopstream run` and `resume`: drive a session in the foreground and print its progress."""
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from loopstream.providers.local import local_model as find_local_model
 from loopstream.providers.scripted import missing_tools
 from loopstream.replay.inspect import show_session
 from loopstream.runtime import lease
-from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits
+from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, build_runtime, open_model, rate_limits, with_delegation
 from loopstream.runtime.decisions import WaitingCall, drive, load
 from loopstream.runtime.inline import Runtime, SessionConfig
 from loopstream.tools.builtin import default_registry
@@ -154,7 +155,8 @@ def run(
         choice = ModelChoice(provider or composed.agent.spec.provider, model or composed.agent.spec.model,
                              base_url, action_mode, fallback_model or [], rpm, tpm)
         with mcp_tools(composed, workdir):
-            report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus)))
+            report(run_agent(log, text, config, composed.registry, choice, watch(quiet, log, bus),
+                             agents=sub_agents(workdir)))
         return
     sampling = sampling_options(temperature, max_output_tokens, stop)
     registry, names = select_tools(tools, allow_writes)
@@ -240,8 +242,9 @@ def sampling_options(temperature: float, max_output_tokens: int, stop: list[str]
 
 def select_tools(tools: str | None, allow_writes: bool) -> tuple[ToolRegistry, list[str]]:
     """The registry a run may use and the tool names it was asked for (all when None)."""
-    registry = default_registry(allow_writes=allow_writes)
-    names = [t.strip() for t in tools.split(",") if t.strip()] if tools else registry.names()
+    base = default_registry(allow_writes=allow_writes)
+    registry = with_delegation(base)  # delegate / spawn_agents when asked for (docs/subagents.md)
+    names = [t.strip() for t in tools.split(",") if t.strip()] if tools else base.names()
     need_writes(names, allow_writes)
     try:
         return registry.select(names), names
@@ -287,8 +290,19 @@ def log_inside(log: Log, workdir: Path) -> list[str]:
     return [f"/{rel}", f"/{rel}-wal", f"/{rel}-shm", f"/{rel}-journal", f"/{rel}.leases/"]
 
 
+def sub_agents(workdir: Path):
+    """The children a run's sub-agents start as (docs/subagents.md): agent NAME of the project
+    file composed for its task; None when it cannot be (the child settles failed, saying so)."""
+    def resolve(name: str, task: str) -> SessionConfig | None:
+        try:
+            return compose(name, task, workdir, DEFAULT_SYSTEM_PROMPT).config
+        except ProjectError:
+            return None
+    return resolve
+
+
 def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry, choice: ModelChoice,
-              watch: Watch) -> Outcome:
+              watch: Watch, agents=None) -> Outcome:
     """Start a session on `goal` and drive it to its end (or until Ctrl-C)."""
     sid = None
     try:
@@ -304,7 +318,7 @@ def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry
                 config.policy = config.policy.updated({"fallback_models": [b.model for b in backups]})
             limits = rate_limits([chosen, *backups], choice.rpm, choice.tpm)
             runtime = build_runtime(log, chosen, registry, on_event=watch.on_event, fallbacks=backups, limits=limits,
-                                    extra=plugin_processors(found))
+                                    agents=agents, extra=plugin_processors(found))
             config.provider, config.model = chosen.name, chosen.model
             sid = runtime.start_session(goal, config)
             if watch.on_start:
@@ -390,6 +404,7 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
             with _hub(recorded_mcp(state.agent_json), state.workdir) as hub:  # the MCP servers it ran with
                 registry.add(*hub.tools)
                 runtime = build_runtime(log, chosen, registry, on_event=watch.on_event,
+                                        agents=sub_agents(Path(state.workdir or ".")),
                                         extra=plugin_processors(found))
                 return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
@@ -401,12 +416,32 @@ COLORS = {"ModelResponded": "cyan", "ToolCompleted": "green", "ToolFailed": "yel
           "SessionFailed": "red", "SessionFinished": "bold green"}
 
 
-def progress(event: ev.Event) -> None:
+def child_approvals(event: ev.Event, children: set[str]) -> bool:
+    """Note the child sessions (docs/subagents.md) as they start, and say how to decide a
+    child's approval request (the foreground driver waits on the parent); whether `event` is a child's."""
+    if isinstance(event.payload, ev.SessionStarted) and event.payload.parent_session_id:
+        children.add(event.session_id)
+    if event.session_id not in children:
+        return False
+    if isinstance(event.payload, ev.ApprovalRequested):
+        p = event.payload
+        try:
+            arguments = json.loads(p.arguments_json or "{}")
+        except ValueError:
+            arguments = {"_raw": p.arguments_json}
+        waiting(event.session_id, WaitingCall(p.call_id, p.name, arguments if isinstance(arguments, dict)
+                                              else {"_value": arguments}, p.reason))
+    return True
+
+
+def progress(event: ev.Event, children: set[str] | None = None) -> None:
+    """One progress line per event; a child session's marked with its id."""
+    indent = f"  [child {event.session_id[:8]}]" if children is not None and child_approvals(event, children) else ""
     if event.type == "GoalVerified":  # goal mode: the iteration's result stands out
         p = event.payload
         output.note(Styled(f"goal iteration {p.iteration}: {'PASSED' if p.passed else 'not yet'}",
                            "bold green" if p.passed else "bold yellow"), f" (verify exit code {p.exit_code})")
-    output.note("  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
+    output.note(indent + "  ", Styled(f"{event.seq:>3} {event.type:<16}", COLORS.get(event.type, "dim")), " ",
                 summarize(event, 100))
 
 
@@ -418,13 +453,14 @@ def waiting(sid: str, call: WaitingCall) -> None:
 
 def watch(quiet: bool, log: Log, bus: str | None) -> Watch:
     """Progress lines on stderr, unless `quiet` (approval requests are always shown)."""
+    children: set[str] = set()  # child sessions seen (docs/subagents.md): their lines are marked
     if quiet:
-        return Watch(on_waiting=waiting)
+        return Watch(on_event=lambda e: child_approvals(e, children), on_waiting=waiting)
 
     def started(sid: str, chosen: Provider) -> None:
         output.dim(f"session {sid} · {chosen.name}:{chosen.model} · log {getattr(log, 'path', bus)}")
 
-    return Watch(on_event=progress, on_waiting=waiting, on_start=started,
+    return Watch(on_event=lambda e: progress(e, children), on_waiting=waiting, on_start=started,
                  on_local_model=lambda: output.dim("starting the local model (llama.cpp, Qwen2.5-Coder-0.5B)…"))
 
 

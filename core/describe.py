@@ -121,6 +121,12 @@ SUMMARIES: dict[type[ev.Payload], Callable[[Any], str]] = {
                                   f"(~{p.tokens}/{p.budget_tokens} tokens)"),
     ev.MemoryRemembered: lambda p: f"{p.kind} {p.memory_id} in {p.namespace}: {p.text!r}",
     ev.MemoryForgotten: lambda p: f"{p.memory_id} in {p.namespace} by {p.by}" + (f": {p.reason}" if p.reason else ""),
+    ev.ChildrenStarted: lambda p: (f"call {p.call_id}: {len(p.children)} child(ren), mode {p.mode}"
+                                   + (f" quorum {p.quorum}" if p.mode == "quorum" else "") + ": "
+                                   + "; ".join(f"{c.session_id} ({c.agent}) {c.task[:80]!r}" for c in p.children)),
+    ev.ChildSettled: lambda p: (f"call {p.call_id} child {p.index} {p.session_id} {p.status}: {p.text[:200]!r} "
+                                f"({p.input_tokens}+{p.output_tokens} tok"
+                                + (f", ${p.cost_usd:.4f}" if p.cost_usd is not None else "") + ")"),
 }
 
 

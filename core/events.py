@@ -39,7 +39,8 @@ class Payload(BaseModel):
 
 class SessionStarted(Payload):
     """Agent, provider, model, system prompt, tool names, step budget, workdir; the sampling
-    settings (v2: temperature, output cap, stop sequences, top_p, seed); the agent definition (v3)."""
+    settings (v2: temperature, output cap, stop sequences, top_p, seed); the agent definition (v3);
+    a child session's parent session, parent event and depth (v4)."""
     WRITTEN_BY = "cli / goal intake"
     agent: str
     provider: str
@@ -58,6 +59,10 @@ class SessionStarted(Payload):
     seed: int | None = None
     # v3: the agent definition it ran with, as JSON (agents/definition.py); "" for none recorded.
     agent_json: str = ""
+    # v4: a child session's link to its parent (docs/subagents.md); None / 0: a top-level session.
+    parent_session_id: str | None = None
+    parent_event_id: str | None = None
+    depth: int = 0
 
 
 class GoalReceived(Payload):
@@ -412,6 +417,43 @@ class MemoryForgotten(Payload):
     namespace: str
     by: str
     reason: str = ""
+
+
+# -- sub-agents (docs/subagents.md) ---------------------------------------------------
+class ChildRecord(BaseModel):
+    """One child of a delegation (a record inside ChildrenStarted)."""
+
+    model_config = ConfigDict(frozen=True)
+    session_id: str
+    agent: str
+    task: str
+
+
+class ChildrenStarted(Payload):
+    """A delegate / spawn_agents call starts child sessions: the call, the aggregation (mode
+    all | first | quorum, the quorum), each child in the order asked (session id derived from
+    the parent's event, agent, task)."""
+    WRITTEN_BY = "delegation (processors/delegation.py, for the tools)"
+    call_id: str
+    mode: str
+    quorum: int
+    children: list[ChildRecord]
+
+
+class ChildSettled(Payload):
+    """A child of a delegation ended or is no longer needed: call, index, session, status
+    (done | failed | cancelled), answer or error, tokens (counted toward the parent's
+    budgets), cost, steps. The last one is followed by the call's ToolCompleted."""
+    WRITTEN_BY = "children (runtime/children.py)"
+    call_id: str
+    index: int
+    session_id: str
+    status: str
+    text: str
+    input_tokens: int
+    output_tokens: int
+    cost_usd: float | None = None
+    steps: int = 0
 
 
 # Every event type, by name, in the order declared above.

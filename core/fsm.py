@@ -37,6 +37,7 @@ class Status(StrEnum):
     AWAITING_TOOLS = "awaiting_tools"
     AWAITING_APPROVAL = "awaiting_approval"
     VERIFYING = "verifying"
+    AWAITING_CHILDREN = "awaiting_children"
     PAUSED = "paused"
     DONE = "done"
     FAILED = "failed"
@@ -51,6 +52,7 @@ S = Status
 ORCHESTRATOR, MODEL, COMPACTION, TOOLS, PERSON = "orchestrator", "model", "compaction", "tools", "person"
 HOOKS = "hooks"  # the SessionEnd hooks, owed once a session ended with such hooks (core/state.py open_work)
 VERIFIER = "verifier"
+CHILDREN = "children"  # the driver's child runner (runtime/children.py): runs child sessions, reports them
 
 
 class StateRow(NamedTuple):
@@ -76,6 +78,9 @@ STATES: tuple[StateRow, ...] = (
     StateRow(S.AWAITING_APPROVAL,  PERSON,       TOOLS, "a person approves or denies a call, "
                                                         "the tool processor runs the calls not waiting on one"),
     StateRow(S.VERIFYING,          VERIFIER,     None,  "goal mode: the goal's verify command checks the answer"),
+    # Sub-agents (docs/subagents.md): child sessions run; the tools still run the reply's other calls.
+    StateRow(S.AWAITING_CHILDREN,  CHILDREN,     TOOLS, "child sessions a delegation started are running, "
+                                                        "the tool processor runs the reply's other calls"),
     StateRow(S.PAUSED,             None,         None,  "paused by a person; waits for GoalResumed"),
     StateRow(S.DONE,               None,         None,  "finished with an answer"),
     StateRow(S.FAILED,             None,         None,  "ended by an error or a budget"),
@@ -152,6 +157,18 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     # A person adds a message while neither the model nor a tool call is owed an answer.
     ("UserMessage",         [S.IDLE, S.PLANNING],  S.PLANNING,            None),
     ("UserMessage",         S.ACTING,              S.PLANNING,            "reply_without_calls"),
+    # Sub-agents (docs/subagents.md): a delegate call starts children; the session waits in
+    # awaiting_children while the calls that are not delegations go on as in awaiting_tools.
+    ("ChildrenStarted",     [S.AWAITING_TOOLS, S.AWAITING_CHILDREN], S.AWAITING_CHILDREN, None),
+    ("ChildrenStarted",     S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
+    *[("ChildSettled", s, s, None) for s in (S.AWAITING_TOOLS, S.AWAITING_CHILDREN, S.AWAITING_APPROVAL)],
+    *[(t, S.AWAITING_CHILDREN, S.PLANNING, "tools_settled") for t in ("ToolCompleted", "ToolFailed", "GuardrailTripped")],
+    *[(t, S.AWAITING_CHILDREN, S.AWAITING_CHILDREN, "children_open")
+      for t in ("ToolCompleted", "ToolFailed", "GuardrailTripped")],
+    *[(t, S.AWAITING_CHILDREN, S.AWAITING_TOOLS, None) for t in ("ToolCompleted", "ToolFailed", "GuardrailTripped")],
+    *[(t, S.AWAITING_CHILDREN, S.AWAITING_CHILDREN, None) for t in ("RetryScheduled",
+      "WorkspaceCheckpointed", "ToolCallReviewed", "HookDecided", "GoalPaused", "GoalResumed")],
+    ("ApprovalRequested",   S.AWAITING_CHILDREN,   S.AWAITING_APPROVAL,   None),
     # Annotations of an ended session (loopstream.observe): an eval's grade, a person's
     # feedback. They change no state and nothing is owed after them.
     *[(t, s, s, None) for t in ("EvalGraded", "FeedbackGiven") for s in (S.DONE, S.FAILED, S.CANCELLED)],
@@ -173,6 +190,7 @@ CONDITIONS: dict[str, Callable[[Any], bool]] = {
     "no_open_approvals": lambda state: not state.open_approvals,
     "reply_without_calls": lambda state: not state.last_reply_calls,
     "goal_passed": lambda state: state.goal_passed,
+    "children_open": lambda state: bool(state.delegations),
 }
 
 _OWED = {row.status: row for row in STATES}

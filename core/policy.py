@@ -23,6 +23,7 @@ Action = Literal["allow", "deny", "ask"]
 OnTrip = Literal["tell_model", "stop"]
 ACTIONS = ("allow", "deny", "ask")
 CODE_TOOLS = frozenset({"shell"})  # tools that run code: they run under the sandbox policy
+DELEGATION_TOOLS = frozenset({"delegate", "spawn_agents", "spawn_over"})  # tools that start child sessions (docs/subagents.md)
 MAX_POLICY_BYTES = 1 << 20
 
 
@@ -304,6 +305,8 @@ class Answers(_Section):
     ("use the add tool"), is refused: the model is told to call it (named_tool)."""
     nudges: int = Field(1, ge=0)
     """Answers refused in all before the model's answer is accepted as it is."""
+
+
 def _namespace(value: str) -> str:
     if not value.strip() or len(value) > 200 or any(ord(c) < 32 for c in value):
         raise ValueError("a namespace is 1 to 200 printable characters")
@@ -338,6 +341,23 @@ class Memory(_Section):
     """Memories one namespace may hold; `remember` is refused beyond it."""
 
 
+class Delegation(_Section):
+    """Sub-agents (docs/subagents.md): limits on the child sessions the `delegate` and
+    `spawn_agents` tools start. A session with either tool records this section whole."""
+
+    max_depth: int = Field(2, ge=0, le=16)
+    """How deep a tree may grow: a session at this depth (top level: 0) may not delegate."""
+    max_children: int = Field(8, ge=1, le=1000)
+    """Children one call may start."""
+    max_parallel: int = Field(4, ge=1, le=256)
+    """Children of one call that run at once, in-process (a bounded pool)."""
+    max_task_chars: int = Field(20_000, ge=1, le=100_000)
+    """Longest task text a child may be given."""
+    agents: list[str] = []
+    """Agent names a child may run as, besides the parent's own definition (`agent` omitted);
+    the project file's `sub_agents` of the parent's agent join them."""
+
+
 class SessionPolicy(_Section):
     """Everything a session runs under besides its model, tools and prompt; recorded in
     SessionStarted and folded into `state.policy`. Build it in Python, or `load_policy` a file."""
@@ -356,6 +376,7 @@ class SessionPolicy(_Section):
     shaping: Shaping = Shaping()
     answers: Answers = Answers()
     memory: Memory = Memory()
+    delegation: Delegation = Delegation()
     fallback_models: list[str] = []
     """Models to switch to, in order, when the current one keeps failing."""
     checkpoint_exclude: list[str] = []
@@ -372,17 +393,19 @@ class SessionPolicy(_Section):
         """Why the recorded policy this stands in for could not be read (see `recorded_policy`)."""
         return self._unreadable
 
-    def to_config_json(self, *, code_tools: bool = False) -> str:
+    def to_config_json(self, *, code_tools: bool = False, delegates: bool = False) -> str:
         """The JSON recorded in SessionStarted: what differs from the defaults, with a context
         budget the estimator it is measured with, and the settings of loop detection, shaping
         and answer checks whole (defaults may change; a replay decides as the session was
         decided). A session with a code tool (`code_tools`: shell) always records its sandbox
-        mode and network."""
+        mode and network, one with a delegation tool (`delegates`) its delegation limits."""
         data = self.model_dump(mode="json", exclude_defaults=True)
         if code_tools:
             data["sandbox"] = {**data.get("sandbox", {}), "mode": self.sandbox.mode, "network": self.sandbox.network}
         if self.compaction.context_budget_tokens is not None:
             data.setdefault("compaction", {})["estimator"] = self.compaction.estimator
+        if delegates:  # a session that may start children records their limits whole
+            data["delegation"] = self.delegation.model_dump(mode="json")
         for name in WHOLE_WHEN_ON:  # recorded whole: a session without them ran without them
             if getattr(self, name).enabled:
                 data[name] = getattr(self, name).model_dump(mode="json")

@@ -293,6 +293,8 @@ TEXT_LIMITS: dict[tuple[str, str], int] = {
     ("FeedbackGiven", "comment"): 16_000,
     ("MemoryRecalled", "text"): 64_000,
     ("MemoryRecalled", "query"): 16_000,
+    ("ChildRecord", "task"): 100_000,  # = GoalReceived.text: a child's task is its goal
+    ("ChildSettled", "text"): 100_000,  # = SessionFinished.answer
 }
 DEFAULT_TEXT_LIMIT = 4_096  # reasons, ids, names, models, kinds
 UNCAPPED = frozenset({("SessionStarted", "config_json"), ("SessionForked", "overrides_json"),

@@ -38,6 +38,22 @@ class PendingCall:
 
 
 @dataclass(frozen=True, slots=True)
+class Delegation:
+    """A delegate / spawn_agents call whose children have not all been reported (docs/subagents.md):
+    its ChildrenStarted, the event its work is owed from (that or the latest ChildSettled), and
+    the children settled so far. Replaced, never mutated."""
+
+    call_id: str
+    started_seq: int
+    started_id: str  # the ChildrenStarted event's id: the children's parent_event_id
+    owed_seq: int
+    mode: str
+    quorum: int
+    children: tuple[ev.ChildRecord, ...]
+    settled: tuple[ev.ChildSettled, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class Owed:
     """An event whose handling is still owed, and by whom (`core.fsm.owed_by`, refined per call)."""
 
@@ -131,6 +147,12 @@ class SessionState:
     compaction_note: str = ""  # what they asked the summary to keep
     end_hooks_owed: bool = False  # ended with SessionEnd hooks that have not decided yet
     end_seq: int | None = None  # the event that ended the session
+    # sub-agents (docs/subagents.md): this session's place in a tree, and its open delegations
+    parent_session_id: str | None = None
+    parent_event_id: str | None = None
+    depth: int = 0
+    delegations: dict[str, Delegation] = field(default_factory=dict)  # call id -> open delegation; replaced
+    children_started: int = 0  # child sessions this session started, over its life
 
     @property
     def last_reply_calls(self) -> list[ToolCall]:
@@ -223,6 +245,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.tool_calls += 1
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
+            if p.call_id in state.delegations:
+                state.delegations = {c: d for c, d in state.delegations.items() if c != p.call_id}
             if len(p.result) >= LONG_RESULT_CHARS:
                 state.long_results += 1
             state.messages.append(_message("tool", p.result, event.seq, tool_call_id=p.call_id, name=p.name))
@@ -232,6 +256,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.started_ms = event.time
             state.agent, state.provider, state.model = p.agent, p.provider, p.model
             state.agent_json = p.agent_json
+            state.parent_session_id, state.parent_event_id, state.depth = p.parent_session_id, p.parent_event_id, p.depth
             state.tools, state.max_steps, state.workdir = list(p.tools), p.max_steps, p.workdir
             state.policy = recorded_policy(p.config_json)
             state.sampling = recorded(p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed)
@@ -261,6 +286,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.consecutive_model_failures = 0
         case ev.ToolFailed():
             state.pending_calls.pop(p.call_id, None)
+            if p.call_id in state.delegations:
+                state.delegations = {c: d for c, d in state.delegations.items() if c != p.call_id}
             state.tool_errors += 1
             state.messages.append(_message("tool", f"{ERROR_RESULT_PREFIX}{p.error_kind}): {p.message}", event.seq,
                                            tool_call_id=p.call_id, name=p.name))
@@ -348,6 +375,16 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.GoalResumed():
             state.pause_pending = False
             state.paused_by = ""
+        case ev.ChildrenStarted():
+            state.delegations = {**state.delegations, p.call_id: Delegation(
+                p.call_id, event.seq, event.event_id, event.seq, p.mode, p.quorum, tuple(p.children))}
+            state.children_started += len(p.children)
+        case ev.ChildSettled():
+            state.input_tokens += p.input_tokens  # a child's model use counts toward the parent's budgets
+            state.output_tokens += p.output_tokens
+            if (d := state.delegations.get(p.call_id)) is not None:
+                state.delegations = {**state.delegations, p.call_id: dataclasses.replace(
+                    d, owed_seq=event.seq, settled=(*d.settled, p))}
     # The transition is checked after the payload is applied: conditions such as
     # "tools_settled" look at what this event changed.
     fixed = UNCONDITIONAL.get(key) if transition is next_state else None  # most rows need no condition
@@ -490,7 +527,9 @@ def open_work(state: SessionState) -> list[Owed]:
     - orchestrator (planning, acting, backing_off): the head of the log; backing off, not
       before the retry's time;
     - model / compaction: the open ModelRequested / CompactionRequested;
-    - tools / person (awaiting_tools, awaiting_approval): one item per pending call, from
+    - tools / person / children (awaiting_tools, awaiting_approval, awaiting_children): one
+      item per pending call, owed by the children runner while it is a delegation whose
+      children are not all reported (from its ChildrenStarted or latest ChildSettled), else from
       the event its next step is owed from (`PendingCall.owed_seq`): owed by a person while
       its approval is open, by the tools otherwise (not before a retry's time). Calls whose
       workspace checkpoint is taken come first: a side-effect tool runs right after its own
@@ -508,9 +547,11 @@ def open_work(state: SessionState) -> list[Owed]:
         return [Owed(state.open_compaction_seq, actor)]
     if actor == "verifier" and state.open_verification_seq is not None:
         return [Owed(state.open_verification_seq, actor)]
-    if actor in ("tools", "person"):
+    if actor in ("tools", "person", "children"):
         calls = sorted(state.pending_calls.values(), key=lambda p: (p.checkpoint_seq is None, p.owed_seq))
-        return [Owed(p.owed_seq, "person") if p.approval is not None else Owed(p.owed_seq, "tools", p.retry_at_ms)
+        delegations = state.delegations
+        return [Owed(delegations[p.call.call_id].owed_seq, "children") if p.call.call_id in delegations
+                else Owed(p.owed_seq, "person") if p.approval is not None else Owed(p.owed_seq, "tools", p.retry_at_ms)
                 for p in calls]
     return []
 

@@ -91,7 +91,7 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
         worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
                                            publisher=publisher, allow_writes=opts.allow_writes,
                                            memory=MemoryStore.for_log(log), registry=opts.registry,
-                                           extra=opts.extra), group,
+                                           extra=opts.extra, subagents=log), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
 

@@ -167,12 +167,47 @@ def calls_script(spec: str) -> Script:
     return script
 
 
+def fanout_script(children: int | str = 3, mode: str = "all") -> Script:
+    """Sub-agents (docs/subagents.md). A session whose goal is `add A B` is a child: it calls
+    add(A, B) and answers with the sum. Any other goal is the parent: it calls spawn_agents
+    with `children` tasks `add i i+1` (i = 1..children), then answers `total T` with the sum of
+    the children's answers (a failed child counts 0)."""
+    n = int(children)
+
+    def script(messages: list[Message]) -> ModelReply:
+        goal = next((m.content for m in messages if m.role == "user"), "")
+        results = [m.content for m in messages if m.role == "tool"]
+        if goal.startswith("add "):
+            if not results:
+                try:
+                    a, b = (float(x) for x in goal.split()[1:3])
+                except ValueError:  # a child that fails: its session fails, the parent reads why
+                    raise ProviderError(f"cannot add {goal[:60]!r}", retryable=False, kind="bad_request") from None
+                return ModelReply(tool_calls=[ToolCall(call_id="a0", name="add", arguments={"a": a, "b": b})],
+                                  input_tokens=10, output_tokens=5, mode="native")
+            return ModelReply(text=results[-1], input_tokens=12, output_tokens=3)
+        if not results:
+            tasks = [{"task": f"add {i} {i + 1}"} for i in range(1, n + 1)]
+            return ModelReply(tool_calls=[ToolCall(call_id="d0", name="spawn_agents",
+                                                   arguments={"tasks": tasks, "mode": mode})],
+                              input_tokens=20, output_tokens=10, mode="native")
+        try:
+            rows = json.loads(results[-1])["results"]
+            total = sum(float(r["answer"]) for r in rows if r["status"] == "done")
+        except (ValueError, KeyError, TypeError):
+            return ModelReply(text=f"could not read: {results[-1][:200]}", input_tokens=20, output_tokens=5)
+        return ModelReply(text=f"total {total:g}", input_tokens=30, output_tokens=4)
+
+    return script
+
+
 SCRIPTS: dict[str, Callable[..., Script]] = {"adder": adder_script, "reviewer": reviewer_script,
                                              "down": down_script, "slow": slow_script, "reads": reads_script,
                                              "shell": shell_script, "goalfix": goalfix_script,
-                                             "calls": calls_script}
+                                             "calls": calls_script, "fanout": fanout_script}
 SCRIPT_TOOLS: dict[str, tuple[str, ...]] = {"adder": ("add",), "slow": ("add",), "reads": ("read_file",),
-                                            "shell": ("shell",), "goalfix": ("shell", "write_file")}  # tools called
+                                            "shell": ("shell",), "goalfix": ("shell", "write_file"),
+                                            "fanout": ("add", "spawn_agents")}  # tools called
 
 
 def missing_tools(spec: str, tools: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ from loopstream.replay.replayer import (
     render,
     replay,
 )
+from loopstream.replay.tree import descendants, tree_lines
 from loopstream.tools.registry import ToolRegistry
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NEEDS_ACK = 0, 1, 2, 3
@@ -52,6 +53,8 @@ def replay_command(
         text = report.chain.describe()
     else:
         text = render(report, width=width, max_lines=max_lines)
+        if tree := tree_lines(log, session_id):
+            text += "\nchildren (replay each with `loopstream replay CHILD`):\n" + "\n".join(tree)
     if report.ok:
         return CommandResult(text, EXIT_OK, data=report)
     bad = report.first_bad_seq
@@ -62,13 +65,25 @@ def replay_command(
 def check_command(log: Log, session_id: str, to_seq: int | None = None) -> CommandResult:
     """`loopstream replay SESSION --check` (or `loopstream check SESSION`): decisions re-made."""
     report = check_determinism(log, session_id, to_seq)
+    texts, error = [report.render()], _check_error(report)
+    if to_seq is None:  # a whole session: its children too (docs/subagents.md)
+        for depth, child in descendants(log, session_id):
+            if child.status == "not started":
+                continue
+            sub = check_determinism(log, child.session_id)
+            texts.append("\n".join("  " * depth + line for line in sub.render().splitlines()))
+            if error is None and (why := _check_error(sub)) is not None:
+                error = f"child {child.session_id}: {why}"
+    text = "\n".join(texts)
+    return CommandResult(text, EXIT_OK, data=report) if error is None else CommandResult(text, EXIT_FAILED, error, report)
+
+
+def _check_error(report: Any) -> str | None:
     if report.ok:
-        return CommandResult(report.render(), EXIT_OK, data=report)
+        return None
     if report.divergence is not None:
-        error = f"diverges at seq {report.divergence.seq}: {report.divergence.reason}"
-    else:
-        error = report.chain.describe()
-    return CommandResult(report.render(), EXIT_FAILED, error, report)
+        return f"diverges at seq {report.divergence.seq}: {report.divergence.reason}"
+    return report.chain.describe()
 
 
 def fork_command(

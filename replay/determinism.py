@@ -33,7 +33,7 @@ from loopstream.runtime.writer import SessionWriter
 # eval's grades and feedback): copied, not re-made.
 INPUT_TYPES = frozenset({"SessionStarted", "GoalReceived", "UserMessage", "SessionForked", "SessionCancelled",
                          "ApprovalDecided", "MemoryRecalled"}) | ANNOTATIONS
-REPLYING = ("model", "compaction", "tools", "hooks")  # the actors whose work is answered from the log
+REPLYING = ("model", "compaction", "tools", "children", "hooks")  # the actors whose work is answered from the log
 
 
 @dataclass

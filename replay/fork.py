@@ -95,7 +95,8 @@ def side_effects_after(
 ) -> list[SideEffect]:
     """Tool calls of `events` that ran after `at_seq` (their result is after it, or they
     have none) and whose tool is not read-only (in `registry`; by default the built-in
-    tools, side-effect ones included). Unknown tools count as side-effecting."""
+    tools, side-effect ones included, and the delegation tools: a fork before a delegation
+    starts fresh children, docs/subagents.md). Unknown tools count as side-effecting."""
     registry = registry or every_tool()
     requested: dict[str, ev.Event] = {}
     settled: dict[str, ev.Event] = {}

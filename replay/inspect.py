@@ -38,6 +38,7 @@ class SessionRow:
     events: int
     goal: str  # "" when the session has none; a note when its first events cannot be read
     model: str = ""  # the model of the last reply; before one, the model SessionStarted names
+    parent: str = ""  # a child session's parent (docs/subagents.md); "" at the top of a tree
 
 
 def session_rows(log: Log, limit: int | None = None, only: Collection[str] | None = None) -> list[SessionRow]:
@@ -51,8 +52,12 @@ def session_rows(log: Log, limit: int | None = None, only: Collection[str] | Non
         infos = infos[-limit:] if limit > 0 else []
     path = _lease_root(log)
     workers = path is not None and lease.workers_attached(path)
-    return [SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(_ended(log, i), path, workers), i.next_seq,
-                       _goal(log, i.session_id), _model(log, i.session_id, i.next_seq)) for i in infos]
+    rows = []
+    for i in infos:
+        goal, parent = _goal_and_parent(log, i.session_id)
+        rows.append(SessionRow(i.session_id, i.created_ms, i.updated_ms, live_status(_ended(log, i), path, workers),
+                               i.next_seq, goal, _model(log, i.session_id, i.next_seq), parent))
+    return rows
 
 
 def _ended(log: Log, info: SessionInfo) -> SessionInfo:
@@ -77,12 +82,14 @@ def _lease_root(log: Log) -> Path | None:
     return log.path if isinstance(log, SQLiteLog) else None
 
 
-def _goal(log: Log, session_id: str) -> str:
+def _goal_and_parent(log: Log, session_id: str) -> tuple[str, str]:
+    """The session's goal, and its parent session if it is a child ("" if not)."""
     events, error = decode_prefix(log.read_raw(session_id, 0, 2))  # seq 1: a MemoryRecalled may come first
+    parent = next((e.payload.parent_session_id or "" for e in events if isinstance(e.payload, ev.SessionStarted)), "")
     for e in events:
         if isinstance(e.payload, ev.GoalReceived):
-            return e.payload.text
-    return f"(unreadable: {error})" if error is not None else ""
+            return e.payload.text, parent
+    return (f"(unreadable: {error})" if error is not None else ""), parent
 
 
 def _model(log: Log, session_id: str, next_seq: int, chunk: int = 32) -> str:

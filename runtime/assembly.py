@@ -15,6 +15,7 @@ from loopstream.core.policy import PolicyError
 from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
+from loopstream.processors.delegation import Delegation
 from loopstream.processors.hooks import EndHooks
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
@@ -25,7 +26,10 @@ from loopstream.providers.errors import ProviderConfigError
 from loopstream.providers.factory import open_provider
 from loopstream.providers.ratelimit import RateLimiter
 from loopstream.providers.scripted import scripted_from_spec
+from loopstream.runtime.children import ChildRunner
+from loopstream.runtime.children_bus import ChildCoordinator, ChildWatcher
 from loopstream.runtime.inline import EventCallback, Runtime, SessionConfig
+from loopstream.tools import delegate
 from loopstream.tools import memory as memory_tools
 from loopstream.tools.builtin import default_registry
 from loopstream.tools.registry import ToolRegistry
@@ -52,13 +56,16 @@ def build_runtime(
     fallbacks: Sequence[Provider] = (),
     summarize_with_model: bool = True,
     limits: Mapping[str, RateLimiter] | None = None,
+    agents: Mapping[str, SessionConfig] | None = None,
     extra: Sequence[Any] = (),
 ) -> Runtime:
-    """The in-process agent: a Runtime with the processors of the role `all` (and `extra`, a
-    plugin's processors and observers)."""
+    """The in-process agent: a Runtime with the processors of the role `all`, and sub-agents:
+    the delegation processor and a child runner (`agents`: the named definitions a child may
+    run as). The worker roles have neither yet: there a delegation tool's call fails, saying so.
+    `extra`: a plugin's processors and observers."""
     return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
                                        limits=limits, summarize_with_model=summarize_with_model,
-                                       memory=MemoryStore.for_log(log), extra=extra),
+                                       memory=MemoryStore.for_log(log), runner=ChildRunner(agents), extra=extra),
                    on_event=on_event)
 
 
@@ -146,29 +153,41 @@ def processors_for(
     publisher: Processor | None = None,
     allow_writes: bool = False,
     memory: MemoryStore | None = None,
+    subagents: Log | None = None,
+    runner: Processor | None = None,
     extra: Sequence[Any] = (),
 ) -> list[Processor]:
     """The processors of one role, for `build_runtime` (role `all`) and the worker roles
     (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
     order; `limits`: a rate limiter per provider name) and the tool role's reviewer of tool
     calls; `registry` defaults to the built-in tools (`allow_writes`: with the side-effect
-    ones) and the memory tools, which a session has when its `[memory]` is on (`memory`: the
-    log's store, `MemoryStore.for_log`); `publisher` joins the orchestrator. `extra` (a
-    plugin's): each joins the role it acts for, after the built-in ones (an observer, with no
-    `acts_for`, the orchestrator's)."""
+    ones), the memory tools, which a session has when its `[memory]` is on (`memory`: the log's
+    store, `MemoryStore.for_log`), and the delegation tools; `publisher` joins the orchestrator.
+    Sub-agents (docs/subagents.md): `runner`, the in-process child runner (`build_runtime`), or
+    `subagents`, the log a subscription driver's children run on (runtime/children_bus.py: a
+    coordinator and a watcher), joins the orchestrator, and the delegation processor the tools;
+    with neither a delegation tool's call fails, saying so. `extra` (a plugin's): each
+    joins the role it acts for, after the built-in ones (an observer, with no `acts_for`, the
+    orchestrator's)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
-    registry = registry or default_registry(allow_writes=allow_writes)
+    registry = with_delegation(registry or default_registry(allow_writes=allow_writes))
     missing = [t for t in memory_tools.TOOLS if t.name not in registry.tools]
-    if missing:  # a copy: the caller's registry is left as it was
-        registry = ToolRegistry(dict(registry.tools)).add(*missing)
+    if missing:  # with_delegation made a copy: the caller's registry is left as it was
+        registry = registry.add(*missing)
     procs: list[Processor] = []
     if role in ("orchestrator", "all"):
         procs.append(Orchestrator())
+        if runner is not None:
+            procs.append(runner)
+        elif subagents is not None:
+            coordinator = ChildCoordinator(subagents)
+            procs += [coordinator, ChildWatcher(coordinator)]
     if role in ("model", "all"):
         procs += [ModelProcessor(provider, registry.specs(), fallbacks, limits),
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
+        procs += [Delegation()] if subagents is not None or runner is not None else []
         procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier(), EndHooks()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
@@ -179,7 +198,13 @@ def processors_for(
 
 # The role whose worker does an actor's work (core/fsm.py STATES owed_by).
 ROLE_OF = {"orchestrator": "orchestrator", "model": "model", "compaction": "model", "tools": "tool",
-           "verifier": "tool", "hooks": "tool"}
+           "verifier": "tool", "hooks": "tool", "children": "orchestrator"}
+
+
+def with_delegation(registry: ToolRegistry) -> ToolRegistry:
+    """`registry` plus the delegation tools (a copy): the model sees their specs when a
+    session has them (docs/subagents.md)."""
+    return ToolRegistry({**{t.name: t for t in delegate.TOOLS}, **registry.tools})
 
 
 def rate_limits(providers: Sequence[Provider], rpm: float | None, tpm: float | None) -> dict[str, RateLimiter] | None:

@@ -104,7 +104,26 @@ def cancel(log: Log, session_id: str, *, by: str | None = None, reason: str = "c
     written = _record(log, session_id, ev.SessionCancelled(reason=reason), by)
     if written.outcome == "dropped":
         raise DecisionError(f"session {session_id} ended meanwhile")
+    cancel_children(log, state, by, f"parent session {session_id} was cancelled: {reason}")
     return written.state
+
+
+def cancel_children(log: Log, state: SessionState, by: str, reason: str) -> list[str]:
+    """Cancel the running children of `state`'s open delegations, and theirs (docs/subagents.md);
+    the ids cancelled. A child runner driving them stops them too; this also covers a parent
+    no process drives."""
+    done = []
+    for d in state.delegations.values():
+        for child in d.children:
+            if not log.next_seq(child.session_id):
+                continue
+            sub = load(log, child.session_id)
+            if sub.terminal:
+                continue
+            if _record(log, child.session_id, ev.SessionCancelled(reason=reason), by).outcome == "appended":
+                done.append(child.session_id)
+            done += cancel_children(log, sub, by, reason)
+    return done
 
 
 def pause(log: Log, session_id: str, *, by: str | None = None, reason: str = "") -> SessionState:

@@ -39,6 +39,9 @@ class Runtime:
         self.dispatch = Dispatch(processors, EndWatcher(log, WATCH_S))  # a session ended elsewhere stops its handler
         self.sleep = sleep
         self._recent: dict[tuple[str, int], ev.Event] = {}  # the last batch written: the next owed event
+        for proc in self.dispatch.processors:  # a child runner (runtime/children.py) runs children here
+            if hasattr(proc, "attach"):
+                proc.attach(self)
 
     @property
     def processors(self) -> list[Processor]:

@@ -18,7 +18,7 @@ from loopstream.core.construct import factory
 from loopstream.core.fsm import LEGAL, machine_next_state
 from loopstream.core.log import ConcurrencyError, DuplicateEvent, Log, LogError, SessionNotFound
 from loopstream.core.memory import MemoryStore, recall_at_start, resolved_policy
-from loopstream.core.policy import CODE_TOOLS, SessionPolicy, from_legacy, parse_policy
+from loopstream.core.policy import CODE_TOOLS, DELEGATION_TOOLS, SessionPolicy, from_legacy, parse_policy
 from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize_all
@@ -48,6 +48,11 @@ class SessionConfig:
     """How the model samples (core/sampling.py): recorded in SessionStarted, sent on every call."""
     definition: str = ""
     """The agent definition as JSON (agents/definition.py), recorded in SessionStarted (v3)."""
+    parent_session_id: str | None = None
+    """A child session's parent (docs/subagents.md), its ChildrenStarted event and the tree depth
+    (SessionStarted v4); None / 0 for a top-level session."""
+    parent_event_id: str | None = None
+    depth: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.policy, dict):
@@ -175,8 +180,11 @@ class SessionWriter:
         started = ev.SessionStarted(
             agent=config.agent, provider=config.provider, model=config.model, system_prompt=config.system_prompt,
             tools=tools, max_steps=config.max_steps, workdir=config.workdir,
-            config_json=policy.to_config_json(code_tools=bool(CODE_TOOLS & set(tools))), **record_fields(config.sampling),
+            config_json=policy.to_config_json(code_tools=bool(CODE_TOOLS & set(tools)),
+                                              delegates=bool(DELEGATION_TOOLS & set(tools))),
+            **record_fields(config.sampling),
             agent_json=config.definition or json.dumps({"name": config.agent, "source": "flags"}, sort_keys=True),
+            parent_session_id=config.parent_session_id, parent_event_id=config.parent_event_id, depth=config.depth,
         )
         goal_ev = ev.GoalReceived(text=goal, idempotency_key=idempotency_key, reply_topic=reply_topic)
         root = ev.random_id() if idempotency_key is None else ev.derived_id("goal", idempotency_key)

@@ -59,6 +59,11 @@ SAMPLE_PAYLOADS: list[ev.Payload] = [
                         output_tokens=9, latency_ms=12),
     ev.ApprovalRequested(call_id="c1", name="add", arguments_json='{"a": 1}', reason="rule 1: ask add"),
     ev.ApprovalDecided(call_id="c1", approved=True, by="person:ada", reason=""),
+    ev.ChildrenStarted(call_id="d1", mode="quorum", quorum=2, children=[
+        ev.ChildRecord(session_id="c0", agent="default", task="add 1 and 2"),
+        ev.ChildRecord(session_id="c1", agent="checker", task="check it")]),
+    ev.ChildSettled(call_id="d1", index=0, session_id="c0", status="done", text="3", input_tokens=10,
+                    output_tokens=5, cost_usd=0.001, steps=2),
 ]
 
 

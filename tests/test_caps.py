@@ -133,7 +133,7 @@ def test_cap_text_keeps_what_fits_and_counts_what_it_cuts() -> None:
 
 def test_the_limits_name_real_fields_and_every_text_field_has_one() -> None:
     """Declared once and checked: a misspelt entry would silently fall back to the default."""
-    records = {"ToolCallRecord": ev.ToolCallRecord}
+    records = {"ToolCallRecord": ev.ToolCallRecord, "ChildRecord": ev.ChildRecord}
     types = {**ev.PAYLOAD_TYPES, **records}
     for owner, field in [*TEXT_LIMITS, *UNCAPPED]:
         assert owner in types and field in types[owner].model_fields, (owner, field)

@@ -25,7 +25,7 @@ from loopstream.core.fsm import (
     next_state,
     owed_by,
 )
-from loopstream.core.state import PendingCall, SessionState, apply, fold
+from loopstream.core.state import Delegation, PendingCall, SessionState, apply, fold
 from tests.helpers import SAMPLE_PAYLOADS, make_event
 
 BY_TYPE = {p.TYPE: p for p in SAMPLE_PAYLOADS}
@@ -42,6 +42,8 @@ def _state(status: Status, holds: dict[str, bool]) -> SessionState:
     if not holds["reply_without_calls"]:
         s.last_reply_parsed = {"c0": ("{}", ADD)}
     s.goal_passed = holds.get("goal_passed", False)
+    if holds.get("children_open"):  # a delegation is a pending call's too: open only where calls are
+        s.delegations = {"c0": Delegation("c0", 0, "e0", 0, "all", 1, ())}
     assert {name: cond(s) for name, cond in CONDITIONS.items()} == holds
     return s
 
@@ -93,9 +95,10 @@ def _lookup_answer(session: SessionState, event_type: str) -> str:
 
 
 # Every combination of the conditions a state can have (an open approval belongs to a pending call,
-# so "no open approvals" fails only where "tools settled" fails too).
+# so "no open approvals" fails only where "tools settled" fails too; so does an open delegation).
 HOLDS = [h for values in itertools.product((True, False), repeat=len(CONDITIONS))
-         if not ((h := dict(zip(CONDITIONS, values, strict=True)))["tools_settled"] and not h["no_open_approvals"])]
+         if not ((h := dict(zip(CONDITIONS, values, strict=True)))["tools_settled"]
+                 and (not h["no_open_approvals"] or h["children_open"]))]
 
 
 @pytest.mark.parametrize("status", list(Status))
@@ -128,9 +131,10 @@ def test_owed_by_says_who_acts_in_each_state() -> None:
         "planning": "orchestrator", "acting": "orchestrator", "backing_off": "orchestrator",
         "awaiting_model": "model", "compacting": "compaction", "awaiting_tools": "tools",
         "awaiting_approval": "person", "verifying": "verifier", "paused": None,
+        "awaiting_children": "children",
     }
     assert fsm.also_owed_by("awaiting_approval") == "tools"  # the calls not waiting on a person
-    assert {s for s in Status if fsm.also_owed_by(s)} == {"awaiting_approval"}
+    assert {s for s in Status if fsm.also_owed_by(s)} == {"awaiting_approval", "awaiting_children"}
     assert owed_by(Status.PLANNING) == owed_by("planning")
 
 

@@ -62,7 +62,7 @@ def test_run_agent_found_upward_records_its_definition(tmp_path: Path) -> None:
     log = SQLiteLog(root / "x.db")
     sid = log.sessions()[0].session_id
     started = log.read(sid, 0, 0)[0]
-    assert started.schema_version == 3
+    assert started.schema_version == 4
     p = started.payload
     assert (p.agent, p.provider, p.tools, p.max_steps) == ("adder", "scripted", ["add"], 5)
     assert p.system_prompt.startswith("You add. Goal: add 2 and 3 on 20") and f"in {sub.resolve()}; {{x}}" in p.system_prompt
@@ -170,7 +170,7 @@ def v2_session_started() -> bytes:
 
 def test_a_v2_session_started_is_upcast_to_a_flags_definition() -> None:
     event = decode(v2_session_started())
-    assert event.schema_version == 3
+    assert event.schema_version == 4
     assert json.loads(event.payload.agent_json) == {"name": "old", "source": "flags"}
     assert event.payload.temperature == 0.0
 

@@ -49,7 +49,7 @@ def test_session_started_records_the_settings_and_every_call_is_sent_them(log) -
     state = rt.run_session(sid)
     assert state.status == "done"
     started = log.read(sid)[0]
-    assert started.schema_version == codec.REGISTRY.latest("SessionStarted") == 3
+    assert started.schema_version == codec.REGISTRY.latest("SessionStarted") == 4
     p = started.payload
     assert (p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed) == (0.3, 200, ["###"], 0.9, 11)
     assert provider.calls == 3 and provider.samplings == [CHOSEN] * 3
@@ -124,7 +124,7 @@ def v1_session_started(provider: str) -> bytes:
 ])
 def test_a_v1_session_started_reads_as_v2_with_what_its_day_sent(provider: str, temperature, cap) -> None:
     event = decode(v1_session_started(provider))
-    assert event.schema_version == 3  # read as the newest version (v3 adds the agent definition)
+    assert event.schema_version == 4  # read as the newest version (v3 adds the agent definition, v4 the parent)
     p = event.payload
     assert (p.provider, p.temperature, p.max_output_tokens, p.stop, p.top_p, p.seed) == (
         provider, temperature, cap, [], None, None)

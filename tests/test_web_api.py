@@ -17,7 +17,7 @@ from loopstream.cli.common import UserError  # noqa: E402
 from loopstream.cli.ui import ui  # noqa: E402
 from loopstream.core import events as ev  # noqa: E402
 from loopstream.core.sqlite_log import SQLiteLog  # noqa: E402
-from loopstream.providers.scripted import ScriptedProvider, adder_script  # noqa: E402
+from loopstream.providers.scripted import ScriptedProvider, adder_script, fanout_script  # noqa: E402
 from loopstream.replay.fork import fork  # noqa: E402
 from loopstream.runtime.assembly import build_runtime  # noqa: E402
 from loopstream.runtime.inline import SessionConfig  # noqa: E402
@@ -287,3 +287,20 @@ def test_links_are_read_incrementally_and_take_other_kinds_of_child(db):
     assert now[helper] == Link(helper, child, None, "subagent") and now[grandchild] == Link(grandchild, child, 4, "fork")
     assert found.read(log) == now  # nothing new: nothing changes
     log.close()
+
+
+def test_a_tree_of_sub_agents_is_drawn_from_their_starts(db):
+    log = SQLiteLog(db)
+    runtime = build_runtime(log, ScriptedProvider(fanout_script(3)))
+    parent = runtime.start_session("sum three sums", SessionConfig(provider="scripted", model="fanout",
+                                                                   tools=["add", "spawn_agents"]))
+    assert runtime.run_session(parent).status == "done"
+    started = next(e.payload for e in log.read(parent) if e.type == "ChildrenStarted")
+    children = [c.session_id for c in started.children]
+    log.close()
+    with serving(db) as server, httpx.Client(base_url=server.url) as c:
+        tree = c.get(f"/api/sessions/{children[1]}/tree").json()
+        assert tree["session_id"] == parent and tree["kind"] == "root"
+        assert sorted(k["session_id"] for k in tree["children"]) == sorted(children)
+        assert {k["kind"] for k in tree["children"]} == {"subagent"}
+        assert c.get(f"/api/sessions/{children[0]}").json()["parent"]["session_id"] == parent

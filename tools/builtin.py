@@ -1,7 +1,7 @@
 """The built-in tools as one registry."""
 from __future__ import annotations
 
-from loopstream.tools import arithmetic, files, memory, workspace
+from loopstream.tools import arithmetic, delegate, files, memory, workspace
 from loopstream.tools.registry import ToolRegistry
 
 
@@ -15,6 +15,6 @@ def default_registry(*, allow_writes: bool = False) -> ToolRegistry:
 
 
 def every_tool() -> ToolRegistry:
-    """Every built-in tool, the side-effect and memory ones included: what a recorded session may
-    name (fork and rollback ask it which calls were read-only)."""
-    return default_registry(allow_writes=True).add(*memory.TOOLS)
+    """Every built-in tool, the side-effect, memory and delegation ones included: what a recorded
+    session may name (fork and rollback ask it which calls were read-only)."""
+    return default_registry(allow_writes=True).add(*memory.TOOLS, *delegate.TOOLS)

@@ -32,7 +32,15 @@ def _forked(e: ev.Event) -> Link | None:
     return Link(e.session_id, p.parent_session_id, p.parent_seq, "fork") if isinstance(p, ev.SessionForked) else None
 
 
-LINKERS: dict[str, Linker] = {"SessionForked": _forked}
+def _child(e: ev.Event) -> Link | None:
+    """A sub-agent: its SessionStarted names the parent session (docs/subagents.md)."""
+    p = e.payload
+    if isinstance(p, ev.SessionStarted) and p.parent_session_id:
+        return Link(e.session_id, p.parent_session_id, None, "subagent")
+    return None
+
+
+LINKERS: dict[str, Linker] = {"SessionForked": _forked, "SessionStarted": _child}
 
 
 def events_of_types(log: Log, types: Iterable[str], after_gpos: int = 0) -> tuple[list[ev.Event], int]:
