@@ -10,6 +10,7 @@ from typing import Annotated, Optional, get_args
 
 import typer
 
+from loopstream.agents import plugins as plugin_mod
 from loopstream.agents.assemble import Composed, compose, recorded_mcp, registry_for_session
 from loopstream.agents.mcp import McpError, McpHub
 from loopstream.agents.project import ProjectError
@@ -306,15 +307,18 @@ def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry
     sid = None
     try:
         with ExitStack() as stack:
+            found = installed_plugins()
             chosen = stack.enter_context(open_model(choice.provider, choice.model, choice.base_url,
-                                                    choice.action_mode, on_local_start=watch.on_local_model))
-            backups = [stack.enter_context(open_model(choice.provider, m, choice.base_url, choice.action_mode))
+                                                    choice.action_mode, on_local_start=watch.on_local_model,
+                                                    plugins=plugin_providers(found)))
+            backups = [stack.enter_context(open_model(choice.provider, m, choice.base_url, choice.action_mode,
+                                                      plugins=plugin_providers(found)))
                        for m in choice.fallbacks]
             if backups:
                 config.policy = config.policy.updated({"fallback_models": [b.model for b in backups]})
             limits = rate_limits([chosen, *backups], choice.rpm, choice.tpm)
             runtime = build_runtime(log, chosen, registry, on_event=watch.on_event, fallbacks=backups, limits=limits,
-                                    agents=agents)
+                                    agents=agents, extra=plugin_processors(found))
             config.provider, config.model = chosen.name, chosen.model
             sid = runtime.start_session(goal, config)
             if watch.on_start:
@@ -323,6 +327,19 @@ def run_agent(log: Log, goal: str, config: SessionConfig, registry: ToolRegistry
                 return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)
+
+
+def installed_plugins() -> list[plugin_mod.Plugin]:
+    """The installed plugins (a broken one is reported by `loopstream plugins`; skipped here)."""
+    return plugin_mod.loaded(plugin_mod.discover())
+
+
+def plugin_providers(found: list[plugin_mod.Plugin]) -> dict:
+    return {name: make for p in found for name, make in p.providers.items()}
+
+
+def plugin_processors(found: list[plugin_mod.Plugin]) -> list:
+    return [proc for p in found for proc in p.processors]
 
 
 def _drive(runtime: Runtime, sid: str, watch: Watch) -> Outcome:
@@ -370,22 +387,25 @@ def resume_agent(log: Log, sid: str, choice: ModelChoice, allow_writes: bool, wa
     if problem:
         raise LogDamaged(f"will not resume session {sid}: it fails verification: {problem}")
     state = load(log, sid)
-    if state.terminal:
+    if state.terminal and not state.end_hooks_owed:  # ended; its SessionEnd hooks (if owed) still run here
         raise UserError(f"session {sid} already ended ({state.status}); to continue from an earlier point: "
                         f"loopstream fork {sid} --at SEQ")
     need_writes(state.tools, allow_writes)
     if choice.provider is None and choice.model is None:  # the session's own model (a fork may have changed it)
         choice.provider, choice.model = state.provider, state.model
     try:
+        found = installed_plugins()
         with _lease(log, sid), open_model(choice.provider, choice.model, choice.base_url, choice.action_mode,
-                                          on_local_start=watch.on_local_model) as chosen:
+                                          on_local_start=watch.on_local_model,
+                                          plugins=plugin_providers(found)) as chosen:
             registry, warnings = registry_for_session(state.agent_json, allow_writes)
             for message in warnings:
                 output.warning(message)
             with _hub(recorded_mcp(state.agent_json), state.workdir) as hub:  # the MCP servers it ran with
                 registry.add(*hub.tools)
                 runtime = build_runtime(log, chosen, registry, on_event=watch.on_event,
-                                        agents=sub_agents(Path(state.workdir or ".")))
+                                        agents=sub_agents(Path(state.workdir or ".")),
+                                        extra=plugin_processors(found))
                 return _drive(runtime, sid, watch)
     except KeyboardInterrupt:
         return Outcome(sid, None)

@@ -12,6 +12,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from loopstream.agents.mcp import McpError
+from loopstream.agents.project import ProjectError
+from loopstream.agents.serve import WorkerAgents, worker_agents
 from loopstream.cli import output
 from loopstream.cli.common import BusOpt, DbOpt, UserError, read_goal, writer
 from loopstream.cli.output import Styled
@@ -24,7 +27,7 @@ from loopstream.kafka.bus import default_db, sqlite_path
 from loopstream.kafka.contract import ContractError, Goal, parse_kafka_url
 from loopstream.kafka.ops import OpsError
 from loopstream.runtime import lease
-from loopstream.runtime.assembly import AgentsFileError, default_agents
+from loopstream.runtime.assembly import DEFAULT_SYSTEM_PROMPT, AgentsFileError, default_agents
 
 
 def worker(
@@ -69,11 +72,27 @@ def worker(
                                allow_writes=allow_writes, kafka=kafka_settings(bus, kafka_config, instance_id, schema_registry),
                                metrics_port=metrics_port, metrics_host=metrics_host)
     try:
-        with serving(sqlite_path(bus, db)):
+        with serving(sqlite_path(bus, db)), project_agents(opts) as found:
+            for message in found.warnings:
+                output.warning(message)
             w = roles.run_role(opts, on_ready=ready)
-    except (ContractError, AgentsFileError, OpsError) as exc:
+    except (ContractError, AgentsFileError, OpsError, ProjectError, McpError) as exc:
         raise UserError(str(exc)) from None
     output.dim(f"worker {w.group} stopped: {w.stats.snapshot()}")
+
+
+@contextmanager
+def project_agents(opts: roles.WorkerOptions) -> Iterator[WorkerAgents]:
+    """The project file's agents, skills and MCP servers and the plugins, given to the role as
+    `run --agent` uses them (agents/serve.py): the intake composes agents, the tool role has
+    their tools; MCP servers are started by the roles that name or call their tools."""
+    needs_mcp = opts.role in ("orchestrator", "tool", "all")
+    with worker_agents(Path.cwd(), allow_writes=opts.allow_writes, provider=opts.provider or "",
+                       model=opts.model or "", default_prompt=DEFAULT_SYSTEM_PROMPT, mcp=needs_mcp) as found:
+        opts.compose = found.compose if opts.role in ("orchestrator", "all") else None
+        opts.registry = found.registry if opts.role in ("tool", "all") else None
+        opts.extra, opts.providers = tuple(found.processors), found.providers
+        yield found
 
 
 KafkaConfigOpt = Annotated[Optional[Path], typer.Option(
@@ -139,15 +158,19 @@ def submit_anywhere(bus: str | None, db: Path | None, record: Goal, *, wait: boo
                 return Submitted(done.session_id, wait)
             return Submitted(done.session_id, wait, result.status, result.answer, result.error)
         log = writer(bus, db)
-        config = default_agents(provider or "any", model or "default").get(record.agent)
+        with worker_agents(Path.cwd(), provider=provider or "any", model=model or "default",
+                           default_prompt=DEFAULT_SYSTEM_PROMPT) as found:  # MCP servers: to name their tools
+            config = found.compose(record.agent, record.goal)
+        config = config or default_agents(provider or "any", model or "default").get(record.agent)
         if config is None:
-            raise UserError(f"unknown agent {record.agent!r} (a SQLite submit knows `default` only)")
+            raise UserError(f"unknown agent {record.agent!r} (a SQLite submit knows `default` and the "
+                            f"project file's agents)")
         sid = submit_mod.start_local(log, record, config)
         if not wait:
             return Submitted(sid, False)
         state = submit_mod.wait_local(log, sid, timeout)
         return Submitted(sid, True, state.status, state.answer, state.error)
-    except (ContractError, AgentsFileError) as exc:
+    except (ContractError, AgentsFileError, ProjectError, McpError) as exc:
         raise UserError(str(exc)) from None
 
 

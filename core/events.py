@@ -337,7 +337,8 @@ class GoalResumed(Payload):
 class HookDecided(Payload):
     """A hook's decision (point, hook, call id, allow / deny / ask / error / stop, reason, rewritten
     arguments, a note for the model); recorded before it is acted on, so it never runs twice."""
-    WRITTEN_BY = "tools (PreToolUse, PostToolUse)"
+    WRITTEN_BY = ("tools (PreToolUse, PostToolUse, PermissionRequest, Failure), model (PreModelCall, "
+                  "PostModelCall, Failure), compaction (PreCompact), hooks (SessionEnd)")
     point: str
     hook: str
     call_id: str | None = None

@@ -50,6 +50,7 @@ class Status(StrEnum):
 S = Status
 # Who acts: a processor's `name`, or a person (`loopstream approve` / `deny`, `Runtime.record`).
 ORCHESTRATOR, MODEL, COMPACTION, TOOLS, PERSON = "orchestrator", "model", "compaction", "tools", "person"
+HOOKS = "hooks"  # the SessionEnd hooks, owed once a session ended with such hooks (core/state.py open_work)
 VERIFIER = "verifier"
 CHILDREN = "children"  # the driver's child runner (runtime/children.py): runs child sessions, reports them
 
@@ -130,6 +131,10 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     ("ToolCallReviewed",    S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),  # another call waits for a person
     ("HookDecided",         S.AWAITING_TOOLS,      S.AWAITING_TOOLS,      None),  # a hook's decision on a call
     ("HookDecided",         S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
+    # the other hook points: before / after a model call (and on its failure), before compaction
+    ("HookDecided",         S.AWAITING_MODEL,      S.AWAITING_MODEL,      None),  # PreModelCall, Failure
+    ("HookDecided",         S.ACTING,              S.ACTING,              None),  # PostModelCall
+    ("HookDecided",         S.COMPACTING,          S.COMPACTING,          None),  # PreCompact
     ("ApprovalRequested",   [S.AWAITING_TOOLS, S.AWAITING_APPROVAL], S.AWAITING_APPROVAL, None),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_TOOLS,      "no_open_approvals"),
     ("ApprovalDecided",     S.AWAITING_APPROVAL,   S.AWAITING_APPROVAL,   None),
@@ -173,6 +178,8 @@ TRANSITIONS: list[tuple[str, Status | list[Status], Status, str | None]] = [
     *[("MemoryRemembered", s, s, None) for s in (S.AWAITING_TOOLS, S.AWAITING_APPROVAL)],
     *[(t, s, s, None) for t in ("MemoryRemembered", "MemoryForgotten") for s in (S.DONE, S.FAILED, S.CANCELLED)],
 ]
+# SessionEnd hooks decide once the session ended (owed by the hooks processor: core/state.py open_work).
+TRANSITIONS += [("HookDecided", s, s, None) for s in (S.DONE, S.FAILED, S.CANCELLED)]
 # The annotation types: legal once a session ended, they leave its state as it was (a
 # MemoryRemembered is also the `remember` tool's, with its result, while tools run).
 ANNOTATIONS = frozenset({"EvalGraded", "FeedbackGiven", "MemoryRemembered", "MemoryForgotten"})

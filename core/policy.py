@@ -222,7 +222,8 @@ class GoalMode(_Section):
     """Time limit of one verification."""
 
 
-HookPoint = Literal["PreToolUse", "PostToolUse", "SessionStart", "SessionEnd", "PreCompact"]
+HookPoint = Literal["PreToolUse", "PostToolUse", "SessionStart", "SessionEnd", "PreCompact", "PreModelCall",
+                    "PostModelCall", "PermissionRequest", "Failure"]
 HOOK_POINTS = get_args(HookPoint)
 
 
@@ -231,10 +232,14 @@ class Hook(_Section):
     Python callable (`module:function`) run at one point of the loop; its decision is an event."""
 
     event: HookPoint
-    """Where it runs: PreToolUse (may allow, deny or rewrite the arguments), PostToolUse (may add a
-    note to the result), SessionStart, SessionEnd, PreCompact."""
+    """Where it runs (docs/composability.md#hooks): PreToolUse (may allow, deny, ask or rewrite the
+    arguments), PostToolUse (may add a note to the result), PermissionRequest (may approve or deny a
+    call a person would be asked about), PreModelCall (may add a note, or stop), PostModelCall,
+    PreCompact (may add instructions for the summary), Failure (a failed model or tool call),
+    SessionStart, SessionEnd."""
     matcher: str = "*"
-    """Tool name glob for the tool events."""
+    """Tool name glob for the tool events (PreToolUse, PostToolUse, PermissionRequest; Failure: the
+    tool's name, or `model` for a failed model call)."""
     command: list[str] = []
     """argv of an executable (no shell), run in the session's workdir."""
     python: str = ""

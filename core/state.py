@@ -140,6 +140,13 @@ class SessionState:
     open_verification_seq: int | None = None
     pause_pending: bool = False
     paused_by: str = ""
+    # hooks at the model, compaction and end points (HookDecided; processors/hooks.py)
+    model_hooked: bool = False  # the open model request's PreModelCall hooks have decided
+    open_compaction: ev.CompactionRequested | None = None  # the open request (its range and budget)
+    compaction_hooked: bool = False  # its PreCompact hooks have decided
+    compaction_note: str = ""  # what they asked the summary to keep
+    end_hooks_owed: bool = False  # ended with SessionEnd hooks that have not decided yet
+    end_seq: int | None = None  # the event that ended the session
     # sub-agents (docs/subagents.md): this session's place in a tree, and its open delegations
     parent_session_id: str | None = None
     parent_event_id: str | None = None
@@ -211,6 +218,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.open_request_seq = event.seq
             state.step_open = True
             state.retry_not_before_ms = None
+            state.model_hooked = False
         case ev.ModelResponded():
             calls = [_tool_call(c.call_id, c.name, c.arguments_json) for c in p.tool_calls]
             state.messages.append(_message("assistant", p.text, event.seq, tool_calls=calls))
@@ -286,11 +294,12 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.CompactionRequested():
             state.open_compaction_id = p.request_id
             state.open_compaction_seq = event.seq
+            state.open_compaction, state.compaction_hooked, state.compaction_note = p, False, ""
         case ev.ContextCompacted():
             state.messages = MessageList(compacted(state.messages, p.from_seq, p.to_seq, p.summary))
             state.compactions += 1
             state.last_compaction_seq = event.seq
-            state.open_compaction_id = state.open_compaction_seq = None
+            state.open_compaction_id = state.open_compaction_seq = state.open_compaction = None
         case ev.GuardrailTripped() if p.rule in UNFINISHED_ANSWER_RULES:
             state.unfinished_answers += 1  # the orchestrator's check, not a configured guardrail
             if p.action == "tell_model":
@@ -325,6 +334,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 rec.owed_seq, rec.hooked = event.seq, True  # the tool processor carries on from here
                 if p.arguments_json is not None:  # the hook rewrote the arguments
                     rec.call = _tool_call(p.call_id, rec.call.name, p.arguments_json)
+        case ev.HookDecided():
+            _hook_decided(state, p, event.seq)
         case ev.ApprovalRequested():
             if (rec := state.pending_calls.get(p.call_id)) is not None:
                 rec.approval, rec.owed_seq = p.reason, event.seq  # owed by a person from here
@@ -333,10 +344,13 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 rec.approval, rec.approved, rec.owed_seq = None, p.approved, event.seq  # the tools act on it
         case ev.SessionFinished():
             state.answer = p.answer
+            _ended(state, event.seq)
         case ev.SessionFailed():
             state.error = p.reason
+            _ended(state, event.seq)
         case ev.SessionCancelled():
             state.error = p.reason
+            _ended(state, event.seq)
         case ev.SessionForked():
             _apply_overrides(state, json.loads(p.overrides_json or "{}"))
         case ev.UserMessage():
@@ -380,6 +394,29 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
     state.updated_ms = event.time
     state.chain_head = event.chain_hash
     return state
+
+
+def _ended(state: SessionState, seq: int) -> None:
+    """The session ended: its SessionEnd hooks are owed (to the hooks processor) if it has any."""
+    state.end_seq = seq
+    state.end_hooks_owed = any(h.event == "SessionEnd" for h in state.policy.hooks)
+
+
+def _hook_decided(state: SessionState, p: ev.HookDecided, seq: int) -> None:
+    """A hook's decision at a point other than PreToolUse: who carries on from it."""
+    if p.point == "PermissionRequest" and p.decision == "allow":  # approved for a person: the call runs
+        if p.call_id is not None and (rec := state.pending_calls.get(p.call_id)) is not None:
+            rec.owed_seq, rec.approved = seq, True
+    elif p.point == "PreModelCall" and state.open_request_seq is not None:
+        state.open_request_seq, state.model_hooked = seq, True  # the model processor calls from here
+        if p.context:
+            state.messages.append(_message("user", f"[PreModelCall hook {p.hook}: {p.context}]", seq))
+    elif p.point == "PreCompact" and state.open_compaction_seq is not None:
+        state.open_compaction_seq, state.compaction_hooked = seq, True  # the compaction processor goes on
+        if p.context:
+            state.compaction_note = (state.compaction_note + "\n" + p.context).strip()
+    elif p.point == "SessionEnd":
+        state.end_hooks_owed = False
 
 
 def verifier_feedback(p: ev.GoalVerified) -> str:
@@ -496,9 +533,12 @@ def open_work(state: SessionState) -> list[Owed]:
       the event its next step is owed from (`PendingCall.owed_seq`): owed by a person while
       its approval is open, by the tools otherwise (not before a retry's time). Calls whose
       workspace checkpoint is taken come first: a side-effect tool runs right after its own
-      checkpoint, so each checkpoint holds the workspace exactly as the events before it left it.
+      checkpoint, so each checkpoint holds the workspace exactly as the events before it left it;
+    - hooks: an ended session's SessionEnd hooks, from the event that ended it, until they decided.
     """
     actor = owed_by(state.status)
+    if actor is None and state.end_hooks_owed:  # ended: its SessionEnd hooks have not run yet
+        return [Owed(state.end_seq, "hooks")]
     if actor == "orchestrator":
         return [Owed(state.seq, actor, state.retry_not_before_ms if state.status == "backing_off" else None)]
     if actor == "model" and state.open_request_seq is not None:

@@ -3,6 +3,10 @@
 A goal whose idempotency key already started a session starts nothing new; if that
 session has ended, its result is sent again to the new goal's reply topic with the new
 goal's correlation id (same session id and seq: deduplicating consumers drop it).
+
+A goal names its agent: one of the project file's (`compose`, given by `loopstream worker`:
+composed per goal as `run --agent` does, its SessionStart hooks run once, when the session is
+first started), else one of `agents` (`default` and the `--agents` file's).
 """
 from __future__ import annotations
 
@@ -40,8 +44,10 @@ class GoalIntake(BackgroundLoop):
 
     def __init__(self, log: Log, kbus: KafkaBus, group: str, agents: dict[str, SessionConfig],
                  publisher: ResultsPublisher, *, secrets: Any = (), poll_timeout: float = 0.2,
-                 on_event: Callable[[ev.Event], None] | None = None, registry: Any = None) -> None:
+                 on_event: Callable[[ev.Event], None] | None = None, registry: Any = None,
+                 compose: Callable[[str, str], SessionConfig | None] | None = None) -> None:
         super().__init__(f"ls-{group}")
+        self.compose = compose  # (agent, goal) -> a project agent's config (ValueError: its one-line problem)
         self.label = "goal intake"
         self.log, self.kbus, self.group, self.agents = log, kbus, group, agents
         self.publisher = publisher
@@ -108,10 +114,7 @@ class GoalIntake(BackgroundLoop):
         key = key or position
         corr = partial.get("correlation_id") if isinstance(partial.get("correlation_id"), str) else None
         reply = partial.get("reply_topic") if valid_topic(partial.get("reply_topic")) else self.kbus.results_topic
-        self.publisher.publish(reply, SessionUpdate(
-            correlation_id=corr or key, session_id=session_id_for(key), kind="result", status="rejected", seq=-1,
-            event_type="GoalRejected", time=ev.now_ms(), idempotency_key=key, error=f"unreadable goal: {reason}",
-        ))
+        self._reject(reply, corr or key, session_id_for(key), key, f"unreadable goal: {reason}")
 
     @staticmethod
     def _rewind(consumer: Any, msg: Any) -> None:
@@ -120,26 +123,35 @@ class GoalIntake(BackgroundLoop):
         except Exception:
             pass
 
+    def _config(self, agent: str, goal: str) -> SessionConfig | None:
+        composed = self.compose(agent, goal) if self.compose is not None else None
+        return composed if composed is not None else self.agents.get(agent)
+
+    def _reject(self, reply: str, corr: str, sid: str, key: str, error: str) -> None:
+        self.publisher.publish(reply, SessionUpdate(
+            correlation_id=corr, session_id=sid, kind="result", status="rejected", seq=-1,
+            event_type="GoalRejected", time=ev.now_ms(), idempotency_key=key, error=error[:2000]))
+        return None
+
     def accept(self, goal: Goal, position: str) -> str | None:
         """Start the goal's session (or nothing, for a known key); its session id."""
         key = goal.idempotency_key or position
         sid = session_id_for(key)
         corr = goal.correlation_id or key
         reply = goal.reply_topic or self.kbus.results_topic
-        config = self.agents.get(goal.agent)
-        if config is None:
-            self.publisher.publish(reply, SessionUpdate(
-                correlation_id=corr, session_id=sid, kind="result", status="rejected", seq=-1,
-                event_type="GoalRejected", time=ev.now_ms(), idempotency_key=key,
-                error=f"unknown agent {goal.agent!r}; known: {', '.join(sorted(self.agents))}",
-            ))
-            return None
         known = self.log.next_seq(sid) > 0
-        if goal.progress:
-            config = dataclasses.replace(config, policy=config.policy.updated({"progress_updates": True}))
-        self.writer.start(goal.goal, config, idempotency_key=key, correlation_id=corr,
-                          reply_topic=reply, actor="goal-intake")
+        try:  # a known session is not composed again (its SessionStart hooks ran once)
+            config = None if known else self._config(goal.agent, goal.goal)
+        except ValueError as exc:
+            return self._reject(reply, corr, sid, key, str(exc))
+        if config is None and not known:
+            return self._reject(reply, corr, sid, key,
+                                f"unknown agent {goal.agent!r}; known: {', '.join(sorted(self.agents))}")
         if not known:
+            if goal.progress:
+                config = dataclasses.replace(config, policy=config.policy.updated({"progress_updates": True}))
+            self.writer.start(goal.goal, config, idempotency_key=key, correlation_id=corr,
+                              reply_topic=reply, actor="goal-intake")
             self.started += 1
             return sid
         events = self.log.read(sid)

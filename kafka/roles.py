@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +50,11 @@ class WorkerOptions:
     metrics_host: str = "127.0.0.1"
     on_event: Callable[[ev.Event], None] | None = None
     on_local_start: Callable[[], None] | None = None
+    # The project file's agents and the plugins (agents/serve.py, given by `loopstream worker`):
+    compose: Callable[[str, str], SessionConfig | None] | None = None  # the intake's project agents
+    registry: Any = None  # a ToolRegistry: the tool role's tools (plugins', load_skill, MCP servers')
+    extra: tuple[Any, ...] = ()  # plugin processors, each in the role it acts for
+    providers: Mapping[str, Callable[..., Any]] | None = None  # plugin providers by name
 
 
 @contextmanager
@@ -82,7 +87,7 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
             )
             agents = _with_fallbacks(agents, [p.model for p in fallbacks] if provider else list(opts.fallback_models))
             intake = GoalIntake(log, kbus, kbus.group("intake", opts.group_prefix), agents, publisher,
-                                on_event=opts.on_event, registry=registry)
+                                on_event=opts.on_event, registry=registry, compose=opts.compose)
             if transactional:
                 intake.relay = TransactionalResultsRelay(kbus, log, kbus.group("results", opts.group_prefix),
                                                          goals=publisher.goals)
@@ -91,7 +96,8 @@ def open_role(opts: WorkerOptions) -> Iterator[tuple[Any, GoalIntake | None]]:
         group = kbus.group(opts.role, opts.group_prefix) if kbus else f"{opts.group_prefix or 'loopstream'}.{opts.role}"
         worker = Worker(log, processors_for(opts.role, provider=provider, fallbacks=fallbacks, limits=limits,
                                            publisher=publisher, allow_writes=opts.allow_writes,
-                                           memory=MemoryStore.for_log(log), subagents=log), group,
+                                           memory=MemoryStore.for_log(log), registry=opts.registry,
+                                           extra=opts.extra, subagents=log), group,
                         concurrency=opts.concurrency, on_event=opts.on_event)
         yield worker, intake
 
@@ -102,11 +108,11 @@ def _open_models(stack: ExitStack, opts: WorkerOptions) -> tuple[Any, list[Any],
     if not (opts.role in ("model", "all") or (opts.role == "tool" and (opts.provider or opts.model))):
         return None, [], None
     primary = stack.enter_context(open_model(opts.provider, opts.model, opts.base_url, opts.action_mode,
-                                             on_local_start=opts.on_local_start))
+                                             on_local_start=opts.on_local_start, plugins=opts.providers))
     if opts.role == "tool":
         return primary, [], None
-    fallbacks = [stack.enter_context(open_model(opts.provider, m, opts.base_url, opts.action_mode))
-                 for m in opts.fallback_models]
+    fallbacks = [stack.enter_context(open_model(opts.provider, m, opts.base_url, opts.action_mode,
+                                                plugins=opts.providers)) for m in opts.fallback_models]
     return primary, fallbacks, rate_limits([primary, *fallbacks], opts.rpm, opts.tpm)
 
 

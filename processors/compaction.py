@@ -5,12 +5,17 @@ given (a plain completion, no tools) and extractively otherwise or when the mode
 fails. The originals stay in the log: the fold replaces the range by the summary
 only from the ContextCompacted event on, so replaying or forking before it sees the
 full context.
+
+PreCompact hooks (processors/hooks.py) run first; their decisions are appended alone and the
+compaction goes on from the last one (a redo does not run them again). Their notes join the
+summarizer's instructions; a deny or stop ends the session.
 """
 from __future__ import annotations
 
 from loopstream.core import events as ev
 from loopstream.core.processor import Emit
 from loopstream.core.state import SessionState, compacted
+from loopstream.processors import hooks
 from loopstream.processors.context import calibration, context_tokens
 from loopstream.providers.base import Message, Provider, ProviderError
 from loopstream.providers.tokens import text_tokens
@@ -42,14 +47,20 @@ def compaction_range(messages: list[Message], keep_recent: int) -> tuple[int, in
 class CompactionProcessor:
     name = "compaction"
     acts_for = "compaction"  # compacting: the open CompactionRequested
-    triggers = frozenset({"CompactionRequested"})
+    triggers = frozenset({"CompactionRequested", "HookDecided"})
 
     def __init__(self, provider: Provider | None = None) -> None:
         self.provider = provider
 
     def handle(self, event: ev.Event, state: SessionState, now_ms: int) -> list[Emit]:
-        req = event.payload
-        assert isinstance(req, ev.CompactionRequested)
+        # the open CompactionRequested (the event itself, or a PreCompact decision after it)
+        req = event.payload if isinstance(event.payload, ev.CompactionRequested) else state.open_compaction
+        assert req is not None
+        if not state.compaction_hooked and hooks.matching(state.policy.hooks, "PreCompact"):
+            before = hooks.run_point("PreCompact", state, {
+                "trigger": "auto", "from_seq": req.from_seq, "to_seq": req.to_seq,
+                "estimated_tokens": req.estimated_tokens, "budget_tokens": req.budget_tokens}, f"{req.request_id}.pre")
+            return [*before.emits, hooks.stop_session(before)] if before.stopped else before.emits
         span = [m for m in state.messages if m.seq is not None and req.from_seq <= m.seq <= req.to_seq]
         text = transcript(span)
         before = context_tokens(state)  # the measure the budget is checked with
@@ -61,7 +72,7 @@ class CompactionProcessor:
         # at most half of what it replaces (an earlier summary in the range included).
         room = _chars_for(req.budget_tokens - after(""), text, state)
         limit = max(1, min(state.policy.compaction.summary_chars, len(text) // 2, max(room, MIN_SUMMARY_CHARS)))
-        summary, method = self._summarize(span, limit)
+        summary, method = self._summarize(span, limit, state.compaction_note)
         while summary and after(summary) >= before:  # it must shrink: a model's text may count worse
             summary, method = extractive_summary(span, len(summary) // 2), "extractive"
         return [Emit(ev.ContextCompacted(
@@ -69,9 +80,10 @@ class CompactionProcessor:
             method=method, tokens_before=before, tokens_after=after(summary),
         ))]
 
-    def _summarize(self, span: list[Message], limit: int) -> tuple[str, str]:
+    def _summarize(self, span: list[Message], limit: int, note: str = "") -> tuple[str, str]:
         if self.provider is not None:
-            prompt = [Message(role="system", content=SUMMARY_PROMPT.format(limit=limit)),
+            instructions = SUMMARY_PROMPT.format(limit=limit) + (f"\nAlso: {note}" if note else "")
+            prompt = [Message(role="system", content=instructions),
                       Message(role="user", content=transcript(span))]
             try:
                 reply = self.provider.complete(prompt, [])

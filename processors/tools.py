@@ -83,6 +83,8 @@ class ToolProcessor:
                                  f"{p.by} denied this call" + (f": {p.reason}" if p.reason else ""), started)]
         if isinstance(p, ev.ApprovalDecided | ev.RetryScheduled):  # a person approved it / its next attempt
             return self._proceed(call, state, now_ms)
+        if isinstance(p, ev.HookDecided) and p.point == "PermissionRequest":  # a hook approved it for a person
+            return self._proceed(call, state, now_ms)
         if isinstance(p, ev.ToolRequested) and (bad := _bad_arguments(p.arguments_json)) is not None:
             return [self._failed(call.call_id, call.name, "invalid_arguments", bad, started)]
         if not rec.hooked and (pre := hooks.matching(state.policy.hooks, "PreToolUse", call.name)):
@@ -112,10 +114,28 @@ class ToolProcessor:
                 return [*emits, Emit(ev.SessionFailed(reason=f"tool call {call.name} stopped by {why}",
                                                       error_kind="hook_failed"))]
             if decision.decision == "ask":
-                return [*emits, Emit(ev.ApprovalRequested(call_id=call.call_id, name=call.name,
-                                                          arguments_json=json.dumps(arguments, sort_keys=True),
-                                                          reason=f"a hook asks: {why}"), key=call.call_id)]
+                return [*emits, *self._ask(call, arguments, f"a hook asks: {why}", state, started)]
         return emits
+
+    def _ask(self, call: ToolCall, arguments: dict, reason: str, state: SessionState, started: float) -> list[Emit]:
+        """A person is to approve or deny the call: first the PermissionRequest hooks, in order,
+        may approve it (the call runs on from their HookDecided) or deny it (ToolFailed
+        hook_denied); else ApprovalRequested. Each decision is recorded with what follows it."""
+        emits: list[Emit] = []
+        for i, hook in enumerate(hooks.matching(state.policy.hooks, "PermissionRequest", call.name)):
+            decision, ms = hooks.run_hook(hook, self._hook_input("PermissionRequest", call.name, arguments, state,
+                                                                 reason=reason), state.workdir or ".")
+            decision.arguments = None
+            emits.append(Emit(decision.event(hook, call.call_id, ms), key=f"{call.call_id}.perm.{i}"))
+            why = decision.reason or f"hook {hook.label}"
+            if decision.decision == "allow" and decision.said:
+                return emits  # approved: the tool processor runs it from this decision
+            if decision.decision in ("deny", "stop"):
+                return [*emits, self._failed(call.call_id, call.name, "hook_denied",
+                                             f"denied by a PermissionRequest hook: {why}", started)]
+        return [*emits, Emit(ev.ApprovalRequested(call_id=call.call_id, name=call.name,
+                                                  arguments_json=json.dumps(arguments, sort_keys=True),
+                                                  reason=reason), key=call.call_id)]
 
     @staticmethod
     def _hook_input(point: str, name: str, arguments: dict, state: SessionState, **extra: object) -> dict:
@@ -125,16 +145,18 @@ class ToolProcessor:
     def _post_hooks(self, done: Emit, call: ToolCall, state: SessionState) -> list[Emit]:
         """Run the PostToolUse hooks on a finished call: each decision is recorded with the result
         (one batch), and what a hook says (a denial's reason, its note) is added to the result."""
-        post = hooks.matching(state.policy.hooks, "PostToolUse", call.name)
-        if not post:
-            return [done]
         p = done.payload
         ok = isinstance(p, ev.ToolCompleted)
+        post = hooks.matching(state.policy.hooks, "PostToolUse", call.name)
+        if not ok:  # a failed call: its Failure hooks too
+            post += hooks.matching(state.policy.hooks, "Failure", call.name)
+        if not post:
+            return [done]
         emits: list[Emit] = []
         notes: list[str] = []
         for i, hook in enumerate(post):
             extra = {"tool_response": p.result} if ok else {"tool_error": p.message}
-            decision, ms = hooks.run_hook(hook, self._hook_input("PostToolUse", call.name, call.arguments, state,
+            decision, ms = hooks.run_hook(hook, self._hook_input(hook.event, call.name, call.arguments, state,
                                                                  **extra), state.workdir or ".")
             decision.arguments = None  # the call has run: nothing to rewrite
             emits.append(Emit(decision.event(hook, call.call_id, ms), key=f"{call.call_id}.post.{i}"))
@@ -143,7 +165,7 @@ class ToolProcessor:
                                                             error_kind="hook_failed"))]
             note = " ".join(x for x in (decision.reason if decision.decision != "allow" else "", decision.context) if x)
             if note:
-                notes.append(f"[PostToolUse hook {hook.label}: {note}]")
+                notes.append(f"[{hook.event} hook {hook.label}: {note}]")
         if notes and ok:
             done = Emit(p.model_copy(update={"result": p.result + "\n" + "\n".join(notes)}), key=done.key)
         elif notes:
@@ -190,10 +212,7 @@ class ToolProcessor:
                 return [self._failed(call.call_id, call.name, "permission_denied",
                                      f"not allowed by policy: {decision.reason}", started)]
             if decision.action == "ask":
-                return [Emit(ev.ApprovalRequested(call_id=call.call_id, name=call.name,
-                                                  arguments_json=json.dumps(call.arguments, sort_keys=True),
-                                                  reason=decision.reason),
-                             key=call.call_id)]
+                return self._ask(call, call.arguments, decision.reason, state, started)
         return None
 
     @staticmethod

@@ -3,7 +3,7 @@
 The real in-process driver (`runtime.inline.Runtime`) runs the session again over a
 scratch copy (an in-memory SQLite log) with the real orchestrator and a frozen clock:
 before each dispatch the clock is set to when the recorded event was made. Replies
-(model, compaction, tools) are never re-executed: the `Recorded` processors answer each
+(model, compaction, tools, SessionEnd hooks) are never re-executed: the `Recorded` processors answer each
 owed request with what the log recorded for it, and inputs from outside the loop (the
 goal, a person's message, approval or cancel, a fork's marker) are copied in where they
 were recorded. Each orchestrator decision the driver writes is compared with the log;
@@ -33,7 +33,7 @@ from loopstream.runtime.writer import SessionWriter
 # eval's grades and feedback): copied, not re-made.
 INPUT_TYPES = frozenset({"SessionStarted", "GoalReceived", "UserMessage", "SessionForked", "SessionCancelled",
                          "ApprovalDecided", "MemoryRecalled"}) | ANNOTATIONS
-REPLYING = ("model", "compaction", "tools", "children")  # the actors whose work is answered from the log
+REPLYING = ("model", "compaction", "tools", "children", "hooks")  # the actors whose work is answered from the log
 
 
 @dataclass

@@ -16,6 +16,7 @@ from loopstream.core.processor import Processor
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
 from loopstream.processors.compaction import CompactionProcessor
 from loopstream.processors.delegation import Delegation
+from loopstream.processors.hooks import EndHooks
 from loopstream.processors.model import ModelProcessor
 from loopstream.processors.orchestrator import Orchestrator
 from loopstream.processors.tools import ToolProcessor
@@ -56,25 +57,45 @@ def build_runtime(
     summarize_with_model: bool = True,
     limits: Mapping[str, RateLimiter] | None = None,
     agents: Mapping[str, SessionConfig] | None = None,
+    extra: Sequence[Any] = (),
 ) -> Runtime:
     """The in-process agent: a Runtime with the processors of the role `all`, and sub-agents:
     the delegation processor and a child runner (`agents`: the named definitions a child may
-    run as). The worker roles have neither yet: there a delegation tool's call fails, saying so."""
+    run as). The worker roles have neither yet: there a delegation tool's call fails, saying so.
+    `extra`: a plugin's processors and observers."""
     return Runtime(log, processors_for("all", provider=provider, registry=registry, fallbacks=fallbacks,
                                        limits=limits, summarize_with_model=summarize_with_model,
-                                       memory=MemoryStore.for_log(log), runner=ChildRunner(agents)),
+                                       memory=MemoryStore.for_log(log), runner=ChildRunner(agents), extra=extra),
                    on_event=on_event)
+
+
+BUILT_IN_PROVIDERS = frozenset({"anthropic", "openai", "local", "scripted"})
 
 
 @contextmanager
 def open_model(provider: str | None, model: str | None, base_url: str | None = None,
                action_mode: str | None = None,
-               on_local_start: Callable[[], None] | None = None) -> Iterator[Provider]:
-    """The provider for a run: `scripted` (tests, benchmarks) or a real one from the factory.
+               on_local_start: Callable[[], None] | None = None,
+               plugins: Mapping[str, Callable[..., Any]] | None = None) -> Iterator[Provider]:
+    """The provider for a run: `scripted` (tests, benchmarks), one a plugin adds (`plugins`:
+    name -> callable(model) returning a Provider; never replacing a built-in name), or a real
+    one from the factory.
 
     `on_local_start` is called once the configuration is known to be valid and the
     local model server is about to start (so a CLI can say why it is waiting)."""
-    if (provider or "").lower() == "scripted":
+    name = (provider or "").lower()
+    if plugins and name not in BUILT_IN_PROVIDERS and name in plugins:
+        try:
+            made = plugins[name](model)
+        except Exception as exc:  # a plugin's bug is a one-line configuration error
+            raise ProviderConfigError(f"provider {name!r} (a plugin's) failed to start: "
+                                      f"{type(exc).__name__}: {exc}") from None
+        if not callable(getattr(made, "complete", None)):
+            raise ProviderConfigError(f"provider {name!r} (a plugin's) gave {type(made).__name__}, not a provider "
+                                      f"with complete(messages, tools, sampling)")
+        yield made
+        return
+    if name == "scripted":
         try:
             scripted = scripted_from_spec(model or "adder")
         except ValueError as exc:
@@ -134,6 +155,7 @@ def processors_for(
     memory: MemoryStore | None = None,
     subagents: Log | None = None,
     runner: Processor | None = None,
+    extra: Sequence[Any] = (),
 ) -> list[Processor]:
     """The processors of one role, for `build_runtime` (role `all`) and the worker roles
     (kafka/roles.py) alike. `provider` is the model role's model (`fallbacks` after it, in
@@ -144,7 +166,9 @@ def processors_for(
     Sub-agents (docs/subagents.md): `runner`, the in-process child runner (`build_runtime`), or
     `subagents`, the log a subscription driver's children run on (runtime/children_bus.py: a
     coordinator and a watcher), joins the orchestrator, and the delegation processor the tools;
-    with neither a delegation tool's call fails, saying so."""
+    with neither a delegation tool's call fails, saying so. `extra` (a plugin's): each
+    joins the role it acts for, after the built-in ones (an observer, with no `acts_for`, the
+    orchestrator's)."""
     if role not in ROLES:
         raise ValueError(f"unknown role {role!r}: one of {', '.join(ROLES)}")
     registry = with_delegation(registry or default_registry(allow_writes=allow_writes))
@@ -164,10 +188,17 @@ def processors_for(
                   CompactionProcessor(provider if summarize_with_model else None)]
     if role in ("tool", "all"):
         procs += [Delegation()] if subagents is not None or runner is not None else []
-        procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier()]
+        procs += [ToolProcessor(registry, reviewer=provider, memory=memory), Verifier(), EndHooks()]
     if publisher is not None and role in ("orchestrator", "all"):
         procs.append(publisher)
+    procs += [p for p in extra if role == "all" or ROLE_OF.get(getattr(p, "acts_for", None) or "", "orchestrator")
+              == role]
     return procs
+
+
+# The role whose worker does an actor's work (core/fsm.py STATES owed_by).
+ROLE_OF = {"orchestrator": "orchestrator", "model": "model", "compaction": "model", "tools": "tool",
+           "verifier": "tool", "hooks": "tool", "children": "orchestrator"}
 
 
 def with_delegation(registry: ToolRegistry) -> ToolRegistry:

@@ -61,9 +61,9 @@ class Runtime:
         """Drive one session until it ends or waits for input (a goal, a person's decision)."""
         state = self.load(session_id)
         for _ in range(max_events):
-            if state.terminal:
-                return state
             work = self.dispatch.work(state)
+            if state.terminal and not work:  # ended (its SessionEnd hooks, if any, have decided here)
+                return state
             if not work:
                 others = [o for o in open_work(state) if o.actor != "person"]
                 if others:
@@ -100,4 +100,9 @@ class Runtime:
         written = self.dispatch.act(self.writer, state, item, event, now_ms)
         if written:
             self._recent = {(e.session_id, e.seq): e for w in written for e in w.events}
+            for w in written if self.dispatch.observers else ():  # they see what was written, as on a worker
+                for e in w.events:
+                    for observer in self.dispatch.observers:
+                        if e.type in observer.triggers:
+                            observer.handle(e, w.state)
         return written

@@ -185,7 +185,8 @@ def test_illegal_event_is_rejected_with_a_clear_error_and_state_untouched() -> N
 @pytest.mark.parametrize("terminal", sorted(TERMINAL))
 def test_nothing_but_an_annotation_follows_a_terminal_state(terminal: str) -> None:
     for t in ev.PAYLOAD_TYPES:
-        if t in ANNOTATIONS:  # an eval's grade, a person's feedback: the session stays as it ended
+        # an eval's grade, a person's feedback, a SessionEnd hook's decision: the session stays as it ended
+        if t in ANNOTATIONS or t == "HookDecided":
             assert next_state(SessionState(status=terminal), t) == terminal
             continue
         with pytest.raises(IllegalTransition):

@@ -4,8 +4,10 @@ with pip (into a private target folder, put on PYTHONPATH) and found through the
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,60 @@ def test_a_project_agent_overrides_a_plugin_agent(site: Path, tmp_path: Path) ->
 def test_without_plugins(tmp_path: Path) -> None:
     r = cli("plugins", cwd=tmp_path)
     assert r.returncode == 0
+
+
+def test_a_plugin_provider_and_observer_are_wired_into_run(site: Path, tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(site)}
+    r = cli("run", "--provider", "demo", "--model", "d2", "--tools", "add", "--db", "x.db", "hello", cwd=tmp_path,
+            env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "demo model d2 read: hello"  # the plugin's provider answered
+    log = SQLiteLog(tmp_path / "x.db")
+    sid = log.sessions()[0].session_id
+    started = log.read(sid, 0, 0)[0].payload
+    assert (started.provider, started.model) == ("demo", "d2")
+    # the plugin's observer saw the end, in-process
+    assert (tmp_path / "demo-counter.log").read_text() == f"{sid} finished: demo model d2 read: hello\n"
+    # a plugin never replaces a built-in provider name; an unknown one is a one-line error
+    bad = cli("run", "--provider", "nosuch", "--db", "x.db", "g", cwd=tmp_path, env=env)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+
+
+def test_a_worker_uses_the_plugin_provider_and_observer(site: Path, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LOOPSTREAM_", "OPENAI_", "ANTHROPIC_"))}
+    env.update(PYTHONPATH=str(site), LOOPSTREAM_CONFIG_DIR=str(tmp_path / "none"))
+    with open(tmp_path / "worker.log", "wb") as out:
+        worker = subprocess.Popen([sys.executable, "-m", "loopstream.cli.app", "worker", "--db", "x.db",
+                                   "--provider", "demo", "--model", "d3", "-q"], cwd=tmp_path, env=env,
+                                  stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "worker " not in (tmp_path / "worker.log").read_text():
+            assert worker.poll() is None and time.monotonic() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.05)
+        assert "demo-counter" in (tmp_path / "worker.log").read_text()  # the plugin's observer joined the worker
+        r = cli("submit", "--db", "x.db", "--wait", "--timeout", "60", "hi", cwd=tmp_path,
+                env={"PYTHONPATH": str(site)})
+        assert r.returncode == 0 and r.stdout.strip() == "demo model d3 read: hi", r.stderr
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "demo-counter.log").exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "finished: demo model d3 read: hi" in (tmp_path / "demo-counter.log").read_text()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+
+
+def test_a_plugin_provider_that_fails_is_one_line_and_never_replaces_a_built_in() -> None:
+    from loopstream.providers.errors import ProviderConfigError
+    from loopstream.runtime.assembly import open_model
+
+    def broken(model):
+        raise RuntimeError("no key")
+
+    for made, message in ((broken, "failed to start: RuntimeError: no key"), (lambda m: 42, "not a provider")):
+        with pytest.raises(ProviderConfigError, match=message), open_model("mine", "x", plugins={"mine": made}):
+            pass
+    with open_model("scripted", "adder", plugins={"scripted": broken}) as built:  # the built-in one
+        assert built.name == "scripted"
