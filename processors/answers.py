@@ -3,8 +3,8 @@
 A pure check on the folded state when the model answers without tool calls (the orchestrator
 asks before it finishes the session). Two rules:
 
-- echoed_error: the answer repeats the error the last tool call returned, instead of
-  recovering from it or answering the goal;
+- echoed_error: the answer repeats the error the last tool call returned (one a call made
+  differently could fix: not a denial), instead of recovering from it or answering the goal;
 - named_tool: the goal asks for one of the session's tools ("use the add tool") and the model
   answers before calling any tool (from memory: a small model's arithmetic is often wrong).
 
@@ -20,6 +20,10 @@ from loopstream.core.processor import Emit
 from loopstream.core.state import ERROR_RESULT_PREFIX, SessionState
 
 QUOTE_CHARS = 300  # of the error quoted back to the model
+# Errors the model can fix by calling again differently. A denial (permission, a person, scope,
+# a guardrail) or a refused delegation is an answer it may well report as it is.
+FIXABLE = frozenset({"invalid_arguments", "unknown_tool", "not_found", "no_match", "tool_exception",
+                     "tool_error", "timeout", "transient", "mcp_tool_error"})
 MIN_ECHO_CHARS = 12  # shorter errors ("not found") are too common to call an answer an echo
 
 
@@ -42,13 +46,15 @@ def check(state: SessionState, answer: str) -> list[Emit] | None:
 
 
 def last_tool_error(state: SessionState) -> str | None:
-    """The error text of the last tool result, if the last tool call failed."""
+    """The error text of the last tool result, if the last tool call failed in a way a call made
+    differently could fix (`FIXABLE`)."""
     for message in reversed(state.messages):
         if message.role == "tool":
             content = message.content
             if not content.startswith(ERROR_RESULT_PREFIX):
                 return None
-            return content.split("): ", 1)[-1]
+            kind, _, text = content[len(ERROR_RESULT_PREFIX):].partition("): ")
+            return text if kind in FIXABLE else None
         if message.role == "user":
             return None  # a person or the harness spoke since: not answering the tool
     return None

@@ -122,3 +122,12 @@ def test_what_counts_as_an_echo(answer, error, echo) -> None:
 ])
 def test_which_goals_ask_for_a_tool(goal, tool) -> None:
     assert named_tool(goal, ["add", "calculate"]) == tool
+
+
+def test_a_denial_reported_as_the_answer_is_not_refused(log) -> None:
+    deny = {"default": "allow", "rules": [{"tool": "calculate", "action": "deny", "reason": "no maths today"}]}
+    _, state, events = run(log, "Use the calculate tool: 6 * 7", [
+        calc(1, "6 * 7"), ModelReply(text="permission denied: no maths today")], permissions=deny)
+    assert any(e.type == "ToolFailed" and e.payload.error_kind == "permission_denied" for e in events)
+    assert state.status == "done" and state.answer == "permission denied: no maths today"
+    assert trips(events) == []  # retrying differently cannot fix a denial: reporting it is an answer
