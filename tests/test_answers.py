@@ -27,6 +27,7 @@ def calc(i: int, expression: str) -> ModelReply:
 
 
 def run(log, goal: str, replies, **policy):
+    policy["answers"] = {"enabled": True, **policy.get("answers", {})}  # off by default
     rt = build_runtime(log, ScriptedProvider(list(replies)))
     sid = rt.start_session(goal, SessionConfig(provider="scripted", model="scripted", tools=["add", "calculate"],
                                                max_steps=8, policy=SessionPolicy(**policy)))
@@ -79,6 +80,12 @@ def test_a_tool_name_used_as_a_word_or_a_tool_already_called_is_not_asked_for(lo
         ModelReply(tool_calls=[ToolCall(call_id="c1", name="add", arguments={"a": 2, "b": 3})]),
         ModelReply(text="5")])
     assert state.status == "done" and trips(events) == []
+
+
+def test_the_checks_are_off_by_default(log) -> None:
+    rt = build_runtime(log, ScriptedProvider([ModelReply(text="2")]))
+    sid = rt.start_session("Use the add tool: 1+1", SessionConfig(provider="scripted", model="s", tools=["add"]))
+    assert rt.run_session(sid).answer == "2" and trips(log.read(sid)) == []
 
 
 def test_the_checks_can_be_switched_off_each_or_all(log) -> None:

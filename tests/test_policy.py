@@ -151,17 +151,16 @@ def test_the_default_policy_records_as_before_and_round_trips() -> None:
     # a session without a policy records only the settings of loop detection, shaping and the
     # answer checks (whole: the defaults may change) ...
     assert json.loads(SessionPolicy().to_config_json()) == {"loops": Loops().model_dump(),
-                                                            "shaping": Shaping().model_dump(),
-                                                            "answers": Answers().model_dump()}
+                                                            "shaping": Shaping().model_dump()}
+    on = SessionPolicy(answers=Answers(enabled=True))
+    assert json.loads(on.to_config_json())["answers"] == Answers(enabled=True).model_dump()
+    assert recorded_policy(on.to_config_json()) == on
     assert recorded_policy(SessionPolicy().to_config_json()) == SessionPolicy()
     # ... and one recorded before loop detection and shaping existed replays without them
     assert recorded_policy("{}") == OLD
-    assert json.loads(OLD.to_config_json()) == {"loops": {"enabled": False}, "shaping": {"enabled": False},
-                                                "answers": {"enabled": False}}
-    # ... and one recorded with loops and shaping but before the answer checks runs without those
-    recorded = json.loads(SessionPolicy().to_config_json())
-    del recorded["answers"]
-    assert recorded_policy(json.dumps(recorded)).answers.enabled is False
+    assert json.loads(OLD.to_config_json()) == {"loops": {"enabled": False}, "shaping": {"enabled": False}}
+    # ... and one recorded with loops and shaping but without the answer checks runs without those
+    assert recorded_policy(SessionPolicy().to_config_json()).answers.enabled is False
     policy = SessionPolicy(budgets=Budgets(max_tokens=50, max_cost_usd=0.5, price_per_mtok={"input": 3, "output": 15}),
                            guardrails=Guardrails(output_deny=["x"], on_output="stop"), fallback_models=["b"])
     assert recorded_policy(policy.to_config_json()) == policy
@@ -204,10 +203,10 @@ def test_every_fixture_config_folds_into_the_typed_policy() -> None:
       "compaction": {"context_budget_tokens": 300, "keep_recent": 2, "summary_chars": 90, "estimator": 1},
       "timeouts": {"tool_timeout_s": 7.0}, "retries": {"max_tool_attempts": 4, "retry_after_max_ms": 9},
       "checkpoint_exclude": ["/x.db"], "progress_updates": True, "loops": {"enabled": False},
-      "shaping": {"enabled": False}, "answers": {"enabled": False}}),
+      "shaping": {"enabled": False}}),
     ({"max_model_attempts": "2", "something_else": 1, "guardrails": {"on_output": "stop", "later_key": 1}},
      {"retries": {"max_model_attempts": 2}, "guardrails": {"on_output": "stop"}, "loops": {"enabled": False},
-      "shaping": {"enabled": False}, "answers": {"enabled": False}}),
+      "shaping": {"enabled": False}}),
 ])
 def test_old_flat_configs_are_read_as_the_old_code_read_them(config, expected) -> None:
     """Every key the old code read lands in its section; values it coerced with int()/float()
