@@ -113,7 +113,8 @@ def _segments(events: Sequence[ev.Event]) -> list[tuple[int, int, str]]:
         if isinstance(e.payload, ev.SessionForked):
             out.append((lo, e.seq, e.payload.parent_session_id))
             lo = e.seq
-    return out + [(lo, len(events), events[0].session_id if events else "")]
+    # the session's own events come last (a fork by reference begins with its parent's)
+    return out + [(lo, len(events), events[-1].session_id if events else "")]
 
 
 class Recorded:
