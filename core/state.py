@@ -117,6 +117,7 @@ class SessionState:
     tool_tokens: int = 0
     action_mode: str = "native"
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
+    requested_tools: tuple[str, ...] = ()  # every tool name a ToolRequested named, in order of first use
     rewrites: int = 0  # times `messages` was changed other than by appending (compaction, a fork's prompt)
     # goal mode ([goal] verify_command): verifications so far, the last result, a pause asked for
     goal_iterations: int = 0
@@ -214,6 +215,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 known = (p.arguments_json, _tool_call(p.call_id, p.name, p.arguments_json))
             state.pending_calls[p.call_id] = PendingCall(known[1], event.seq)
             state.tool_calls += 1
+            if p.name not in state.requested_tools:
+                state.requested_tools += (p.name,)
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
             if len(p.result) >= LONG_RESULT_CHARS:

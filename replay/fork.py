@@ -21,13 +21,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loopstream.core import events as ev
-from loopstream.core.codec import decode
+from loopstream.core.codec import decode, decode_session
 from loopstream.core.fsm import IllegalTransition
 from loopstream.core.log import Log, SessionNotFound, can_link
 from loopstream.core.sampling import SamplingError, sampling_from
+from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, apply, fold
-from loopstream.replay.chain import chain_hashes, verify_raw
-from loopstream.runtime.snapshots import state_at
+from loopstream.replay.chain import chain_hashes, verify_from, verify_raw
+from loopstream.runtime.snapshots import Snapshots
 from loopstream.runtime.writer import SessionWriter
 from loopstream.tools.builtin import every_tool
 from loopstream.tools.registry import ToolRegistry
@@ -230,30 +231,43 @@ _TOOL_TYPES = ("ToolRequested", "ToolCompleted", "ToolFailed", "WorkspaceCheckpo
 
 
 def _read_parent(log: Log, session_id: str, at_seq: int, registry: ToolRegistry | None) -> _Parent:
-    """The parent at `at_seq`, checked (range, chain, not terminal, not inside a batch). A log
-    that stores forks by reference and a chained parent: without decoding the prefix (the
-    state from the snapshots, `replay.snapshots.state_at`); otherwise the whole log is read."""
+    """The parent at `at_seq`, checked (range, chain, not terminal, not inside a batch). On a
+    log that stores forks by reference, with a chained parent: from the nearest snapshot at or
+    before `at_seq` (runtime/snapshots.py), the chain verified from it to `at_seq` (a snapshot
+    is written only over an intact chain; `verify` / `replay --check` check all of it), the
+    prefix neither decoded nor copied. Otherwise the whole log is read and the prefix copied."""
     last = log.next_seq(session_id) - 1
     if last < 0:
         raise SessionNotFound(session_id)
     if not 0 <= at_seq <= last:
         raise ForkError(f"session {session_id} has seqs 0..{last}; cannot fork at {at_seq}")
+    snaps = Snapshots.for_log(log) if can_link(log) else None
+    if snaps is not None:  # the state from the nearest snapshot; the chain verified from it on
+        at_state = snaps.state_at(session_id, at_seq)
+        base = snaps.base
+        start = base.seq + 1 if base is not None else 0
+        if base is None or base.chain_head is not None:
+            raw = log.read_raw(session_id, start, at_seq)
+            chain = verify_from(raw, base.chain_head if base else None, session_id, start) if base else \
+                verify_raw(raw, session_id)
+            if not chain.ok:
+                raise ForkError(f"will not fork from a broken chain: session {session_id} {chain.describe()}")
+            if chain.status == "ok":
+                window, lo = _window(log, session_id, at_seq, last)
+                _check_point(at_state, window, at_seq - lo, lo)
+                return _Parent(log, session_id, at_state, chain.head,
+                               _effects_after(log, session_id, at_seq, at_state, registry), None, 0)
+    # copied (Kafka; a session from before chaining): the whole log is read
     prefix_raw = log.read_raw(session_id, 0, at_seq)
     chain = verify_raw(prefix_raw, session_id)
     if not chain.ok:
         raise ForkError(f"will not fork from a broken chain: session {session_id} {chain.describe()}")
-    if not can_link(log) or chain.status != "ok":  # copied (Kafka; a session from before chaining)
-        events = [decode(b) for b in log.read_raw(session_id)]
-        at_state = fold(events[: at_seq + 1])
-        _check_point(at_state, events, at_seq, 0)
-        return _Parent(log, session_id, at_state, chain_hashes(prefix_raw)[-1].hex(),
-                       side_effects_after(events, at_seq, registry), events[: at_seq + 1],
-                       sum(len(b) for b in prefix_raw))
-    at_state = state_at(log, session_id, at_seq)
-    window, lo = _window(log, session_id, at_seq, last)
-    _check_point(at_state, window, at_seq - lo, lo)
-    return _Parent(log, session_id, at_state, chain.head, _effects_after(log, session_id, at_seq, at_state, registry),
-                   None, sum(len(b) for b in prefix_raw))
+    events = [decode(b) for b in log.read_raw(session_id)]
+    at_state = fold(events[: at_seq + 1])
+    _check_point(at_state, events, at_seq, 0)
+    return _Parent(log, session_id, at_state, chain_hashes(prefix_raw)[-1].hex(),
+                   side_effects_after(events, at_seq, registry), events[: at_seq + 1],
+                   sum(len(b) for b in prefix_raw))
 
 
 def _window(log: Log, session_id: str, at_seq: int, last: int) -> tuple[list[ev.Event], int]:
@@ -288,15 +302,20 @@ def _check_point(at_state: SessionState, events: Sequence[ev.Event], i: int, lo:
 
 def _effects_after(log: Log, session_id: str, at_seq: int, at_state: SessionState,
                    registry: ToolRegistry | None) -> list[SideEffect]:
-    """`side_effects_after`, decoding only the tool requests after `at_seq` (calls still open at
-    it are in `at_state`) unless one of them is not read-only: then every tool event."""
+    """`side_effects_after` without decoding the session when no tool it ever requested can
+    have one: the names come from the calls open at `at_seq`, the latest snapshot
+    (`requested_tools`) and the requests after it; if one is not read-only, every tool event
+    is decoded."""
     registry = registry or every_tool()
-    requests = log.read_raw_of_types(session_id, ("ToolRequested",), at_seq + 1)  # type: ignore[attr-defined]
-    names = [p.call.name for p in at_state.pending_calls.values()]
-    names += [decode(data).payload.name for _, data in requests]  # type: ignore[attr-defined]
+    fields = Snapshots(log).fields_at(session_id) if isinstance(log, SQLiteLog) else None  # type: ignore[arg-type]
+    since = max(at_seq, fields["seq"]) if fields else at_seq
+    requests = log.read_raw_of_types(session_id, ("ToolRequested",), since + 1)  # type: ignore[attr-defined]
+    names = {p.call.name for p in at_state.pending_calls.values()} | set(fields["requested_tools"] if fields else ())
+    names |= {e.payload.name for e in decode_session([d for _, d in requests], session_id)}  # type: ignore[attr-defined]
     if all((t := registry.tools.get(n)) is not None and t.read_only for n in names):
         return []
-    tool_events = [decode(d) for _, d in log.read_raw_of_types(session_id, _TOOL_TYPES)]  # type: ignore[attr-defined]
+    tool_events = decode_session([d for _, d in log.read_raw_of_types(session_id, _TOOL_TYPES)],  # type: ignore[attr-defined]
+                                 session_id)
     return side_effects_after(tool_events, at_seq, registry)
 
 

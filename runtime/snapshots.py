@@ -27,14 +27,15 @@ from collections.abc import Sequence
 import pydantic
 
 from loopstream.core import conversation, events, fsm, policy, sampling, state
-from loopstream.core.construct import factory
-from loopstream.core.conversation import Message, MessageList, ToolCall
+from loopstream.core.codec import chain_link
+from loopstream.core.conversation import MessageList
 from loopstream.core.log import Log, LogError, SessionNotFound
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import SessionState, fold
 
 STRIDE = 128  # a row every STRIDE events: the fold past the last row is at most this long
 _FIELDS = tuple(f.name for f in dataclasses.fields(SessionState) if f.name != "messages")
+_FIELD_SET = frozenset(_FIELDS)
 
 
 def _version() -> str:
@@ -70,22 +71,6 @@ class _Unpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"a snapshot may not name {module}.{name}")
 
 
-_new_message = factory(Message)
-_new_call = factory(ToolCall)
-
-
-def _dump_messages(messages: Sequence[Message]) -> list[tuple]:
-    return [(m.role, m.content, [(c.call_id, c.name, c.arguments) for c in m.tool_calls], m.tool_call_id, m.name,
-             m.seq) for m in messages]
-
-
-def _load_messages(rows: list[tuple]) -> list[Message]:
-    return [_new_message({"role": r, "content": c, "tool_calls": [_new_call({"call_id": i, "name": n, "arguments": a})
-                                                                   for i, n, a in calls],
-                          "tool_call_id": t, "name": name, "seq": seq})
-            for r, c, calls, t, name, seq in rows]
-
-
 class Snapshots:
     """The snapshot rows of one SQLite log (`for_log`: None for a log without a SQLite file)."""
 
@@ -94,6 +79,7 @@ class Snapshots:
         self.writable = not log.readonly
         self._ready = False
         self.folded = 0  # events the last `state_at` folded past its row
+        self.base: SessionState | None = None  # the row the last `state_at` started from
 
     @classmethod
     def for_log(cls, log: Log) -> Snapshots | None:
@@ -119,54 +105,79 @@ class Snapshots:
         if head < 0:
             raise SessionNotFound(session_id)
         seq = head if seq is None else min(seq, head)
-        base = self._nearest(session_id, seq)
+        base = self.base = self._nearest(session_id, seq)
         rest = self.log.read(session_id, base.seq + 1, seq) if base is not None else self.log.read(session_id, 0, seq)
         self.folded = len(rest)
         return fold(rest, base) if base is not None else fold(rest)
 
     def _nearest(self, session_id: str, seq: int) -> SessionState | None:
+        found = self._nearest_row(session_id, seq)
+        if found is None:
+            return None
+        got = self._load(*found)
+        return got if got is not None and self._matches(session_id, got) else None
+
+    def _nearest_row(self, session_id: str, seq: int) -> tuple[str, int] | None:
+        """(session, seq) of the latest row at or before `seq`: the session's, else its parent's
+        (a fork by reference) at or before the seq it inherits up to."""
         if not self._table():
             return None
         sid, top = session_id, seq
-        for _ in range(1000):  # the session's rows, then its parent's (a fork by reference)
+        for _ in range(1000):
             with self.log._lock:
                 row = self.log.db.conn.execute(
                     "SELECT seq FROM snapshots WHERE session_id = ? AND seq <= ? AND version = ? "
                     "ORDER BY seq DESC LIMIT 1", (sid, top, VERSION)).fetchone()
             if row is not None:
-                got = self._load(sid, row[0])
-                if got is not None and self._matches(session_id, got):
-                    return got
-                return None
+                return sid, row[0]
             link = self.log.parent_of(sid)
             if link is None or link[0] is None:
                 return None
             sid, top = link[0], min(top, link[1])
         return None
 
+    def fields_at(self, session_id: str, seq: int | None = None) -> dict | None:
+        """The state's fields but its messages (cheap: no conversation) at the latest good row
+        at or before `seq` (None: any), or None if there is none."""
+        found = self._nearest_row(session_id, 2**62 if seq is None else seq)
+        if found is None:
+            return None
+        with self.log._lock:
+            row = self.log.db.conn.execute("SELECT data FROM snapshots WHERE session_id = ? AND seq = ?",
+                                           found).fetchone()
+        try:
+            fields = _Unpickler(io.BytesIO(_Unpickler(io.BytesIO(row[0])).load()[0])).load()
+            probe = SessionState(seq=fields["seq"], chain_head=fields["chain_head"])
+        except Exception:  # noqa: BLE001 - a damaged row: none
+            return None
+        return fields if self._matches(session_id, probe) else None
+
     def _load(self, session_id: str, seq: int) -> SessionState | None:
         """The state of one row, its messages gathered along its bases; None if unreadable."""
         chunks: list[list[tuple]] = []
-        fields: dict | None = None
-        sid, at = session_id, seq
+        fields: bytes | None = None
+        sid: str | None = session_id
+        at = seq
         try:
             while sid is not None:
-                with self.log._lock:
-                    row = self.log.db.conn.execute(
-                        "SELECT base_session, base_seq, version, data FROM snapshots WHERE session_id = ? AND seq = ?",
-                        (sid, at)).fetchone()
-                if row is None or row[2] != VERSION:
-                    return None
-                got_fields, messages = _Unpickler(io.BytesIO(row[3])).load()
-                fields = got_fields if fields is None else fields
-                chunks.append(messages)
-                sid, at = row[0], row[1]
-                if len(chunks) > 100_000:
-                    return None
+                with self.log._lock:  # the session's rows up to `at` in one query: most bases are among them
+                    rows = {r[0]: r[1:] for r in self.log.db.conn.execute(
+                        "SELECT seq, base_session, base_seq, version, data FROM snapshots WHERE session_id = ? "
+                        "AND seq <= ?", (sid, at))}
+                here = sid
+                while sid == here:
+                    row = rows.get(at)
+                    if row is None or row[2] != VERSION or len(chunks) > 100_000:
+                        return None
+                    got_fields, messages = _Unpickler(io.BytesIO(row[3])).load()
+                    fields = got_fields if fields is None else fields
+                    chunks.append(messages)
+                    sid, at = row[0], row[1]
             out = object.__new__(SessionState)
-            for name in _FIELDS:
-                setattr(out, name, fields[name])  # type: ignore[index]
-            out.messages = MessageList(_load_messages([m for chunk in reversed(chunks) for m in chunk]))
+            for name, value in _Unpickler(io.BytesIO(fields)).load().items():  # type: ignore[arg-type]
+                if name in _FIELD_SET:
+                    setattr(out, name, value)
+            out.messages = MessageList.from_rows([m for chunk in reversed(chunks) for m in chunk])
             return out
         except Exception:  # noqa: BLE001 - a damaged or foreign row is ignored: the events decide
             return None
@@ -182,35 +193,54 @@ class Snapshots:
 
     # -- writing ----------------------------------------------------------------------
     def save(self, s: SessionState) -> None:
-        """Store a row for `s` (the state after its event `s.seq`, of session `s.session_id`
-        or of a fork by reference folded that far); nothing if the log cannot be written."""
+        """Store a row for `s` (the state after its event `s.seq`, of session `s.session_id`,
+        or of a fork by reference folded that far), if the stored events' chain is intact
+        from the row before it (or from the first event) to `s`: a row also vouches for
+        the chain up to it (`fork` verifies only from the nearest row). Nothing if the log
+        cannot be written or the chain is broken."""
         if not self.writable or s.seq < 0 or not self._table():
             return
         sid = s.session_id
         try:
             with self.log._lock:
                 prev = self.log.db.conn.execute(
-                    "SELECT session_id, seq, n_messages, rewrites FROM snapshots WHERE session_id = ? AND seq < ? "
-                    "AND version = ? ORDER BY seq DESC LIMIT 1", (sid, s.seq, VERSION)).fetchone()
+                    "SELECT session_id, seq, n_messages, rewrites, data FROM snapshots WHERE session_id = ? "
+                    "AND seq < ? AND version = ? ORDER BY seq DESC LIMIT 1", (sid, s.seq, VERSION)).fetchone()
                 if prev is None:  # a fork by reference builds on its parent's rows
                     prev = self._parent_row(sid, s.seq)
+            if not self._chain_ok(sid, s, prev):
+                return
             messages = list(s.messages)
             base: tuple[str | None, int | None] = (None, None)
             if prev is not None and prev[3] == s.rewrites and prev[2] <= len(messages):
                 base, messages = (prev[0], prev[1]), messages[prev[2]:]
-            data = pickle.dumps(({n: getattr(s, n) for n in _FIELDS}, _dump_messages(messages)), protocol=5)
+            fields = pickle.dumps({n: getattr(s, n) for n in _FIELDS}, protocol=5)
+            data = pickle.dumps((fields, MessageList.rows(messages)), protocol=5)
             with self.log.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (sid, s.seq, VERSION, base[0], base[1], len(s.messages), s.rewrites, data))
-        except (sqlite3.Error, LogError):
+        except (sqlite3.Error, LogError, pickle.PicklingError):
             return  # a projection: the events are the truth, the row is rebuilt later
+
+    def _chain_ok(self, session_id: str, s: SessionState, prev: tuple | None) -> bool:
+        """The stored events after the row `prev` (or from seq 0) up to `s.seq` link into a chain
+        that ends at `s.chain_head`."""
+        if s.chain_head is None:
+            return True  # a session from before chaining: nothing to verify
+        start, head = 0, None
+        if prev is not None:
+            fields = _Unpickler(io.BytesIO(_Unpickler(io.BytesIO(prev[4])).load()[0])).load()
+            start, head = prev[1] + 1, fields.get("chain_head")
+            if head is None:
+                return False
+        return chain_intact(self.log.read_raw(session_id, start, s.seq), head) == s.chain_head
 
     def _parent_row(self, session_id: str, seq: int) -> tuple | None:
         link = self.log.parent_of(session_id)
         if link is None or link[0] is None:
             return None
         return self.log.db.conn.execute(
-            "SELECT session_id, seq, n_messages, rewrites FROM snapshots WHERE session_id = ? AND seq <= ? "
+            "SELECT session_id, seq, n_messages, rewrites, data FROM snapshots WHERE session_id = ? AND seq <= ? "
             "AND version = ? ORDER BY seq DESC LIMIT 1", (link[0], min(seq, link[1]), VERSION)).fetchone()
 
     def latest(self, session_id: str) -> SessionState:
@@ -225,6 +255,19 @@ class Snapshots:
         a STRIDE boundary or ended the session."""
         if s.seq // STRIDE > since // STRIDE or (s.terminal and since >= STRIDE):
             self.save(s)
+
+
+def chain_intact(raw: Sequence[bytes], prev: bytes | None) -> bytes | None:
+    """The chain hash after the chained events `raw` whose predecessor's hash is `prev` (None:
+    they start at seq 0), or None if a link is broken (`replay.chain` says where and why)."""
+    h = prev
+    for data in raw:
+        if len(data) <= 33 or data[-33] != 2:
+            return None
+        h = chain_link(h, data[:-33])
+        if h != data[-32:]:
+            return None
+    return h
 
 
 def state_at(log: Log, session_id: str, seq: int | None = None) -> SessionState:
