@@ -121,11 +121,9 @@ def langgraph_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
     from langgraph.graph import END, START, StateGraph
     from langgraph.graph.message import add_messages
 
-    class State(TypedDict):
-        messages: Annotated[list, add_messages]
-        total: int
+    State = TypedDict("State", {"messages": Annotated[list, add_messages], "total": int})  # noqa: UP013
 
-    def model(state: State) -> dict:
+    def model(state):  # no annotations: LangGraph reads them at run time
         done = state["total"]
         if done < steps:
             msg = {"role": "assistant", "content": "", "tool_calls": [
@@ -134,13 +132,13 @@ def langgraph_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
             msg = {"role": "assistant", "content": f"The result is {done}."}
         return {"messages": [msg]}
 
-    def tools(state: State) -> dict:
+    def tools(state):
         call = state["messages"][-1].tool_calls[0]
         total = int(call["args"]["a"] + call["args"]["b"])
         return {"messages": [{"role": "tool", "content": result_text(total), "tool_call_id": call["id"]}],
                 "total": total}
 
-    def route(state: State) -> str:
+    def route(state):
         return "tools" if state["messages"][-1].tool_calls else END
 
     g = StateGraph(State)
@@ -182,7 +180,7 @@ def langgraph_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
 
 def burr_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
     from burr.core import ApplicationBuilder, State, action, expr
-    from burr.integrations.persisters.b_sqlite import SQLLitePersister
+    from burr.core.persistence import SQLitePersister
 
     @action(reads=["total"], writes=["messages", "pending"])
     def model(state: State) -> State:
@@ -206,14 +204,14 @@ def burr_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
 
     path = tmp / f"burr-{steps}.db"
 
-    def persister() -> SQLLitePersister:
-        p = SQLLitePersister(db_path=str(path), table_name="burr_state", connect_kwargs={"check_same_thread": False})
+    def persister() -> SQLitePersister:
+        p = SQLitePersister(db_path=str(path), table_name="burr_state", connect_kwargs={"check_same_thread": False})
         p.connection.execute("PRAGMA journal_mode=WAL")
         p.connection.execute("PRAGMA synchronous=NORMAL")
         p.initialize()
         return p
 
-    def build(p: SQLLitePersister, app_id: str, resume: dict | None = None):
+    def build(p: SQLitePersister, app_id: str, resume: dict | None = None):
         b = (ApplicationBuilder().with_actions(model=model, tools=tools, done=done)
              .with_transitions(("model", "tools", expr("pending is not None")), ("model", "done"), ("tools", "model"))
              .with_state_persister(p))
@@ -248,7 +246,7 @@ def burr_run(tmp: Path, steps: int, figs: Figures, detail: bool) -> None:
 
 PEERS: dict[str, Callable[[Path, int, Figures, bool], None]] = {
     "loopstream": loopstream_run, "langgraph": langgraph_run, "burr": burr_run}
-MODULES = {"langgraph": "langgraph.checkpoint.sqlite", "burr": "burr.integrations.persisters.b_sqlite"}
+MODULES = {"langgraph": "langgraph.checkpoint.sqlite", "burr": "burr.core.persistence"}
 
 
 def available(name: str) -> bool:
@@ -283,19 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [*(f"step_us@{s}" for s in sizes), f"fork_ms@{top}", f"latest_ms@{top}", f"bytes@{top}"]
     labels = {**{f"step_us@{s}": f"per step at N={s} (µs)" for s in sizes}, f"fork_ms@{top}": f"fork at N={top} (ms)",
               f"latest_ms@{top}": f"latest state at N={top} (ms)", f"bytes@{top}": f"storage at N={top} (bytes)"}
-    print(f"{'':32}" + "".join(f"{n:>16}" for n in names))
+    print(f"{'':32}" + "".join(f"{n:>20}" for n in names))
     for row in rows:
         base = figs["loopstream"].best(row) if "loopstream" in figs else None
         cells = []
         for n in names:
             v = figs[n].best(row)
             if v is None:
-                cells.append(f"{'-':>16}")
+                cells.append(f"{'-':>20}")
                 continue
             text = f"{v:,.0f}" if row.startswith("bytes") or v >= 100 else f"{v:,.2f}"
             if base and n != "loopstream":
                 text += f" ({v / base:.1f}x)"
-            cells.append(f"{text:>16}")
+            cells.append(f"{text:>20}")
         print(f"{labels[row]:32}" + "".join(cells))
     if "loopstream" in figs and (ev := figs["loopstream"].best(f"events@{top}")):
         print(f"(loopstream's session at N={top}: {ev:,.0f} events; medians: "
