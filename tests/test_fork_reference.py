@@ -17,7 +17,8 @@ from loopstream.observe.spans import session_spans
 from loopstream.providers.scripted import ScriptedProvider, adder_script
 from loopstream.replay import check_determinism, fork, verify
 from loopstream.replay.archive import export_session, read_archive
-from loopstream.replay.diff import diff, render as render_diff
+from loopstream.replay.diff import diff
+from loopstream.replay.diff import render as render_diff
 from loopstream.replay.replayer import replay
 from loopstream.runtime.assembly import build_runtime
 from loopstream.runtime.inline import SessionConfig
