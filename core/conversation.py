@@ -67,11 +67,12 @@ class MessageList(MutableSequence[Message]):
         new._buf, new._n = _Rows(rows), len(rows)
         return new
 
-    @staticmethod
-    def rows(messages: Iterable[Message]) -> list[tuple]:
-        """The messages as plain tuples (what `from_rows` takes)."""
-        return [(m.role, m.content, [(c.call_id, c.name, c.arguments) for c in m.tool_calls], m.tool_call_id,
-                 m.name, m.seq) for m in messages]
+    def rows(self, start: int = 0) -> list[tuple]:
+        """The messages from index `start` on as plain tuples (what `from_rows` takes); those not
+        built yet are not built for it."""
+        return [m if type(m) is tuple else (m.role, m.content, [(c.call_id, c.name, c.arguments) for c in m.tool_calls],
+                                            m.tool_call_id, m.name, m.seq)
+                for m in itertools.islice(self._buf, start, self._n)]
 
     def _ready(self) -> None:
         buf = self._buf

@@ -210,12 +210,13 @@ class Snapshots:
                     prev = self._parent_row(sid, s.seq)
             if not self._chain_ok(sid, s, prev):
                 return
-            messages = list(s.messages)
+            messages = s.messages if isinstance(s.messages, MessageList) else MessageList(s.messages)
             base: tuple[str | None, int | None] = (None, None)
+            start = 0
             if prev is not None and prev[3] == s.rewrites and prev[2] <= len(messages):
-                base, messages = (prev[0], prev[1]), messages[prev[2]:]
+                base, start = (prev[0], prev[1]), prev[2]
             fields = pickle.dumps({n: getattr(s, n) for n in _FIELDS}, protocol=5)
-            data = pickle.dumps((fields, MessageList.rows(messages)), protocol=5)
+            data = pickle.dumps((fields, messages.rows(start)), protocol=5)
             with self.log.transaction() as conn:
                 conn.execute("INSERT OR REPLACE INTO snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                              (sid, s.seq, VERSION, base[0], base[1], len(s.messages), s.rewrites, data))

@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 
-from loopstream.core.conversation import Message, ToolCall
+from loopstream.core.conversation import Message, MessageList, ToolCall
 from loopstream.core.sqlite_log import SQLiteLog
 from loopstream.core.state import fold
 from loopstream.providers.base import ModelReply
@@ -127,3 +127,16 @@ def test_no_row_over_a_broken_chain(small_stride, tmp_path) -> None:
         log.db.conn.execute("UPDATE events SET data = ? WHERE session_id = ? AND seq = 2", (bytes(data), sid))
         Snapshots(log).save(fold(log.read(sid)))
         assert rows(log, sid) == []
+
+
+def test_message_rows_are_built_when_first_read_and_copies_stay_apart() -> None:
+    msgs = [Message(role="system", content="\ud800<b>", seq=0),
+            Message(role="assistant", tool_calls=[ToolCall(call_id="c", name="n", arguments={"a": [1]})], seq=3)]
+    lazy = MessageList.from_rows(MessageList(msgs).rows())
+    grown = lazy.copy()
+    grown.append(Message(role="user", content="more", seq=4))  # appending builds nothing
+    assert all(type(r) is tuple for r in lazy._buf[:2]) and lazy.rows() == MessageList(msgs).rows()
+    other = lazy.copy()
+    other.append(Message(role="user", content="other", seq=4))
+    assert list(lazy) == msgs and len(lazy) == 2
+    assert [m.content for m in grown] == ["\ud800<b>", "", "more"] and other[-1].content == "other"
