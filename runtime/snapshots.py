@@ -17,6 +17,7 @@ and it is read with an unpickler that builds nothing but the state's own types.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import io
 import pickle
@@ -153,7 +154,18 @@ class Snapshots:
         return fields if self._matches(session_id, probe) else None
 
     def _load(self, session_id: str, seq: int) -> SessionState | None:
-        """The state of one row, its messages gathered along its bases; None if unreadable."""
+        """The state of one row, its messages gathered along its bases; None if unreadable.
+        The cyclic GC is paused meanwhile: thousands of new tuples would set it off several
+        times over objects that hold no cycles (it cost more than the reading)."""
+        was = gc.isenabled()
+        gc.disable()
+        try:
+            return self._load_rows(session_id, seq)
+        finally:
+            if was:
+                gc.enable()
+
+    def _load_rows(self, session_id: str, seq: int) -> SessionState | None:
         chunks: list[list[tuple]] = []
         fields: bytes | None = None
         sid: str | None = session_id
