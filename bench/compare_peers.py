@@ -281,19 +281,19 @@ def main(argv: list[str] | None = None) -> int:
     rows = [*(f"step_us@{s}" for s in sizes), f"fork_ms@{top}", f"latest_ms@{top}", f"bytes@{top}"]
     labels = {**{f"step_us@{s}": f"per step at N={s} (µs)" for s in sizes}, f"fork_ms@{top}": f"fork at N={top} (ms)",
               f"latest_ms@{top}": f"latest state at N={top} (ms)", f"bytes@{top}": f"storage at N={top} (bytes)"}
-    print(f"{'':32}" + "".join(f"{n:>22}" for n in names))
+    print(f"{'':32}" + "".join(f"{n:>24}" for n in names))
     for row in rows:
         base = figs["loopstream"].best(row) if "loopstream" in figs else None
         cells = []
         for n in names:
             v = figs[n].best(row)
             if v is None:
-                cells.append(f"{'-':>22}")
+                cells.append(f"{'-':>24}")
                 continue
             text = f"{v:,.0f}" if row.startswith("bytes") or v >= 100 else f"{v:,.2f}"
             if base and n != "loopstream":
                 text += f" ({v / base:.1f}x)"
-            cells.append(f"{text:>22}")
+            cells.append(f"{text:>24}")
         print(f"{labels[row]:32}" + "".join(cells))
     if "loopstream" in figs and (ev := figs["loopstream"].best(f"events@{top}")):
         print(f"(loopstream's session at N={top}: {ev:,.0f} events; medians: "
