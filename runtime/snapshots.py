@@ -86,12 +86,13 @@ class Snapshots:
     def for_log(cls, log: Log) -> Snapshots | None:
         return cls(log) if isinstance(log, SQLiteLog) else None
 
-    def _table(self) -> bool:
+    def _table(self, create: bool = False) -> bool:
+        """Whether the table is there; `create` (a write: only `save` asks) makes it. A read
+        never takes the write lock (a reader must not wait for, or delay, a writer)."""
         if not self._ready:
-            conn = self.log.db.conn
             with self.log._lock:
-                have = conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'").fetchone()
-            if not have and self.writable:
+                have = self.log.db.conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'snapshots'").fetchone()
+            if not have and create and self.writable:
                 with self.log.transaction() as conn:
                     conn.execute(_TABLE)
                 have = True
@@ -210,7 +211,7 @@ class Snapshots:
         from the row before it (or from the first event) to `s`: a row also vouches for
         the chain up to it (`fork` verifies only from the nearest row). Nothing if the log
         cannot be written or the chain is broken."""
-        if not self.writable or s.seq < 0 or not self._table():
+        if not self.writable or s.seq < 0 or not self._table(create=True):
             return
         sid = s.session_id
         try:
