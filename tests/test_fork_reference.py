@@ -100,7 +100,7 @@ def test_append_linked_keeps_the_log_contract(log) -> None:
     with pytest.raises(ConcurrencyError):  # another fork with the same child id
         log.append_linked("c", "p", 1, goal_events("c", 2, 1))
     log.append("c", goal_events("c", 5, 1), 5)  # the child goes on like any session
-    assert log.next_seq("c") == 6 and [i.session_id for i in log.sessions()] == ["p", "c"]
+    assert log.next_seq("c") == 6 and {i.session_id: i.next_seq for i in log.sessions()} == {"p": 5, "c": 6}
     with SQLiteLog(log.path, readonly=True) as ro:
         assert ro.read_raw("c") == log.read_raw("c")
 
