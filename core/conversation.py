@@ -12,6 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from loopstream.core.construct import factory
+
 
 class ToolSpec(BaseModel):
     """A tool as the model sees it: name, description, JSON schema of its arguments."""
@@ -57,6 +59,29 @@ class MessageList(MutableSequence[Message]):
         self._buf: list[Message] = list(items)
         self._n = len(self._buf)
 
+    @classmethod
+    def from_rows(cls, rows: list[tuple]) -> MessageList:
+        """A list of the messages `rows(...)` gave, each built when first read (a state read
+        from a snapshot costs what its rows cost, not what building every message costs)."""
+        new = cls.__new__(cls)
+        new._buf, new._n = _Rows(rows), len(rows)
+        return new
+
+    def rows(self, start: int = 0) -> list[tuple]:
+        """The messages from index `start` on as plain tuples (what `from_rows` takes); those not
+        built yet are not built for it."""
+        return [m if type(m) is tuple else (m.role, m.content, [(c.call_id, c.name, c.arguments) for c in m.tool_calls],
+                                            m.tool_call_id, m.name, m.seq)
+                for m in itertools.islice(self._buf, start, self._n)]
+
+    def _ready(self) -> None:
+        buf = self._buf
+        if type(buf) is _Rows and buf.pending:
+            with _GROW:
+                if buf.pending:
+                    buf[:] = [_from_row(r) if type(r) is tuple else r for r in buf]
+                    buf.pending = False
+
     def copy(self) -> MessageList:
         """A copy sharing this one's buffer (O(1))."""
         new = MessageList.__new__(MessageList)
@@ -66,11 +91,13 @@ class MessageList(MutableSequence[Message]):
     def append(self, message: Message) -> None:
         with _GROW:
             if len(self._buf) != self._n:  # another copy grew the buffer past us: take our prefix
-                self._buf = self._buf[: self._n]
+                buf = self._buf
+                self._buf = buf[: self._n] if type(buf) is not _Rows or not buf.pending else _Rows(buf[: self._n])
             self._buf.append(message)
             self._n += 1
 
     def _own(self) -> list[Message]:
+        self._ready()
         self._buf = self._buf[: self._n]
         return self._buf
 
@@ -78,6 +105,7 @@ class MessageList(MutableSequence[Message]):
         return self._n
 
     def __getitem__(self, index):  # type: ignore[override]
+        self._ready()
         if isinstance(index, slice):
             return self._buf[: self._n][index]
         if index < 0:
@@ -87,6 +115,7 @@ class MessageList(MutableSequence[Message]):
         return self._buf[index]
 
     def __iter__(self) -> Iterator[Message]:
+        self._ready()
         return itertools.islice(self._buf, self._n)
 
     def __setitem__(self, index, value) -> None:  # type: ignore[override]
@@ -114,3 +143,20 @@ class MessageList(MutableSequence[Message]):
 
     def __repr__(self) -> str:
         return f"MessageList({list(self)!r})"
+
+
+class _Rows(list):
+    """A buffer of message rows not built yet (MessageList.from_rows)."""
+
+    pending = True
+
+
+_new_message = factory(Message)
+_new_call = factory(ToolCall)
+
+
+def _from_row(row: tuple) -> Message:
+    role, content, calls, call_id, name, seq = row
+    return _new_message({"role": role, "content": content, "tool_calls": [
+        _new_call({"call_id": i, "name": n, "arguments": a}) for i, n, a in calls],
+        "tool_call_id": call_id, "name": name, "seq": seq})

@@ -11,6 +11,11 @@ Contract (tests/log_conformance.py checks it against each backend):
 - `sessions()`: one `SessionInfo` per session.
 - `subscribe(group)`: a named consumer group over all sessions that resumes from its
   last committed position after a restart (at-least-once: commit after handling).
+
+A backend may also offer forks by reference (`LinkingLog`: the SQLite log does, the Kafka
+log does not, and a fork there copies the prefix): `append_linked(child, parent, parent_seq,
+events)` starts `child` whose seqs 0..parent_seq read as the parent's stored events, then
+`events`; every read of the child (`read`, `read_raw`, `next_seq`) sees that whole history.
 """
 from __future__ import annotations
 
@@ -84,6 +89,18 @@ class Log(Protocol):
     def sessions(self) -> list[SessionInfo]: ...
     def subscribe(self, group: str) -> Subscription: ...
     def close(self) -> None: ...
+
+
+class LinkingLog(Log, Protocol):
+    """A log whose forks refer to their parent's prefix instead of copying it (see the module doc)."""
+
+    def append_linked(self, session_id: str, parent_session_id: str, parent_seq: int,
+                      events: Sequence[Event]) -> None: ...
+
+
+def can_link(log: Log) -> bool:
+    """Whether `log` stores forks by reference (`LinkingLog`)."""
+    return callable(getattr(log, "append_linked", None))
 
 
 def check_batch(session_id: str, events: Sequence[Event], expected_seq: int) -> None:

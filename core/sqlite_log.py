@@ -2,7 +2,10 @@
 
 Tables: `events` (the log; `gpos` is the global position subscriptions follow),
 `sessions` (next seq per session: the optimistic-concurrency check), `offsets`
-(durable positions of named subscriber groups). Writes take SQLite's write lock with
+(durable positions of named subscriber groups), `links` (a fork by reference: the child's
+seqs 0..parent_seq are its parent's events, read from the parent, never copied; see
+`append_linked`) and `inherited` (a child's prefix materialised before its parent was deleted).
+A trigger refuses to delete an event a child refers to (`delete_session` materialises first). Writes take SQLite's write lock with
 BEGIN IMMEDIATE, so the seq check and the insert are one atomic step across processes.
 
 `SQLiteLog(path, readonly=True)` is for commands that only read: it never creates a
@@ -32,10 +35,12 @@ from loopstream.core.log import (
     DuplicateEvent,
     LogError,
     SessionInfo,
+    SessionNotFound,
     check_batch,
 )
 
-_TABLES = ("events", "sessions", "offsets")
+_TABLES = ("events", "sessions", "offsets", "links", "inherited")
+_MAX_LINK_DEPTH = 100_000  # a chain of forks longer than this is a damaged log (a cycle)
 
 
 class LogUnavailable(LogError):
@@ -124,6 +129,7 @@ class SQLiteLog:
         self._lock = threading.RLock()
         if readonly:
             self.db = sqlite_utils.Database(_open_readonly(self.path, busy_timeout_ms))
+            self._linked = "links" in self.db.table_names()  # a log written before forks by reference: none
             return
         if self.path.exists() and (why := unwritable(self.path)):
             raise LogUnavailable(f"the log at {self.path} cannot be written ({why})")
@@ -134,6 +140,7 @@ class SQLiteLog:
             conn.execute(f"PRAGMA synchronous = {DURABILITY[self.durability]}")
             self.db = sqlite_utils.Database(conn)
             self._create()
+            self._linked = True
         except sqlite3.Error as exc:
             conn.close()
             raise LogUnavailable(f"cannot open the log at {self.path}: {exc}") from None
@@ -158,6 +165,16 @@ class SQLiteLog:
                 )
             if "offsets" not in self.db.table_names():
                 self.db["offsets"].create({"group_name": str, "gpos": int}, pk="group_name")
+            conn = self.db.conn
+            conn.execute("CREATE TABLE IF NOT EXISTS links (session_id TEXT PRIMARY KEY, "
+                         "parent_session_id TEXT, parent_seq INTEGER NOT NULL)")  # parent NULL: materialised
+            conn.execute("CREATE INDEX IF NOT EXISTS links_parent ON links (parent_session_id, parent_seq)")
+            conn.execute("CREATE TABLE IF NOT EXISTS inherited (session_id TEXT NOT NULL, seq INTEGER NOT NULL, "
+                         "type TEXT, data BLOB, PRIMARY KEY (session_id, seq))")
+            conn.execute(
+                "CREATE TRIGGER IF NOT EXISTS events_referred BEFORE DELETE ON events WHEN EXISTS "
+                "(SELECT 1 FROM links WHERE parent_session_id = OLD.session_id AND parent_seq >= OLD.seq) "
+                "BEGIN SELECT RAISE(ABORT, 'a forked session refers to this event (materialise it first)'); END")
 
     # -- writing -----------------------------------------------------------------
     @contextmanager
@@ -198,6 +215,59 @@ class SQLiteLog:
         ConcurrencyError), write nothing."""
         with self._lock:
             self._check(session_id, [e.event_id for e in events], expected_seq)
+
+    def append_linked(self, session_id: str, parent_session_id: str, parent_seq: int,
+                      events: Sequence[Event]) -> None:
+        """Start `session_id` as a fork by reference: its seqs 0..parent_seq are the parent's
+        events (read from the parent, never copied), then `events` (seqs parent_seq + 1, …),
+        in one transaction. The session must not exist (ConcurrencyError; DuplicateEvent if an
+        event id is stored) and the parent must have the seq (SessionNotFound / LogError)."""
+        check_batch(session_id, events, parent_seq + 1)
+        try:
+            with self.transaction() as conn:
+                self._check(session_id, [e.event_id for e in events], 0)
+                have = self._next_seq(parent_session_id)
+                if have == 0:
+                    raise SessionNotFound(parent_session_id)
+                if not 0 <= parent_seq < have:
+                    raise LogError(f"session {parent_session_id} has seqs 0..{have - 1}, not {parent_seq}")
+                conn.execute("INSERT INTO links (session_id, parent_session_id, parent_seq) VALUES (?, ?, ?)",
+                             (session_id, parent_session_id, parent_seq))
+                t = now_ms()
+                conn.execute("INSERT INTO sessions (session_id, created_ms, updated_ms, next_seq, last_type) "
+                             "VALUES (?, ?, ?, ?, ?)", (session_id, t, t, parent_seq + 1, ""))
+                self.insert(session_id, events, parent_seq + 1, at_ms=t)
+        except sqlite3.Error as exc:
+            raise LogUnavailable(f"cannot write the log at {self.path}: {exc}") from None
+
+    def materialise(self, session_id: str) -> int:
+        """Store a fork's inherited prefix as its own (the same bytes, in `inherited`) and drop
+        its reference to the parent; the number of events stored (0: nothing referred)."""
+        with self.transaction() as conn:
+            return self._materialise(conn, session_id)
+
+    def _materialise(self, conn: sqlite3.Connection, session_id: str) -> int:
+        link = self._link(session_id)
+        if link is None or link[0] is None:
+            return 0
+        rows = self._rows(session_id, 0, link[1], "type, data")
+        conn.executemany("INSERT OR REPLACE INTO inherited (session_id, seq, type, data) VALUES (?, ?, ?, ?)",
+                         [(session_id, i, t, d) for i, (t, d) in enumerate(rows)])
+        conn.execute("UPDATE links SET parent_session_id = NULL WHERE session_id = ?", (session_id,))
+        return len(rows)
+
+    def delete_session(self, session_id: str) -> int:
+        """Delete a session's events (its forks by reference keep their history: their prefix
+        is materialised first, in the same transaction); the number of events deleted."""
+        with self.transaction() as conn:
+            children = [r[0] for r in conn.execute(
+                "SELECT session_id FROM links WHERE parent_session_id = ?", (session_id,))]
+            for child in children:
+                self._materialise(conn, child)
+            n = conn.execute("DELETE FROM events WHERE session_id = ?", (session_id,)).rowcount
+            for table in ("sessions", "links", "inherited"):
+                conn.execute(f"DELETE FROM {table} WHERE session_id = ?", (session_id,))
+            return n
 
     def insert(self, session_id: str, events: Sequence[Event], expected_seq: int, *,
                data: Sequence[bytes] | None = None, at_ms: int | None = None) -> None:
@@ -255,13 +325,57 @@ class SQLiteLog:
             return self._next_seq(session_id)
 
     def read_raw(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[bytes]:
+        # a NULL blob reads as no bytes: an unreadable event, named by its seq
+        return [r[0] or b"" for r in self._rows(session_id, from_seq, to_seq, "data")]
+
+    def read_raw_of_types(self, session_id: str, types: Sequence[str], from_seq: int = 0,
+                          to_seq: int | None = None) -> list[tuple[int, bytes]]:
+        """(seq, stored bytes) of the session's events of these types only, in seq order."""
+        marks = ",".join("?" * len(types))
+        return [(r[0], r[1] or b"") for r in self._rows(session_id, from_seq, to_seq, "seq, data",
+                                                          f" AND type IN ({marks})", tuple(types))]
+
+    def _rows(self, session_id: str, from_seq: int, to_seq: int | None, columns: str, where: str = "",
+              args: tuple = ()) -> list[tuple]:
         hi = to_seq if to_seq is not None else 2**62
         with self._lock:
-            rows = self.db.conn.execute(
-                "SELECT data FROM events WHERE session_id = ? AND seq >= ? AND seq <= ? ORDER BY seq",
-                (session_id, from_seq, hi),
-            ).fetchall()
-        return [r[0] or b"" for r in rows]  # a NULL blob reads as no bytes: an unreadable event, named by its seq
+            parts = [self.db.conn.execute(
+                f"SELECT {columns} FROM {table} WHERE session_id = ? AND seq >= ? AND seq <= ?{where} ORDER BY seq",
+                (sid, lo, top, *args),
+            ).fetchall() for table, sid, lo, top in self._sources(session_id, from_seq, hi)]
+        return [r for rows in reversed(parts) for r in rows]
+
+    def _sources(self, session_id: str, lo: int, hi: int) -> list[tuple[str, str, int, int]]:
+        """Where seqs lo..hi of a session are stored, last part first: (table, session, lo, hi).
+        A fork by reference reads its prefix from its parent (itself perhaps a fork)."""
+        out: list[tuple[str, str, int, int]] = []
+        for _ in range(_MAX_LINK_DEPTH):
+            link = self._link(session_id) if lo <= hi else None
+            if link is None:
+                out.append(("events", session_id, lo, hi))
+                return out
+            parent, upto = link
+            if hi > upto:
+                out.append(("events", session_id, max(lo, upto + 1), hi))
+            if parent is None:  # materialised: the prefix is the child's own copy of the bytes
+                out.append(("inherited", session_id, lo, min(hi, upto)))
+                return out
+            session_id, hi = parent, min(hi, upto)
+        raise LogError(f"session {session_id}: its chain of forks does not end (a damaged log)")
+
+    def _link(self, session_id: str) -> tuple[str | None, int] | None:
+        if not self._linked:
+            return None
+        row = self.db.conn.execute(
+            "SELECT parent_session_id, parent_seq FROM links WHERE session_id = ?", (session_id,)
+        ).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def parent_of(self, session_id: str) -> tuple[str | None, int] | None:
+        """(parent session, last inherited seq) of a fork by reference (parent None: its prefix
+        is materialised), or None for a session that owns all its events."""
+        with self._lock:
+            return self._link(session_id)
 
     def read(self, session_id: str, from_seq: int = 0, to_seq: int | None = None) -> list[Event]:
         return decode_session(self.read_raw(session_id, from_seq, to_seq), session_id, from_seq)

@@ -133,6 +133,8 @@ class SessionState:
     tool_tokens: int = 0
     action_mode: str = "native"
     chain_head: bytes | None = None  # chain_hash of the last applied event (codec.seal links the next)
+    requested_tools: tuple[str, ...] = ()  # every tool name a ToolRequested named, in order of first use
+    rewrites: int = 0  # times `messages` was changed other than by appending (compaction, a fork's prompt)
     # goal mode ([goal] verify_command): verifications so far, the last result, a pause asked for
     goal_iterations: int = 0
     goal_passed: bool = False  # the last verification passed (the answer it checked is final)
@@ -243,6 +245,8 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
                 known = (p.arguments_json, _tool_call(p.call_id, p.name, p.arguments_json))
             state.pending_calls[p.call_id] = PendingCall(known[1], event.seq)
             state.tool_calls += 1
+            if p.name not in state.requested_tools:
+                state.requested_tools += (p.name,)
         case ev.ToolCompleted():
             state.pending_calls.pop(p.call_id, None)
             if p.call_id in state.delegations:
@@ -297,6 +301,7 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
             state.open_compaction, state.compaction_hooked, state.compaction_note = p, False, ""
         case ev.ContextCompacted():
             state.messages = MessageList(compacted(state.messages, p.from_seq, p.to_seq, p.summary))
+            state.rewrites += 1
             state.compactions += 1
             state.last_compaction_seq = event.seq
             state.open_compaction_id = state.open_compaction_seq = state.open_compaction = None
@@ -351,7 +356,9 @@ def apply(state: SessionState, event: ev.Event, transition: Transition = next_st
         case ev.SessionCancelled():
             state.error = p.reason
             _ended(state, event.seq)
-        case ev.SessionForked():
+        case ev.SessionForked():  # from here on the events are the child's (a fork by reference
+            state.session_id = event.session_id  # inherits its parent's events as they are)
+            state.correlation_id = event.correlation_id
             _apply_overrides(state, json.loads(p.overrides_json or "{}"))
         case ev.UserMessage():
             state.messages.append(_message("user", p.text, event.seq))
@@ -460,6 +467,7 @@ def _apply_overrides(state: SessionState, overrides: dict) -> None:
     if "sampling" in overrides:  # the changed settings only; the rest stay as recorded
         state.sampling = sampling_from(overrides["sampling"], state.sampling, "fork overrides")
     if "system_prompt" in overrides:  # replaces the system message in place (same seq)
+        state.rewrites += 1
         has_system = bool(state.messages) and state.messages[0].role == "system"
         prompt = overrides["system_prompt"]
         if has_system and prompt:

@@ -82,11 +82,11 @@ def session_spans(events: Sequence[ev.Event]) -> list[SpanRecord]:
     in the log yet (a live session) has `end_ns` None."""
     if not events:
         return []
-    b = _Builder(events[0].session_id)
-    first = events[0]
+    first, own = events[0], events[-1]  # a fork by reference begins with its parent's events: its own come last
+    b = _Builder(own.session_id)
     root = b.open("session", "invoke_agent", None, first.time, {
-        "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": first.session_id,
-        "loopstream.session.id": first.session_id, "loopstream.correlation.id": first.correlation_id,
+        "gen_ai.operation.name": "invoke_agent", "gen_ai.conversation.id": own.session_id,
+        "loopstream.session.id": own.session_id, "loopstream.correlation.id": own.correlation_id,
         "openinference.span.kind": "AGENT",
     })
     step: SpanRecord | None = None

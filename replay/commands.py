@@ -111,8 +111,10 @@ def describe_fork(result: ForkResult) -> str:
     st = result.state
     lines = [
         f"forked {result.parent_session_id} at seq {result.at_seq} → {result.child_session_id}",
-        (f"  copied {result.events_copied} events ({result.bytes_copied:,} bytes); parent event hash "
-        f"{result.parent_event_hash[:16]}"),
+        ((f"  refers to the parent's {result.events_referred} events (nothing copied); parent event hash "
+          if result.events_referred else
+          f"  copied {result.events_copied} events ({result.bytes_copied:,} bytes); parent event hash ")
+         + result.parent_event_hash[:16]),
         (f"  the child is {st.status} at seq {st.seq}: provider={st.provider} model={st.model} "
         f"tools={','.join(st.tools) or '-'} max_steps={st.max_steps}"),
     ]

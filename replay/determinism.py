@@ -107,13 +107,17 @@ def check_events(events: Sequence[ev.Event], session_id: str = "", chain: ChainR
 
 
 def _segments(events: Sequence[ev.Event]) -> list[tuple[int, int, str]]:
-    """(from, to, session that decided) spans: up to each fork marker its parent decided."""
+    """(from, to, session that decided) spans: up to each fork marker its parent decided. A
+    fork by reference begins with its parent's events as they are: events that name another
+    session than this one's (its last event's) were decided by that session."""
     out, lo = [], 0
+    own = events[-1].session_id if events else ""
     for e in events:
         if isinstance(e.payload, ev.SessionForked):
-            out.append((lo, e.seq, e.payload.parent_session_id))
+            first = events[lo].session_id
+            out.append((lo, e.seq, first if first != own else e.payload.parent_session_id))
             lo = e.seq
-    return out + [(lo, len(events), events[0].session_id if events else "")]
+    return out + [(lo, len(events), own)]
 
 
 class Recorded:

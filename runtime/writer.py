@@ -23,6 +23,7 @@ from loopstream.core.processor import Emit
 from loopstream.core.sampling import Sampling, record_fields
 from loopstream.core.secrets import Secrets, sanitize_all
 from loopstream.core.state import Owed, SessionState, Transition, apply, clone, fold, open_work
+from loopstream.runtime.snapshots import Snapshots
 from loopstream.tools.memory import NAMES as MEMORY_TOOLS
 
 EventCallback = Callable[[ev.Event], None]
@@ -147,10 +148,14 @@ class SessionWriter:
         self.transition = transition
         self.attempts = attempts
         self._memory: MemoryStore | None = None  # the log's memory store, opened by the first start that recalls
+        self.snapshots = Snapshots.for_log(log)  # the folded state's projection (runtime/snapshots.py)
 
     # -- reading --------------------------------------------------------------------
     def load(self, session_id: str) -> SessionState:
-        """The session folded from its whole log; SessionNotFound if it has no events."""
+        """The session folded at its head (from its latest snapshot, on a SQLite log);
+        SessionNotFound if it has no events."""
+        if self.snapshots is not None:
+            return self.snapshots.latest(session_id)
         events = self.log.read(session_id)
         if not events:
             raise SessionNotFound(session_id)
@@ -249,6 +254,35 @@ class SessionWriter:
 
         return self._write(state, build, owed=lambda _: False, checked_from=len(copied))
 
+    def link(self, session_id: str, parent_session_id: str, at: SessionState, then: Sequence[ev.Payload],
+             actor: str = "fork") -> Written:
+        """Start `session_id` as a fork by reference of `parent_session_id` (a `LinkingLog`):
+        its history is the parent's events up to `at` (the parent folded to there, not
+        copied), then `then`: new events, each caused by the one before, chained to the
+        parent's hash at `at`, checked against the FSM, appended in one transaction.
+        "dropped" if the session exists; "duplicate" if these very events are stored."""
+        base = clone(at)
+        base.session_id, base.correlation_id = session_id, session_id
+        head, batch = clone(base), []
+        for p in then:
+            (new,) = build_events(head, head.last_event_id, [Emit(p)], actor, self.secrets, self.clock())
+            apply(head, new, self.transition)
+            batch.append(new)
+        batch = chain(base, batch)
+        preview = self._check(base, batch, 0)
+        try:
+            self.log.append_linked(session_id, parent_session_id, at.seq, batch)  # type: ignore[attr-defined]
+        except DuplicateEvent:
+            return Written(self.load(session_id), [], "duplicate")
+        except ConcurrencyError:
+            return Written(base, [], "dropped", 1)
+        if self.on_event is not None:
+            for e in batch:
+                self.on_event(e)
+        if self.snapshots is not None:
+            self.snapshots.note(preview, base.seq)
+        return Written(preview, batch, "appended")
+
     # -- the one conflict policy ---------------------------------------------------------
     def _write(self, state: SessionState, build: Callable[[SessionState], list[ev.Event]],
                owed: Callable[[SessionState], bool], checked_from: int = 0) -> Written:
@@ -272,6 +306,8 @@ class SessionWriter:
             if self.on_event is not None:
                 for e in batch:
                     self.on_event(e)
+            if self.snapshots is not None:
+                self.snapshots.note(preview, state.seq)
             return Written(preview, batch, "appended", conflicts)
         raise LogError(f"session {state.session_id}: an append kept conflicting ({conflicts} times)")
 

@@ -293,22 +293,21 @@ def test_fork_at_500_continues_with_exactly_the_parents_context(big, tmp_path) -
         result = fork(log, parent, 500, reason="test")
         print(f"\nfork at 500 of 1,001 events: {(time.perf_counter() - t) * 1000:.1f} ms")
         child = result.child_session_id
-        assert result.events_copied == 501 and result.state.status == "awaiting_tools"
-        assert result.bytes_copied == sum(len(b) for b in log.read_raw(parent, 0, 500))
+        assert result.events_referred == 501 and result.state.status == "awaiting_tools"
+        assert result.events_copied == result.bytes_copied == 0
 
-        # The child's log: the parent's facts 0..500, then the provenance marker.
+        # The child's log: the parent's events 0..500 (the same bytes), then the provenance marker.
         child_events = log.read(child)
-        assert [e.payload for e in child_events[:501]] == [e.payload for e in parent_events[:501]]
-        assert [e.time for e in child_events[:501]] == [e.time for e in parent_events[:501]]
-        assert {e.session_id for e in child_events} == {child}
-        assert not {e.event_id for e in child_events} & {e.event_id for e in parent_events}
+        assert log.read_raw(child, 0, 500) == log.read_raw(parent, 0, 500)
+        assert child_events[:501] == parent_events[:501]
+        assert {e.session_id for e in child_events[501:]} == {child}
         marker = child_events[501].payload
         assert isinstance(marker, ev.SessionForked)
         assert (marker.parent_session_id, marker.parent_seq) == (parent, 500)
         assert marker.parent_event_hash == parent_events[500].chain_hash.hex()
-        # Storage stays linear: the copy costs what the prefix costs, nothing more.
-        child_bytes = sum(len(b) for b in log.read_raw(child, 0, 500))
-        assert child_bytes == result.bytes_copied
+        # Storage stays linear: the child refers to the prefix; it stores only its own events.
+        (own,) = log.db.conn.execute("SELECT count(*) FROM events WHERE session_id = ?", (child,)).fetchone()
+        assert own == 1 and log.parent_of(child) == (parent, 500)
 
         recorder = Recording(ScriptedProvider(adder_script(STEPS_1000)))
         state = build_runtime(log, recorder).run_session(child)

@@ -237,7 +237,8 @@ def create_app(run: RunSettings, server: ServerSettings | None = None) -> Starle
                               **options)
             driven = runner.ensure_driven(result.child_session_id) if run else False
             return {"session_id": result.child_session_id, "parent_session_id": sid, "at_seq": at,
-                    "events_copied": result.events_copied, "running": driven}
+                    "events_copied": result.events_copied, "events_referred": result.events_referred,
+                    "running": driven}
 
         return JSON(await run_in_threadpool(act), status_code=201)
 
