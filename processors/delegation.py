@@ -85,7 +85,7 @@ class Delegation:
                 known = ", ".join(sorted(allowed | {state.agent}))
                 raise ValueError(f"task {i}: agent {str(agent)[:60]!r} is not one this session may start "
                                  f"(known: {known})")
-            out.append(ev.ChildRecord(session_id=child_id(event.event_id, i), agent=agent, task=task))
+            out.append(ev.ChildRecord(session_id=child_id(event.event_id, state.session_id, i), agent=agent, task=task))
         n = len(out)
         if mode == "quorum":
             quorum = n // 2 + 1 if quorum is None else quorum
@@ -157,9 +157,11 @@ def _pack(lines: list[str], start: int, end: int, size: int) -> list[tuple[int, 
     return out
 
 
-def child_id(requested_event_id: str, index: int) -> str:
-    """The session id of the `index`-th child of the delegation caused by that ToolRequested."""
-    return ev.derived_id(requested_event_id, "child", str(index))[:16]
+def child_id(requested_event_id: str, session_id: str, index: int) -> str:
+    """The session id of the `index`-th child of the delegation caused by that ToolRequested in
+    `session_id`. The session is part of it: a fork by reference inherits its parent's
+    ToolRequested, id and all, and a fork before the delegation must start fresh children."""
+    return ev.derived_id(requested_event_id, session_id, "child", str(index))[:16]
 
 
 def allowed_agents(state: SessionState) -> set[str]:
