@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from loopstream.core.policy import PolicyError, SessionPolicy, parse_policy
 from loopstream.core.sampling import Sampling, SamplingError, sampling_from
+from loopstream.core.tomlfile import read_toml
 
 FILE_NAME = "loopstream.toml"
 MAX_FILE_BYTES = 1 << 20
@@ -180,20 +180,7 @@ def _same(a: Path, b: Path) -> bool:
 
 def parse_file(path: Path) -> ProjectFile:
     """A project file read and validated, or ProjectError naming the file, key and reason."""
-    try:
-        if not path.is_file():
-            raise ProjectError(f"{path}: not a regular file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise ProjectError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ProjectError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ProjectError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ProjectError(f"{path}: not valid TOML: {exc}") from None
+    raw = read_toml(path, str(path), MAX_FILE_BYTES, ProjectError)
     try:
         return ProjectFile.model_validate(raw)
     except ValidationError as exc:

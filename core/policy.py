@@ -12,12 +12,13 @@ import difflib
 import functools
 import json
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import jsonschema
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+
+from loopstream.core.tomlfile import read_toml
 
 Action = Literal["allow", "deny", "ask"]
 OnTrip = Literal["tell_model", "stop"]
@@ -498,22 +499,7 @@ def load_policy(path: str | Path) -> SessionPolicy:
     the dotted key, the reason). The older shape (top-level `default`, `[[permissions]]` as
     the rule list) is read too."""
     path = Path(path)
-    try:
-        if not path.is_file():
-            raise PolicyError(f"policy file {path}: {'not a regular file' if path.exists() else 'no such file'}")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise PolicyError(f"cannot read policy file {path}: {exc.strerror}") from None
-    if len(data) > MAX_POLICY_BYTES:
-        raise PolicyError(f"policy file {path}: larger than {MAX_POLICY_BYTES} bytes")
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise PolicyError(f"policy file {path} is not UTF-8 text (line {line}, byte {exc.start}: "
-                          f"{data[exc.start:exc.start + 1]!r})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise PolicyError(f"policy file {path} is not valid TOML: {exc}") from None
+    raw = read_toml(path, f"policy file {path}", MAX_POLICY_BYTES, PolicyError)
     legacy = isinstance(raw.get("permissions"), list) or ("default" in raw and "permissions" not in raw)
     if legacy:
         raw["permissions"] = {"default": raw.pop("default", "allow"), "rules": raw.get("permissions", [])}

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import difflib
 import os
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loopstream.core.tomlfile import read_toml
 
 CONFIG_ENV = "LOOPSTREAM_KAFKA_CONFIG"
 ENV_PREFIX = "LOOPSTREAM_KAFKA_"
@@ -209,20 +210,7 @@ def load(path: str | Path | None = None, environ: Mapping[str, str] | None = Non
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        if not path.is_file():
-            raise KafkaConfigError(f"--kafka-config {path}: no such file")
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KafkaConfigError(f"cannot read {path}: {exc.strerror}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise KafkaConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-    try:
-        return tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise KafkaConfigError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise KafkaConfigError(f"{path}: not valid TOML: {exc}") from None
+    return read_toml(path, f"--kafka-config {path}", MAX_FILE_BYTES, KafkaConfigError)
 
 
 def _put(table: dict[str, Any], key: str, value: Any, where: str) -> None:

@@ -23,10 +23,11 @@ one error naming the file and the key.
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from loopstream.core.tomlfile import read_toml
 
 GRADER_KINDS = {"exact": {"value", "normalize"}, "contains": {"value", "normalize"}, "regex": {"pattern"},
                 "jsonschema": {"schema"}, "python": {"function"}, "judge": {"rubric"}}
@@ -70,18 +71,7 @@ class Suite:
 def load_suite(path: Path) -> Suite:
     """Read and check a suite file (see the module docstring); SuiteError names what is wrong."""
     where = str(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise SuiteError(f"cannot read suite {where}: {exc.strerror or exc}") from None
-    if len(data) > MAX_SUITE_BYTES:
-        raise SuiteError(f"suite {where} is larger than {MAX_SUITE_BYTES // 1024 // 1024} MiB")
-    try:
-        raw = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise SuiteError(f"suite {where} is not valid UTF-8 (offset {exc.start})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise SuiteError(f"suite {where} is not valid TOML: {exc}") from None
+    raw = read_toml(path, f"suite {where}", MAX_SUITE_BYTES, SuiteError)
     _keys(raw, {"name", "trials", "agent", "variants", "cases"}, where, "")
     name = _str(raw.get("name", path.stem), where, "name")
     trials = raw.get("trials", 1)

@@ -283,9 +283,9 @@ def test_a_bad_suite_is_one_line_naming_the_file_and_key(tmp_path: Path, text: s
 def test_a_suite_that_is_not_utf8_or_missing_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "bin.toml"
     path.write_bytes(b"name = '\xff'\n")
-    with pytest.raises(SuiteError, match="not valid UTF-8"):
+    with pytest.raises(SuiteError, match=r"suite .*bin.toml: not UTF-8 text \(line 1, byte 8"):
         load_suite(path)
-    with pytest.raises(SuiteError, match="cannot read suite"):
+    with pytest.raises(SuiteError, match="suite .*missing.toml: no such file"):
         load_suite(tmp_path / "missing.toml")
 
 

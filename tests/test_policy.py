@@ -87,8 +87,8 @@ def test_a_bad_policy_file_names_the_file_the_key_and_the_reason(tmp_path, text,
 
 
 @pytest.mark.parametrize(("data", "reason"), [
-    (b"[guardrails]\ninput_deny = ['caf\xe9']\n", "is not UTF-8 text (line 2, byte 31"),
-    (b"this is = = not toml", "is not valid TOML"),
+    (b"[guardrails]\ninput_deny = ['caf\xe9']\n", ": not UTF-8 text (line 2, byte 31"),
+    (b"this is = = not toml", ": not valid TOML"),
     (None, "no such file"),
 ])
 def test_unreadable_policy_files(tmp_path, data, reason) -> None:

@@ -177,7 +177,7 @@ def test_a_v2_session_started_is_upcast_to_a_flags_definition() -> None:
 
 def test_project_file_with_a_lone_surrogate_or_binary_is_one_line(tmp_path: Path) -> None:
     (tmp_path / "loopstream.toml").write_bytes(b'[agents.a]\ndescription = "\xed\xa0\x80"\n')
-    with pytest.raises(ProjectError, match=r"loopstream.toml: not UTF-8 text \(byte 26\)"):
+    with pytest.raises(ProjectError, match=r"loopstream.toml: not UTF-8 text \(line 2, byte 26"):
         load_project(tmp_path, user=tmp_path / "none.toml")
     (tmp_path / "loopstream.toml").write_text('[agents.a]\ndescription = "[red]markup[/red] \\u202e"\n')
     assert load_project(tmp_path, user=tmp_path / "none.toml").agents["a"].spec.description.startswith("[red]")
