@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -245,6 +246,7 @@ def test_file_tools_touch_files_only_through_confine() -> None:
     assert offenders == {}, f"file access outside tools/confine.py: {offenders}"
 
 
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (apt-get install bubblewrap)")
 def test_shell_is_not_confined_and_says_so(ctx, work) -> None:
     """shell is not confined by confine.py but by the sandbox (tests/test_sandbox.py); with the
     sandbox turned off (`none`) it runs with the user's rights."""
